@@ -36,6 +36,7 @@ class QuantType:
     _dequantize: Callable[[np.ndarray], np.ndarray] = field(repr=False, default=None)
     _pack: Callable[[Fields], np.ndarray] | None = field(repr=False, default=None)
     _unpack: Callable[[np.ndarray], Fields] | None = field(repr=False, default=None)
+    _values: Callable[[Fields], np.ndarray] | None = field(repr=False, default=None)
     description: str = ""
     is_float: bool = False         # F32/F16/BF16: no quantization error beyond rounding to the float format
     standard: bool = True          # loadable by stock llama.cpp
@@ -92,6 +93,12 @@ class QuantType:
         if self._pack is None:
             raise QggufError(f"{self.name} has no pack()")
         return self._pack(dict(fields))
+
+    def values(self, fields: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The float value of every weight that ``fields`` (as from :meth:`unpack`) encode: the type's grid."""
+        if self._values is None:
+            raise QggufError(f"{self.name} has no values()")
+        return self._values(dict(fields))
 
     def unpack(self, data: np.ndarray) -> Fields:
         if self._unpack is None:

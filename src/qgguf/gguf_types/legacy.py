@@ -474,7 +474,7 @@ def _make(name: str, gt: T, description: str) -> QuantType:
     return QuantType(
         name=name, ggml_type=int(gt), block_size=QK, type_size=ts,
         _quantize=quantize, _dequantize=dequantize,
-        _pack=lambda f: _pack(name, f), _unpack=lambda data: _unpack(name, data),
+        _pack=lambda f: _pack(name, f), _unpack=lambda data: _unpack(name, data), _values=values,
         description=description,
     )
 
