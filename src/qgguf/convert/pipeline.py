@@ -1,0 +1,196 @@
+"""``convert()``: source -> (calibrate) -> choose types -> quantize one tensor at a time -> GGUF.
+
+The plain path (``method="rtn"``) imports no torch/transformers; only calibration does.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFValueType
+
+from ..errors import BadWeightsError, OptionError, QggufError
+from .ggufread import MetaValue
+from .presets import TypePlan, plan_types
+from .sources import ModelSource, is_alias, open_source
+
+GGML_QNT_VERSION = 2
+
+
+@dataclass
+class TensorReport:
+    name: str
+    shape: tuple[int, ...]
+    type: str
+    nbytes: int
+    wanted: str | None = None   # type before the row-length fallback
+
+
+@dataclass
+class ConvertReport:
+    source: str
+    output: str
+    method: str
+    preset: str
+    tensors: list[TensorReport] = field(default_factory=list)
+    types: dict[str, int] = field(default_factory=dict)        # tensors per type
+    bytes_per_type: dict[str, int] = field(default_factory=dict)
+    fallbacks: dict[str, int] = field(default_factory=dict)    # "Q4_K->Q5_0": count
+    tensor_bytes: int = 0
+    file_bytes: int = 0
+    n_params: int = 0
+    bpw: float = 0.0
+    wall_s: float = 0.0
+    peak_rss_bytes: int = 0
+
+    def summary(self) -> str:
+        lines = [f"wrote {self.output}: {self.file_bytes / 2**20:.2f} MiB, {self.n_params / 1e6:.2f} M params, "
+                 f"{self.bpw:.3f} bpw ({self.preset}, method {self.method})"]
+        lines.append("  types: " + ", ".join(f"{t}: {n} tensors, {self.bytes_per_type[t] / 2**20:.2f} MiB"
+                                             for t, n in sorted(self.types.items())))
+        if self.fallbacks:
+            lines.append("  fallbacks (row length not a multiple of the block): " +
+                         ", ".join(f"{k}: {v}" for k, v in sorted(self.fallbacks.items())))
+        lines.append(f"  time {self.wall_s:.2f} s, peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def peak_rss_bytes() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
+def default_output(src, type_name: str) -> Path:
+    """NAME-TYPE.gguf next to the source (./NAME-TYPE.gguf for an alias)."""
+    s = str(src)
+    if is_alias(s):
+        return Path.cwd() / f"{s.lower()}-{type_name.upper()}.gguf"
+    p = Path(s).resolve()
+    stem = p.name if p.is_dir() else p.stem
+    return p.parent / f"{stem}-{type_name.upper()}.gguf"
+
+
+def _qtype(name: str):
+    from .. import gguf_types
+    try:
+        return gguf_types.get(name)
+    except QggufError:
+        raise OptionError(f"tensor type {name} is not available in this qgguf") from None
+
+
+def _check_finite(name: str, w: np.ndarray, source: ModelSource) -> None:
+    if not np.isfinite(w).all():
+        bad = int(np.size(w) - np.count_nonzero(np.isfinite(w)))
+        raise BadWeightsError(f"tensor {name!r} has {bad} NaN or infinite values", source.path)
+
+
+def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types=(), pure: bool = False,
+            token_embedding_type: str | None = None, output_tensor_type: str | None = None, calib=None,
+            nsamples: int = 128, seqlen: int = 512, imatrix=None, imatrix_out=None, seed: int = 0,
+            threads: int | None = None, progress: bool = True) -> ConvertReport:
+    """Convert ``src`` (GGUF file, Hugging Face folder or alias) to a GGUF at ``out``."""
+    from ..quantize.base import QuantContext, get_method
+
+    t0 = time.perf_counter()
+    if threads:
+        try:
+            import numba
+            numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+        except ImportError:
+            pass
+    if imatrix and method == "rtn":
+        method = "imatrix"   # an importance matrix was given: use it
+    m = get_method(method, calib=calib, nsamples=nsamples, seqlen=seqlen, imatrix=imatrix, imatrix_out=imatrix_out)
+    if imatrix_out and not m.needs_calibration:
+        raise OptionError(f"--imatrix-out needs --method imatrix (method {method} collects no importance matrix)")
+
+    source = open_source(src)
+    try:
+        plan: TypePlan = plan_types(
+            [(t.name, t.shape) for t in source.tensors], arch=source.arch, n_layer=source.n_layer,
+            n_head=source.n_head, n_head_kv=source.n_head_kv, type=type, pure=pure,
+            token_embedding_type=token_embedding_type, output_tensor_type=output_tensor_type,
+            tensor_types=tensor_types, has_imatrix=m.needs_calibration,
+            float_source_types={t.name: t.src_type for t in source.tensors})
+        qtypes = {c.type: _qtype(c.type) for c in plan.choices}
+        if not m.needs_calibration:
+            need = [c.name for c in plan.choices if c.requires_imatrix]
+            if need:
+                raise OptionError(f"{plan.preset} needs an importance matrix for {need[0]} and "
+                                  f"{len(need) - 1} more tensors: use --method imatrix (or --imatrix FILE)")
+        out = Path(out) if out is not None else default_output(src, plan.preset)
+        if out.resolve() == Path(source.path).resolve():
+            raise OptionError("the output would overwrite the input", out)
+
+        from .writer import OutputFile
+        with OutputFile(out, source.arch) as of:   # checks the folder before any work
+            ctx = QuantContext(source=source, seed=seed, threads=threads, progress=progress)
+            m.prepare(source, plan, ctx)
+
+            of.update(source.metadata)
+            U32 = GGUFValueType.UINT32
+            if plan.ftype is not None:
+                of.set("general.file_type", plan.ftype, U32)
+            of.set("general.quantization_version", GGML_QNT_VERSION, U32)
+            of.update(ctx.metadata)
+            for c in plan.choices:
+                qt = qtypes[c.type]
+                of.plan_tensor(c.name, c.shape, qt.ggml_type, qt.nbytes(c.shape))
+            of.open()
+
+            rep = ConvertReport(str(src), str(out), m.describe(), plan.preset, fallbacks=dict(plan.fallbacks))
+            total = sum(int(np.prod(c.shape)) for c in plan.choices)
+            bar = None
+            if progress:
+                from tqdm import tqdm
+                bar = tqdm(total=total, unit="w", unit_scale=True, desc=f"{plan.preset}", leave=False)
+            src_types = {t.name: t for t in source.tensors}
+            try:
+                for c in plan.choices:
+                    qt = qtypes[c.type]
+                    spec = src_types[c.name]
+                    if bar is not None:
+                        bar.set_postfix_str(f"{c.name} -> {c.type}", refresh=False)
+                    raw = None
+                    if (m.copy_same_type and spec.src_type == c.type and hasattr(source, "file")):
+                        raw = source.file.raw(c.name)
+                        if c.type in ("F32", "F16", "BF16"):
+                            _check_finite(c.name, qt.dequantize(raw, c.shape), source)
+                    else:
+                        w = source.load(c.name)
+                        _check_finite(c.name, w, source)
+                        w2 = w.reshape(-1, c.shape[-1])
+                        if not c.quantize or qt.is_float:
+                            raw = qt.quantize(w2)
+                        else:
+                            raw = m.quantize_tensor(c.name, w2, qt, ctx)
+                        del w, w2
+                    of.write_tensor(c.name, raw)
+                    nb = int(raw.nbytes)
+                    del raw
+                    rep.tensors.append(TensorReport(c.name, c.shape, c.type, nb, c.wanted))
+                    rep.types[c.type] = rep.types.get(c.type, 0) + 1
+                    rep.bytes_per_type[c.type] = rep.bytes_per_type.get(c.type, 0) + nb
+                    if bar is not None:
+                        bar.update(int(np.prod(c.shape)))
+            finally:
+                if bar is not None:
+                    bar.close()
+            of.commit()
+    finally:
+        source.close()
+    rep.tensor_bytes = sum(t.nbytes for t in rep.tensors)
+    rep.file_bytes = out.stat().st_size
+    rep.n_params = sum(int(np.prod(t.shape)) for t in rep.tensors)
+    rep.bpw = 8.0 * rep.tensor_bytes / max(1, rep.n_params)
+    rep.wall_s = time.perf_counter() - t0
+    rep.peak_rss_bytes = peak_rss_bytes()
+    return rep
