@@ -45,13 +45,7 @@ def all_types() -> list[QuantType]:
 
 # Each module lists its types in TYPES; the order here is the order of `names()`.
 for _mod in ("floats", "legacy", "kquants"):
-    try:
-        _m = import_module(f"{__name__}.{_mod}")
-    except ModuleNotFoundError as e:  # a module not written yet while the package is being built up
-        if e.name != f"{__name__}.{_mod}":
-            raise
-        continue
-    for _qt in _m.TYPES:
+    for _qt in import_module(f"{__name__}.{_mod}").TYPES:
         register(_qt)
 
 __all__ = ["QuantType", "Fields", "register", "get", "by_ggml", "names", "all_types"]

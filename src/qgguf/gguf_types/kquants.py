@@ -782,7 +782,7 @@ def _dequant(unpack, vals):
 
 def _make(name: str, gt: T, bs: int, quant, unpack, pack, vals, desc: str) -> QuantType:
     return QuantType(name=name, ggml_type=int(gt), block_size=QK_K, type_size=bs, _quantize=quant,
-                     _dequantize=_dequant(unpack, vals), _pack=pack, _unpack=unpack, description=desc)
+                     _dequantize=_dequant(unpack, vals), _pack=pack, _unpack=unpack, _values=vals, description=desc)
 
 
 Q2_K = _make("Q2_K", T.Q2_K, 84, _quant_q2_k, _unpack_q2_k, _pack_q2_k, q2_k_values,
