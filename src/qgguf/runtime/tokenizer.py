@@ -59,7 +59,8 @@ _TYPE_TO_ATTR = {
     6: ATTR_BYTE,
 }
 
-SPACE_MARK = "\u2581"  # SentencePiece's escaped space
+SPACE_MARK = "\u2581"
+_CACHE_MAX = 1 << 20  # cached words/chunks before the cache is dropped  # SentencePiece's escaped space
 
 # texts llama.cpp treats as end-of-turn (first found is eot_id) and end-of-generation tokens
 _EOT_TEXTS = (
@@ -346,7 +347,7 @@ class Tokenizer:
         self.model = model
 
         tokens = md.get("tokenizer.ggml.tokens")
-        if not tokens:
+        if tokens is None or len(tokens) == 0:
             raise InputFileError("tokenizer.ggml.tokens missing or empty", source)
         self.tokens: list[str] = [_as_str(t) for t in tokens]
         n = len(self.tokens)
@@ -651,6 +652,8 @@ class Tokenizer:
         out.extend(ids)
 
     def _spm_chunk(self, text: str) -> tuple[int, ...]:
+        if len(self._cache) > _CACHE_MAX:
+            self._cache.clear()
         tok = self.token_to_id
         scores = self.scores
         n = len(text)
@@ -736,6 +739,8 @@ class Tokenizer:
         for word in self.pre_tokenize(text):
             ids = cache.get(word)
             if ids is None:
+                if len(cache) > _CACHE_MAX:
+                    cache.clear()
                 ids = cache[word] = self._bpe_word(word)
             out.extend(ids)
 
