@@ -105,16 +105,23 @@ def generate_ids(model, prompt_ids: Sequence[int], n_predict: int, sampler: Samp
 
 
 class _Utf8Stream:
-    """Token pieces (bytes) -> text, holding back incomplete UTF-8 sequences."""
+    """Token pieces -> text, holding back incomplete UTF-8 sequences; control tokens are not shown
+    (llama-cli's ``special=false``). Uses the tokenizer's own StreamDecoder when it has one."""
 
     def __init__(self, tokenizer):
         self.tok = tokenizer
+        sd = getattr(tokenizer, "stream_decoder", None)
+        self.sd = sd(special=False) if callable(sd) else None
         self.dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def piece(self, tid: int) -> str:
+        if self.sd is not None:
+            return self.sd.push(int(tid))
         return self.dec.decode(self.tok.token_to_piece(int(tid)))
 
     def flush(self) -> str:
+        if self.sd is not None:
+            return self.sd.flush()
         return self.dec.decode(b"", final=True)
 
 
