@@ -55,9 +55,9 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
 
-    from qgguf.convert.sources import resolve_path  # the file an alias names
+    from qgguf.convert.sources import alias_path, is_alias
 
-    src = str(resolve_path(a.src))
+    src = str(alias_path(a.src.lower()) if is_alias(a.src) else a.src)
     qgguf_bin = str(Path(sys.executable).with_name("qgguf"))
     res: dict[str, list[tuple[float, float]]] = {"qgguf": [], "llama.cpp": []}
     with tempfile.TemporaryDirectory() as d:
