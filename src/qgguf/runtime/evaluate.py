@@ -254,20 +254,26 @@ def evaluate(model_path: str | Path, text_path: str | Path, ctx: int = 512, chun
     (``kld``/``same_top``... are None without a base)."""
     from .model import LlamaModel
 
-    text = read_text(text_path)
     model = LlamaModel.from_gguf(model_path, threads=threads)
-    tok = load_tokenizer(model_path)
+    base_model = LlamaModel.from_gguf(base, threads=threads) if base is not None else None
+    return evaluate_loaded(model, load_tokenizer(model_path), text_path, ctx=ctx, chunks=chunks,
+                           base_model=base_model, progress=progress, desc=Path(model_path).name)
+
+
+def evaluate_loaded(model, tok, text_path: str | Path, ctx: int = 512, chunks: int | None = None,
+                    base_model=None, progress: bool = True, desc: str | None = None) -> dict:
+    """:func:`evaluate` on models already loaded (``model``, its tokenizer ``tok``, optional ``base_model``)."""
+    text = read_text(text_path)
     tokens = tok.encode(text, add_special=True, parse_special=False)
     n_chunk = plan_chunks(len(tokens), ctx, chunks, text_path)
     base_fn = None
-    if base is not None:
-        base_model = LlamaModel.from_gguf(base, threads=threads)
+    if base_model is not None:
         if base_model.n_vocab != model.n_vocab:
             raise OptionError(f"vocabulary of {base_model.n_vocab} tokens differs from the model's "
-                              f"{model.n_vocab}", base)
+                              f"{model.n_vocab}", getattr(base_model, "path", None))
         base_fn = torch_chunk_logits(base_model)
     stats = run_protocol(tokens, ctx, n_chunk, bool(tok.add_bos), tok.bos_id, torch_chunk_logits(model),
-                         base_fn, progress=progress, desc=Path(model_path).name)
+                         base_fn, progress=progress, desc=desc or "eval")
     res = {"ppl": None, "ppl_err": None, "kld": None, "kld_err": None, "kld_p99": None,
            "same_top": None, "same_top_err": None}
     res.update(stats.result())
