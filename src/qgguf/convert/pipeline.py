@@ -20,6 +20,7 @@ from .presets import TypePlan, plan_types
 from .sources import ModelSource, is_alias, open_source
 
 GGML_QNT_VERSION = 2
+QGGUF_FORMAT_VERSION = 1   # qgguf.version of files with qgguf extensions (docs/FORMAT.md)
 
 
 @dataclass
@@ -47,6 +48,12 @@ class ConvertReport:
     bpw: float = 0.0
     wall_s: float = 0.0
     peak_rss_bytes: int = 0
+    # block methods
+    calibration: str | None = None
+    layer_errors: dict[str, float] = field(default_factory=dict)   # relative output error per linear
+    resumed_blocks: int = 0
+    outliers: dict[str, int] = field(default_factory=dict)         # sparse outliers per tensor
+    needs_qgguf_runner: bool = False
 
     def summary(self) -> str:
         lines = [f"wrote {self.output}: {self.file_bytes / 2**20:.2f} MiB, {self.n_params / 1e6:.2f} M params, "
@@ -56,6 +63,17 @@ class ConvertReport:
         if self.fallbacks:
             lines.append("  fallbacks (row length not a multiple of the block): " +
                          ", ".join(f"{k}: {v}" for k, v in sorted(self.fallbacks.items())))
+        if self.layer_errors:
+            errs = self.layer_errors
+            worst = max(errs, key=errs.get)
+            lines.append(f"  relative layer error (calibration): mean {np.mean(list(errs.values())):.3e}, "
+                         f"max {errs[worst]:.3e} ({worst})")
+        if self.resumed_blocks:
+            lines.append(f"  resumed: {self.resumed_blocks} blocks taken from the checkpoint")
+        if self.outliers:
+            lines.append(f"  sparse outliers: {sum(self.outliers.values()):,} values in {len(self.outliers)} tensors")
+            lines.append("  NOTE: this file uses qgguf extensions (sparse outliers); it needs the qgguf runner "
+                         "(qgguf run/eval, qgguf.load) - stock llama.cpp will not load it")
         lines.append(f"  time {self.wall_s:.2f} s, peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB")
         return "\n".join(lines)
 
@@ -95,9 +113,15 @@ def _check_finite(name: str, w: np.ndarray, source: ModelSource) -> None:
 def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types=(), pure: bool = False,
             token_embedding_type: str | None = None, output_tensor_type: str | None = None, calib=None,
             nsamples: int = 128, seqlen: int = 512, imatrix=None, imatrix_out=None, seed: int = 0,
-            threads: int | None = None, progress: bool = True) -> ConvertReport:
-    """Convert ``src`` (GGUF file, Hugging Face folder or alias) to a GGUF at ``out``."""
-    from ..quantize.base import QuantContext, get_method
+            threads: int | None = None, progress: bool = True, method_options: dict | None = None,
+            resume: bool = False) -> ConvertReport:
+    """Convert ``src`` (GGUF file, Hugging Face folder or alias) to a GGUF at ``out``.
+
+    ``method_options``: options of the method (``damp``, ``actorder``, ``passes``, ``init``, ``outliers``,
+    ``iters``, ``lr``, ``recipe``, ``batch_size``, ...), passed to its constructor and kept in
+    ``ctx.options``. Block methods (GPTQ, QuantEase, AutoRound) checkpoint each finished block in
+    ``OUT.qgguf-resume/``; ``resume=True`` continues from there."""
+    from ..quantize.base import QuantContext, get_method, is_blockwise
 
     t0 = time.perf_counter()
     if threads:
@@ -106,11 +130,16 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
             numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
         except ImportError:
             pass
+    opts = {k: v for k, v in (method_options or {}).items() if v is not None}
     if imatrix and method == "rtn":
         method = "imatrix"   # an importance matrix was given: use it
-    m = get_method(method, calib=calib, nsamples=nsamples, seqlen=seqlen, imatrix=imatrix, imatrix_out=imatrix_out)
-    if imatrix_out and not m.needs_calibration:
+    m = get_method(method, calib=calib, nsamples=nsamples, seqlen=seqlen, imatrix=imatrix, imatrix_out=imatrix_out,
+                   **opts)
+    blockwise = is_blockwise(m)
+    if imatrix_out and (not m.needs_calibration or blockwise):
         raise OptionError(f"--imatrix-out needs --method imatrix (method {method} collects no importance matrix)")
+    if resume and not blockwise:
+        raise OptionError(f"--resume applies to block methods (gptq, quantease, autoround), not {method}")
 
     source = open_source(src)
     try:
@@ -132,8 +161,24 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
 
         from .writer import OutputFile
         with OutputFile(out, source.arch) as of:   # checks the folder before any work
-            ctx = QuantContext(source=source, seed=seed, threads=threads, progress=progress)
-            m.prepare(source, plan, ctx)
+            ctx = QuantContext(source=source, seed=seed, threads=threads, progress=progress, options=dict(opts))
+            blocks = None
+            if blockwise:
+                from ..quantize.blockwise import as_block_method, run_blocks
+                m = as_block_method(m)
+                m.prepare(source, plan, ctx)
+                file_imp = None
+                if imatrix:
+                    from ..quantize.imatrix import IMatrixData
+                    file_imp = IMatrixData.load(imatrix).importance()
+                blocks = run_blocks(source, plan, qtypes, m, ctx, out, calib=calib, nsamples=nsamples,
+                                    seqlen=seqlen, seed=seed, resume=resume, options=opts, imatrix=file_imp,
+                                    progress=progress)
+                ctx.importance = dict(blocks.importance)
+                if file_imp:
+                    ctx.importance.update(file_imp)
+            else:
+                m.prepare(source, plan, ctx)
 
             of.update(source.metadata)
             U32 = GGUFValueType.UINT32
@@ -141,9 +186,17 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
                 of.set("general.file_type", plan.ftype, U32)
             of.set("general.quantization_version", GGML_QNT_VERSION, U32)
             of.update(ctx.metadata)
+            outliers = blocks.outliers if blocks is not None else {}
+            if outliers:
+                from .writer import plan_outliers
+                of.set("qgguf.version", QGGUF_FORMAT_VERSION, U32)
+                for name, k in outliers.items():
+                    of.set(f"qgguf.tensor.{name}.outliers", int(k), U32)
             for c in plan.choices:
                 qt = qtypes[c.type]
                 of.plan_tensor(c.name, c.shape, qt.ggml_type, qt.nbytes(c.shape))
+                if c.name in outliers:
+                    plan_outliers(of, c.name, outliers[c.name])
             of.open()
 
             rep = ConvertReport(str(src), str(out), m.describe(), plan.preset, fallbacks=dict(plan.fallbacks))
@@ -153,6 +206,7 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
                 from tqdm import tqdm
                 bar = tqdm(total=total, unit="w", unit_scale=True, desc=f"{plan.preset}", leave=False)
             src_types = {t.name: t for t in source.tensors}
+            ck_block, ck_data = None, None
             try:
                 for c in plan.choices:
                     qt = qtypes[c.type]
@@ -160,7 +214,12 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
                     if bar is not None:
                         bar.set_postfix_str(f"{c.name} -> {c.type}", refresh=False)
                     raw = None
-                    if (m.copy_same_type and spec.src_type == c.type and hasattr(source, "file")):
+                    blk = _block_index(c.name) if blocks is not None else None
+                    if blk is not None:
+                        if blk != ck_block:
+                            ck_block, ck_data = blk, blocks.checkpoint.load(blk)
+                        raw = ck_data[0][c.name]
+                    elif (m.copy_same_type and spec.src_type == c.type and hasattr(source, "file")):
                         raw = source.file.raw(c.name)
                         if c.type in ("F32", "F16", "BF16"):
                             _check_finite(c.name, qt.dequantize(raw, c.shape), source)
@@ -176,6 +235,10 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
                     of.write_tensor(c.name, raw)
                     nb = int(raw.nbytes)
                     del raw
+                    if c.name in outliers:
+                        from .writer import write_outliers
+                        idx, vals = ck_data[1][c.name]
+                        nb += write_outliers(of, c.name, idx, vals)
                     rep.tensors.append(TensorReport(c.name, c.shape, c.type, nb, c.wanted))
                     rep.types[c.type] = rep.types.get(c.type, 0) + 1
                     rep.bytes_per_type[c.type] = rep.bytes_per_type.get(c.type, 0) + nb
@@ -185,6 +248,13 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
                 if bar is not None:
                     bar.close()
             of.commit()
+        if blocks is not None:
+            blocks.checkpoint.remove()
+            rep.outliers = dict(outliers)
+            rep.layer_errors = dict(blocks.stats)
+            rep.resumed_blocks = blocks.resumed_blocks
+            rep.calibration = blocks.dataset
+            rep.needs_qgguf_runner = bool(outliers)
     finally:
         source.close()
     rep.tensor_bytes = sum(t.nbytes for t in rep.tensors)
@@ -194,3 +264,10 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
     rep.wall_s = time.perf_counter() - t0
     rep.peak_rss_bytes = peak_rss_bytes()
     return rep
+
+
+def _block_index(name: str) -> int | None:
+    if not name.startswith("blk."):
+        return None
+    head, _, _ = name[4:].partition(".")
+    return int(head) if head.isdigit() else None

@@ -136,3 +136,28 @@ class OutputFile:
         if exc_type is not None or self.tmp is not None:
             self.abort()
         return False
+
+
+# --- qgguf extension: sparse outliers (docs/FORMAT.md, "qgguf extensions: sparse outliers") ------------
+OUTLIER_IDX = ".outlier_idx"    # I32 (ggml type 26), flat indices row * ncols + col, increasing
+OUTLIER_VAL = ".outlier_val"    # F16 (ggml type 1), added to the dense weight at those positions
+_I32, _F16 = 26, 1
+
+
+def plan_outliers(of: OutputFile, name: str, count: int) -> None:
+    """Plan the companion tensors of ``name``'s sparse part (right after ``name``)."""
+    of.plan_tensor(name + OUTLIER_IDX, (int(count),), _I32, 4 * int(count))
+    of.plan_tensor(name + OUTLIER_VAL, (int(count),), _F16, 2 * int(count))
+
+
+def write_outliers(of: OutputFile, name: str, idx: np.ndarray, vals: np.ndarray) -> int:
+    """Write the planned companion tensors; returns their bytes."""
+    idx = np.ascontiguousarray(idx, dtype="<i4").reshape(-1)
+    vals = np.ascontiguousarray(vals, dtype="<f2").reshape(-1)
+    if idx.shape != vals.shape:
+        raise RuntimeError(f"{name}: {idx.size} outlier indices but {vals.size} values")
+    if idx.size > 1 and not np.all(np.diff(idx) > 0):
+        raise RuntimeError(f"{name}: outlier indices must be strictly increasing")
+    of.write_tensor(name + OUTLIER_IDX, idx)
+    of.write_tensor(name + OUTLIER_VAL, vals)
+    return int(idx.nbytes + vals.nbytes)

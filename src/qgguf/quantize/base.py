@@ -55,6 +55,11 @@ class Method:
     needs_calibration = False
     #: tensors already stored in the target type are copied byte for byte (as llama-quantize does)
     copy_same_type = True
+    #: the method quantizes block by block (:class:`qgguf.quantize.blockwise.BlockMethod`)
+    blockwise = False
+    #: the method reads ``ctx.grams[name]`` in ``quantize_tensor``: run it block by block with
+    #: true-sequential Gram matrices (:class:`qgguf.quantize.blockwise.GramAdapter`)
+    needs_grams = False
 
     def prepare(self, source, plan, ctx: QuantContext) -> None:
         pass
@@ -68,13 +73,26 @@ class Method:
 
 # name -> "module:Class" (relative to this package); loaded on first use so that the plain RTN path
 # imports no torch.
-METHODS: dict[str, str] = {
+METHODS: dict[str, Any] = {
     "rtn": "rtn:RTN",
     "imatrix": "imatrix:IMatrix",
+    "gptq": "gptq:GPTQ",
+    "quantease": "quantease:QuantEase",
+    "autoround": "autoround:AutoRound",
 }
 
+#: per-tensor methods that need Gram matrices (run block by block), also when they do not set ``needs_grams``
+GRAM_METHODS = {"gptq", "quantease"}
 
-def register(name: str, target: str) -> None:
+
+def is_blockwise(m: "Method") -> bool:
+    """The method runs in the block-by-block calibration pipeline (:mod:`.blockwise`)."""
+    return bool(getattr(m, "blockwise", False) or getattr(m, "needs_grams", False) or m.name in GRAM_METHODS)
+
+
+def register(name: str, target) -> None:
+    """Add a method: ``target`` is ``"module:Class"`` (relative to this package, or absolute ``qgguf...``)
+    or the class itself."""
     METHODS[name] = target
 
 
@@ -86,6 +104,13 @@ def get_method(name: str, **kwargs) -> Method:
     target = METHODS.get(name)
     if target is None:
         raise OptionError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    if isinstance(target, type):
+        return target(**kwargs)
     mod, _, cls = target.partition(":")
-    m = import_module(f"{__package__}.{mod}" if not mod.startswith(("qgguf", ".")) else mod, __package__)
+    try:
+        m = import_module(f"{__package__}.{mod}" if not mod.startswith(("qgguf", ".")) else mod, __package__)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.endswith(mod):
+            raise OptionError(f"method {name!r} is not available in this qgguf (module {mod} is missing)") from None
+        raise
     return getattr(m, cls)(**kwargs)

@@ -71,42 +71,120 @@ def text_sequences(tokenizer, texts: list[str], nsamples: int, seqlen: int, seed
 
 
 def self_sequences(model, nsamples: int, seqlen: int, seed: int, bos_id: int | None,
-                   progress: bool = False) -> list[list[int]]:
-    """Sequences sampled from ``model`` (temperature 1), each starting with BOS."""
+                   progress: bool = False, batch: int = 32) -> list[list[int]]:
+    """Sequences sampled from ``model`` (a :class:`qgguf.runtime.model.LlamaModel`; temperature 1), each
+    starting with BOS. ``batch`` sequences are sampled together (one batched step per position, with a
+    per-layer KV cache); the result depends only on ``seed``, ``nsamples``, ``seqlen`` and ``batch``."""
+    import math
+
     import torch
+    import torch.nn.functional as F
+
+    from ..runtime.model import ffn_hidden, linear, rms_norm, rope_apply
+
+    hp = model.hp
+    H, Hkv, dk, dv = hp.n_head, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v
+    eps = hp.norm_eps
+    ws = [model.block_weights(il) for il in range(hp.n_layer)]
+    w_tok = model.tok_embd.dense_weight()
+    w_out = model.output.dense_weight()
+    cos_t, sin_t = model._rope_tables(seqlen)
     g = torch.Generator().manual_seed(seed)
-    seqs = []
-    it = range(nsamples)
+    start = bos_id if bos_id is not None else 0
+    seqs: list[list[int]] = []
+    bar = None
     if progress:
         from tqdm import tqdm
-        it = tqdm(it, desc="sampling calibration", unit="seq", leave=False)
-    start = bos_id if bos_id is not None else 0
+        bar = tqdm(total=nsamples * (seqlen - 1), desc="sampling calibration", unit="tok", unit_scale=True,
+                   leave=False)
+    scale = 1.0 / math.sqrt(dk)
     with torch.no_grad():
-        for _ in it:
-            model.reset()
-            toks = [start]
-            pos = 0
-            cur = [start]
-            while len(toks) < seqlen:
-                logits = model.forward(cur, start_pos=pos, logits_from=-1)[-1]
-                pos += len(cur)
+        for b0 in range(0, nsamples, batch):
+            B = min(batch, nsamples - b0)
+            K = [torch.zeros(B, Hkv, seqlen, dk) for _ in range(hp.n_layer)]
+            V = [torch.zeros(B, Hkv, seqlen, dv) for _ in range(hp.n_layer)]
+            toks = torch.full((B, seqlen), start, dtype=torch.long)
+            for pos in range(seqlen - 1):
+                x = F.embedding(toks[:, pos:pos + 1], w_tok)                 # (B, 1, E)
+                cos, sin = cos_t[pos:pos + 1], sin_t[pos:pos + 1]
+                for il, w in enumerate(ws):
+                    n = rms_norm(x, w["attn_norm"], eps)
+                    q = rope_apply(linear(w, "attn_q", n).view(B, 1, H, dk), cos, sin, hp.n_rot)
+                    k = rope_apply(linear(w, "attn_k", n).view(B, 1, Hkv, dk), cos, sin, hp.n_rot)
+                    v = linear(w, "attn_v", n).view(B, 1, Hkv, dv)
+                    K[il][:, :, pos] = k[:, 0]
+                    V[il][:, :, pos] = v[:, 0]
+                    a = F.scaled_dot_product_attention(q.transpose(1, 2), K[il][:, :, :pos + 1],
+                                                       V[il][:, :, :pos + 1], scale=scale,
+                                                       enable_gqa=H != Hkv)
+                    x = x + linear(w, "attn_output", a.transpose(1, 2).reshape(B, 1, H * dv))
+                    x = x + linear(w, "ffn_down", ffn_hidden(w, rms_norm(x, w["ffn_norm"], eps)))
+                logits = F.linear(rms_norm(x[:, 0], model.output_norm, eps), w_out)
                 p = torch.softmax(logits.float(), dim=-1)
-                t = int(torch.multinomial(p, 1, generator=g))
-                toks.append(t)
-                cur = [t]
-            seqs.append(toks)
-    model.reset()
+                toks[:, pos + 1] = torch.multinomial(p, 1, generator=g)[:, 0]
+                if bar is not None:
+                    bar.update(B)
+            seqs.extend(toks.tolist())
+            del K, V
+    if bar is not None:
+        bar.close()
     return seqs
+
+
+def dataset_texts(name: str, limit: int = 20000) -> list[str]:
+    """Texts of a Hugging Face dataset ``NAME[:CONFIG][@SPLIT]`` (field ``text``; needs ``datasets`` and network)."""
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise OptionError(f"--calib {name!r} is not a file; loading a Hugging Face dataset by name needs the "
+                          "'datasets' package (pip install datasets) and network access; give a text or JSONL "
+                          "file, or 'self'") from None
+    from datasets import load_dataset
+    spec, _, split = name.partition("@")
+    dname, _, config = spec.partition(":")
+    try:
+        ds = load_dataset(dname, config or None, split=split or "train", streaming=True)
+        texts = []
+        for row in ds:
+            t = row.get("text") if isinstance(row, dict) else None
+            if not isinstance(t, str):
+                raise OptionError(f"dataset {name!r} has no string field 'text'")
+            if t.strip():
+                texts.append(t)
+            if len(texts) >= limit:
+                break
+    except OptionError:
+        raise
+    except Exception as e:  # network, unknown name, ...
+        raise OptionError(f"cannot load the calibration dataset {name!r}: {e}") from None
+    if not texts:
+        raise OptionError(f"the calibration dataset {name!r} has no text")
+    return texts
+
+
+def _is_dataset_name(s: str) -> bool:
+    """Not an existing path and shaped like ``name`` or ``org/name`` (optionally ``:config``, ``@split``)
+    with no file suffix."""
+    p = Path(s)
+    if p.exists() or s.startswith((".", "/", "~")) or s.count("/") > 1:
+        return False
+    return p.suffix.lower() not in (".txt", ".jsonl", ".json", ".ndjson", ".raw", ".text", ".md")
 
 
 def calibration_sequences(calib, model, tokenizer, md: dict, nsamples: int, seqlen: int, seed: int,
                           progress: bool = False) -> tuple[list[list[int]], str]:
-    """(token sequences, dataset description)."""
+    """(token sequences, dataset description). ``calib``: None or ``"self"`` (sampled from ``model``), a
+    text/JSONL file, or a Hugging Face dataset name (``NAME[:CONFIG][@SPLIT]``)."""
     if nsamples <= 0 or seqlen <= 1:
         raise OptionError("--nsamples must be > 0 and --seqlen > 1")
     bos = md.get("tokenizer.ggml.bos_token_id")
     if calib is None or str(calib) == "self":
+        if model is None:
+            raise OptionError("--calib self needs the model")
         return self_sequences(model, nsamples, seqlen, seed, bos, progress), "self"
-    texts = load_texts(calib)
+    if _is_dataset_name(str(calib)):
+        texts = dataset_texts(str(calib), limit=max(1000, 4 * nsamples))
+    else:
+        texts = load_texts(calib)
     add_bos = md.get("tokenizer.ggml.add_bos_token", md.get("tokenizer.ggml.model") == "llama")
     return text_sequences(tokenizer, texts, nsamples, seqlen, seed, bool(add_bos), bos), str(calib)

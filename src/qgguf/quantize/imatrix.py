@@ -125,46 +125,12 @@ class IMatrixData:
 
 def model_for_source(source, threads: int | None = None):
     """qgguf's runtime model with the source's weights dequantized to float32."""
-    import torch
-    from ..runtime import model as rmodel
-    from ..runtime.linear import make_linear
+    from ..runtime.model import LlamaModel
 
-    if threads:
-        torch.set_num_threads(int(threads))
-    specs = {t.name: t for t in source.tensors}
-
-    class _Src:
-        path = source.path
-
-        def has(self, name):
-            return name in specs
-
-        def shape(self, name):
-            return specs[name].shape
-
-        def linear(self, name, expect, optional=False):
-            if name not in specs:
-                if optional:
-                    return None
-                raise UnsupportedModelError(f"missing tensor {name}", source.path)
-            w = np.ascontiguousarray(source.load(name), dtype=np.float32)
-            return make_linear(name, 0, w.shape, w.view(np.uint8).reshape(-1))
-
-        def vector(self, name, n, optional=False):
-            if name not in specs:
-                if optional:
-                    return None
-                raise UnsupportedModelError(f"missing tensor {name}", source.path)
-            return torch.from_numpy(np.array(source.load(name), dtype=np.float32).reshape(n))
-
+    names = {t.name for t in source.tensors}
     md = {k: v.value for k, v in source.metadata.items()}
     md["general.architecture"] = source.arch
-    n_vocab = source.tensor("token_embd.weight").shape[0]
-    hp = rmodel.hparams_from_metadata(md, n_vocab, source.path)
-    with torch.no_grad():
-        m = rmodel.LlamaModel(hp, _Src(), md, source.path)
-    m.eval()
-    return m
+    return LlamaModel.from_tensors(md, lambda n: source.load(n) if n in names else None, source.path, threads)
 
 
 def collect(source, calib=None, nsamples: int = 128, seqlen: int = 512, seed: int = 0,

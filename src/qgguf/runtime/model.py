@@ -157,11 +157,29 @@ class _TensorSource:
             return None
         tt, shape, raw = got
         try:
-            return make_linear(name, tt, shape, raw)
+            lin = make_linear(name, tt, shape, raw)
         except UnsupportedModelError as e:
             if e.path is None:
                 raise UnsupportedModelError(e.problem, self.path) from None
             raise
+        sparse = self.outliers(name)
+        if sparse is not None:
+            lin = add_sparse(lin, *sparse)
+        return lin
+
+    def outliers(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """The qgguf sparse-outlier part of ``name`` (flat int indices, float32 values), or None."""
+        ti, tv = self.tensors.get(name + OUTLIER_IDX), self.tensors.get(name + OUTLIER_VAL)
+        if ti is None and tv is None:
+            return None
+        if ti is None or tv is None or int(ti.tensor_type) != 26 or int(tv.tensor_type) != 1:
+            raise UnsupportedModelError(f"tensor {name}: sparse outliers need {name}{OUTLIER_IDX} (I32) and "
+                                        f"{name}{OUTLIER_VAL} (F16)", self.path)
+        idx = np.asarray(ti.data).view(np.int32).reshape(-1)
+        val = np.asarray(tv.data).view(np.float16).reshape(-1)
+        if idx.shape != val.shape:
+            raise UnsupportedModelError(f"tensor {name}: {idx.size} outlier indices but {val.size} values", self.path)
+        return idx.astype(np.int64), val.astype(np.float32)
 
     def vector(self, name: str, n: int, optional=False) -> torch.Tensor | None:
         got = self.get(name, (n,), optional=optional)
@@ -181,6 +199,161 @@ class _TensorSource:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+# ------------------------------------------------------------------------------------------------
+# qgguf sparse outliers (docs/FORMAT.md, "qgguf extensions: sparse outliers")
+
+OUTLIER_IDX = ".outlier_idx"   # companion tensor: I32 flat indices row * ncols + col, increasing
+OUTLIER_VAL = ".outlier_val"   # companion tensor: F16 values added to the dense weight at those positions
+
+
+def add_sparse(lin: LinearBase, idx: np.ndarray, vals: np.ndarray) -> LinearBase:
+    """``lin`` with the sparse part added: a :class:`DenseLinear` holding ``dense + scatter(idx, vals)``."""
+    from .linear import DenseLinear
+
+    w = lin.dense_weight().detach().to(torch.float32).clone()
+    n = w.numel()
+    idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise UnsupportedModelError(f"tensor {lin.name}: outlier index out of range 0..{n - 1}")
+    w.view(-1).index_add_(0, torch.from_numpy(idx), torch.from_numpy(np.asarray(vals, dtype=np.float32).reshape(-1)))
+    return DenseLinear(lin.name, w, source_type=f"{getattr(lin, 'source_type', lin.kind)}+outliers")
+
+
+# ------------------------------------------------------------------------------------------------
+# Functional forward pieces (calibration, block-wise quantization). ``w`` maps the short keys of one
+# block ('attn_norm', 'attn_q', ..., 'ffn_down', optional 'attn_q.bias', ...) to float32 tensors in
+# numpy orientation (out, in); activations are (B, T, n_embd).
+
+BLOCK_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+BLOCK_NORMS = ("attn_norm", "ffn_norm")
+
+
+def rope_tables(hp: LlamaHParams, n_pos: int, rope_freqs: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables ``(n_pos, n_rot/2)`` float32, computed as ggml_rope_cache_init does."""
+    half = hp.n_rot // 2
+    # as ggml_rope_cache_init: theta = pos; theta *= theta_scale per pair, in float32
+    theta_scale = np.float32(hp.rope_freq_base ** (-2.0 / hp.n_rot))
+    theta = np.arange(n_pos, dtype=np.float32)
+    thetas = np.empty((n_pos, half), dtype=np.float32)
+    for i in range(half):
+        thetas[:, i] = theta
+        theta = (theta * theta_scale).astype(np.float32)
+    if rope_freqs is not None:
+        thetas = thetas / np.asarray(rope_freqs, dtype=np.float32).reshape(-1)
+    thetas = (thetas * np.float32(hp.rope_freq_scale)).astype(np.float32)
+    t = torch.from_numpy(thetas)
+    return torch.cos(t), torch.sin(t)
+
+
+_ROPE_CACHE: dict = {}
+
+
+def _rope_for(hp: LlamaHParams, T: int, rope) -> tuple[torch.Tensor, torch.Tensor]:
+    if rope is not None:
+        cos, sin = rope
+        return cos[:T], sin[:T]
+    key = (hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale)
+    got = _ROPE_CACHE.get(key)
+    if got is None or got[0].shape[0] < T:
+        got = rope_tables(hp, max(T, 256))
+        _ROPE_CACHE.clear()
+        _ROPE_CACHE[key] = got
+    return got[0][:T], got[1][:T]
+
+
+def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: int) -> torch.Tensor:
+    """ggml NORM rope of ``x`` (..., T, heads, head_dim) with tables (T, n_rot/2)."""
+    xr = x[..., :n_rot].reshape(*x.shape[:-1], n_rot // 2, 2)
+    x0, x1 = xr[..., 0], xr[..., 1]
+    c, s = cos[:, None, :], sin[:, None, :]
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).reshape(*x.shape[:-1], n_rot)
+    if n_rot == x.shape[-1]:
+        return out
+    return torch.cat((out, x[..., n_rot:]), dim=-1)
+
+
+def linear(w: dict, key: str, x: torch.Tensor) -> torch.Tensor:
+    """``x @ w[key].T + w[key + '.bias']`` (bias when present)."""
+    return F.linear(x, w[key], w.get(key + ".bias"))
+
+
+def attention(hp: LlamaHParams, w: dict, n: torch.Tensor, rope=None) -> torch.Tensor:
+    """Causal self-attention of the normed input ``n`` (B, T, n_embd) at positions 0..T-1, before the
+    output matrix: returns (B, T, n_head * head_dim_v)."""
+    B, T, _ = n.shape
+    H, Hkv, dk, dv = hp.n_head, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v
+    cos, sin = _rope_for(hp, T, rope)
+    q = rope_apply(linear(w, "attn_q", n).view(B, T, H, dk), cos, sin, hp.n_rot)
+    k = rope_apply(linear(w, "attn_k", n).view(B, T, Hkv, dk), cos, sin, hp.n_rot)
+    v = linear(w, "attn_v", n).view(B, T, Hkv, dv)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if H != Hkv:   # explicit repeat: the same kernels forward and backward
+        k = k.repeat_interleave(H // Hkv, dim=1)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+    a = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=1.0 / math.sqrt(dk))
+    return a.transpose(1, 2).reshape(B, T, H * dv)
+
+
+def ffn_hidden(w: dict, m: torch.Tensor) -> torch.Tensor:
+    """``silu(gate(m)) * up(m)`` of the normed input ``m``."""
+    return F.silu(linear(w, "ffn_gate", m)) * linear(w, "ffn_up", m)
+
+
+def block_forward(hp: LlamaHParams, w: dict, x: torch.Tensor, rope=None) -> torch.Tensor:
+    """One transformer block of ``x`` (B, T, n_embd) float32 at positions 0..T-1 (the math of
+    :class:`LlamaModel`'s layers; differentiable). ``rope``: optional (cos, sin) from :func:`rope_tables`
+    (needed when the model has ``rope_freqs``)."""
+    eps = hp.norm_eps
+    x = x + linear(w, "attn_output", attention(hp, w, rms_norm(x, w["attn_norm"], eps), rope))
+    return x + linear(w, "ffn_down", ffn_hidden(w, rms_norm(x, w["ffn_norm"], eps)))
+
+
+def embed(w_tok: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Token embeddings (rows of ``token_embd.weight``) as float32."""
+    return F.embedding(torch.as_tensor(ids, dtype=torch.long), w_tok).to(torch.float32)
+
+
+def final_norm(hp: LlamaHParams, w_norm: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return rms_norm(x, w_norm, hp.norm_eps)
+
+
+def lm_head(w_out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Logits of normed hidden states ``h``."""
+    return F.linear(h, w_out)
+
+
+class _ArraySource:
+    """Tensors from a function ``name -> float32 numpy array or None`` (the :class:`_TensorSource` interface)."""
+
+    def __init__(self, tensor_fn: Callable[[str], np.ndarray | None], path=None):
+        self.fn = tensor_fn
+        self.path = path
+
+    def _get(self, name: str, expect, optional: bool) -> np.ndarray | None:
+        a = self.fn(name)
+        if a is None:
+            if optional:
+                return None
+            raise UnsupportedModelError(f"missing tensor {name}", self.path)
+        a = np.require(a, np.float32, ["C", "W"])   # copies read-only (memory-mapped) arrays
+        if expect is not None and int(np.prod(a.shape)) != int(np.prod(expect)):
+            raise UnsupportedModelError(f"tensor {name} has shape {a.shape}, expected {tuple(expect)}", self.path)
+        return a.reshape(expect) if expect is not None else a
+
+    def has(self, name: str) -> bool:
+        return self.fn(name) is not None
+
+    def linear(self, name: str, expect, optional=False):
+        from .linear import DenseLinear
+        a = self._get(name, expect, optional)
+        return None if a is None else DenseLinear(name, torch.from_numpy(a))
+
+    def vector(self, name: str, n: int, optional=False):
+        a = self._get(name, (n,), optional)
+        return None if a is None else torch.from_numpy(a)
 
 
 class _Layer(torch.nn.Module):
@@ -284,6 +457,38 @@ class LlamaModel(torch.nn.Module):
         model.eval()
         return model
 
+    @classmethod
+    def from_tensors(cls, metadata: dict, tensor_fn: Callable[[str], np.ndarray | None], path=None,
+                     threads: int | None = None) -> "LlamaModel":
+        """A model from plain metadata values and ``tensor_fn(name)`` -> float32 numpy array (numpy
+        orientation; ``None`` for an absent tensor), e.g. a conversion source's dequantized weights."""
+        if threads:
+            torch.set_num_threads(int(threads))
+        src = _ArraySource(tensor_fn, path)
+        md = dict(metadata)
+        emb = tensor_fn("token_embd.weight")
+        if emb is None:
+            hparams_from_metadata(md, 0, path)
+            raise UnsupportedModelError("missing tensor token_embd.weight", path)
+        hp = hparams_from_metadata(md, int(np.shape(emb)[0]), path)
+        del emb
+        with torch.no_grad():
+            model = cls(hp, src, md, path)
+        model.eval()
+        return model
+
+    def block_weights(self, il: int) -> dict[str, torch.Tensor]:
+        """Layer ``il``'s weights as float32 tensors under the short keys of :func:`block_forward`."""
+        L = self.layers[il]
+        w = {"attn_norm": L.attn_norm, "ffn_norm": L.ffn_norm}
+        for key, lin, b in (("attn_q", L.wq, L.bq), ("attn_k", L.wk, L.bk), ("attn_v", L.wv, L.bv),
+                            ("attn_output", L.wo, L.bo), ("ffn_gate", L.w_gate, L.b_gate),
+                            ("ffn_up", L.w_up, L.b_up), ("ffn_down", L.w_down, L.b_down)):
+            w[key] = lin.dense_weight()
+            if b is not None:
+                w[key + ".bias"] = b
+        return w
+
     # ---- calibration hook -----------------------------------------------------------------------
     @contextlib.contextmanager
     def capture_linear_inputs(self, callback: CaptureCallback) -> Iterator["LlamaModel"]:
@@ -310,33 +515,13 @@ class LlamaModel(torch.nn.Module):
     # ---- rope -----------------------------------------------------------------------------------
     def _rope_tables(self, n_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope_cos.shape[0] < n_pos:
-            hp = self.hp
             cap = max(n_pos, 2 * self._rope_cos.shape[0], 256)
-            half = hp.n_rot // 2
-            # as ggml_rope_cache_init: theta = pos; theta *= theta_scale per pair, in float32
-            theta_scale = np.float32(hp.rope_freq_base ** (-2.0 / hp.n_rot))
-            theta = np.arange(cap, dtype=np.float32)
-            thetas = np.empty((cap, half), dtype=np.float32)
-            for i in range(half):
-                thetas[:, i] = theta
-                theta = (theta * theta_scale).astype(np.float32)
-            if self.rope_freqs is not None:
-                thetas = thetas / self.rope_freqs.numpy().astype(np.float32)
-            thetas = (thetas * np.float32(hp.rope_freq_scale)).astype(np.float32)
-            t = torch.from_numpy(thetas)
-            self._rope_cos, self._rope_sin = torch.cos(t), torch.sin(t)
+            self._rope_cos, self._rope_sin = rope_tables(self.hp, cap, self.rope_freqs)
         return self._rope_cos, self._rope_sin
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: (T, heads, head_dim); cos/sin: (T, n_rot/2)
-        n_rot = self.hp.n_rot
-        xr = x[..., :n_rot].reshape(*x.shape[:-1], n_rot // 2, 2)
-        x0, x1 = xr[..., 0], xr[..., 1]
-        c, s = cos[:, None, :], sin[:, None, :]
-        out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).reshape(*x.shape[:-1], n_rot)
-        if n_rot == x.shape[-1]:
-            return out
-        return torch.cat((out, x[..., n_rot:]), dim=-1)
+        return rope_apply(x, cos, sin, self.hp.n_rot)
 
     # ---- forward --------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -416,4 +601,6 @@ class LlamaModel(torch.nn.Module):
         return self.hp.n_ctx_train
 
 
-__all__ = ["LlamaModel", "LlamaHParams", "KVCache", "hparams_from_metadata", "read_metadata", "rms_norm"]
+__all__ = ["LlamaModel", "LlamaHParams", "KVCache", "hparams_from_metadata", "read_metadata", "rms_norm",
+           "block_forward", "attention", "ffn_hidden", "linear", "embed", "final_norm", "lm_head", "rope_tables",
+           "rope_apply", "add_sparse", "BLOCK_LINEARS", "BLOCK_NORMS", "OUTLIER_IDX", "OUTLIER_VAL"]
