@@ -1,0 +1,281 @@
+"""qgguf's native kernels for its codebook tensor types (a small C library built by cffi).
+
+    from qgguf import native
+    native.available()        # False when the C module could not be built or loaded
+    native.isa()              # 'avx512' | 'avx2' | 'neon' | 'scalar': the path in use
+    t = native.AQTensor(codes, codebooks, scales, M=2, B=8, g=8, R=R, C=C)
+    t.dequantize()            # float32 [R, C]
+    t.matvec(x, threads=2)    # float32 [R]  (y = W x)
+    t.matmul(X, threads=2)    # float32 [N, R] (Y = X W^T)
+
+The path is chosen at run time by CPU feature detection; the environment variable
+QGGUF_NATIVE_ISA=scalar|avx2|avx512|neon (or :func:`set_isa`) overrides it for tests and
+benchmarks.  Kernels release the GIL.  Bad arguments raise :class:`qgguf.errors.QggufError`.
+
+AQ layout (additive multi-codebook quantization, AQLM-style; R output rows, C input columns):
+  W[r, j*g:(j+1)*g] = scales[r] * sum_m codebooks[m][codes[j, m, r]]
+  codes      uint8 (B=8) or uint16 (B=16), shape [C/g, M, R] (R fastest)
+  codebooks  float16 or float32, shape [M, 2^B, g]
+  scales     float32 or float16, shape [R]
+
+Matvec: for B=8, one float32 lookup table per input group and codebook
+(LUT[j][m][k] = dot(codebooks[m][k], x_j)) and gathers over the codes of many rows; for B=16,
+dequantize-and-dot.  Matmul: up to :func:`matmul_lut_max` tokens it runs the matvec kernel per
+token; above, each thread dequantizes tiles of rows and runs a blocked float dot on them.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import QggufError
+
+__all__ = ["available", "build_error", "isa", "isas", "set_isa", "use_isa", "matmul_lut_max",
+           "AQTensor", "NativeUnavailableError"]
+
+_ISA_IDS = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3}
+_TYPE_AQ = 0
+_MAX_ELEMS = 1 << 62
+
+
+class NativeUnavailableError(QggufError):
+    """The native module is not built or cannot be loaded."""
+
+
+try:
+    from ._qgguf_native import ffi as _ffi, lib as _lib  # type: ignore[import-not-found]
+    _IMPORT_ERROR: str | None = None
+except Exception as _e:  # noqa: BLE001 - ImportError, OSError (bad .so), ...
+    _ffi = _lib = None
+    _IMPORT_ERROR = f"{type(_e).__name__}: {_e}"
+
+
+def build_error() -> str | None:
+    """Why the native module is unavailable (the compiler's message if the build failed), or None."""
+    if _lib is not None:
+        return None
+    p = Path(__file__).with_name("_build_error.txt")
+    if p.exists():
+        return p.read_text(errors="replace").strip()
+    return (f"the native module qgguf.native._qgguf_native is not built ({_IMPORT_ERROR}); "
+            "reinstall qgguf with a working C compiler (pip install -e . or pip install .), or "
+            "run python src/qgguf/native/_build.py in a source checkout")
+
+
+def available() -> bool:
+    """True when the native kernels are built and loadable."""
+    return _lib is not None
+
+
+def _require():
+    if _lib is None:
+        raise NativeUnavailableError(f"native kernels unavailable: {build_error()}")
+    if _ENV_ISA_ERROR:
+        raise QggufError(_ENV_ISA_ERROR)
+    return _lib
+
+
+def isas() -> list[str]:
+    """ISA paths this CPU (and this build) can run, best last."""
+    lib = _require()
+    return [n for n, i in _ISA_IDS.items() if lib.qg_isa_available(i)]
+
+
+def isa() -> str:
+    """The ISA path in use: 'avx512', 'avx2', 'neon' or 'scalar'."""
+    lib = _require()
+    return _ffi.string(lib.qg_isa_name(lib.qg_get_isa())).decode()
+
+
+def set_isa(name: str) -> None:
+    """Select the ISA path (process-wide); raises QggufError if it is unknown or unavailable."""
+    if _lib is None:
+        _require()
+    if name not in _ISA_IDS:
+        raise QggufError(f"unknown ISA {name!r} (choose from {', '.join(_ISA_IDS)})")
+    if _lib.qg_set_isa(_ISA_IDS[name]) != 0:
+        raise QggufError(f"ISA {name!r} is not available on this CPU (available: {', '.join(isas())})")
+
+
+@contextlib.contextmanager
+def use_isa(name: str):
+    """Context manager: run kernels on ISA path ``name``, then restore the previous one."""
+    prev = isa()
+    set_isa(name)
+    try:
+        yield
+    finally:
+        set_isa(prev)
+
+
+def matmul_lut_max() -> int:
+    """Largest N for which matmul uses the per-token lookup-table kernel (env QGGUF_NATIVE_LUT_MAX)."""
+    return int(_require().qg_matmul_lut_max())
+
+
+_ENV_ISA_ERROR: str | None = None
+if _lib is not None and os.environ.get("QGGUF_NATIVE_ISA"):
+    try:
+        set_isa(os.environ["QGGUF_NATIVE_ISA"].strip().lower())
+    except QggufError as _e:
+        _ENV_ISA_ERROR = f"QGGUF_NATIVE_ISA: {_e}"
+
+
+# ---------------------------------------------------------------- argument checks
+def _int(name: str, v, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise QggufError(f"{name} must be an integer, got {type(v).__name__}")
+    v = int(v)
+    if not lo <= v <= hi:
+        raise QggufError(f"{name} must be in [{lo}, {hi}], got {v}")
+    return v
+
+
+def _array(name: str, a) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise QggufError(f"{name} must be a numpy array, got {type(a).__name__}")
+    return a
+
+
+def _threads(threads) -> int:
+    return _int("threads", threads, 1, 256)
+
+
+def _float_input(name: str, a, shape: tuple) -> np.ndarray:
+    a = _array(name, a)
+    if a.dtype.kind != "f":
+        raise QggufError(f"{name} must be a float array, got dtype {a.dtype}")
+    if a.shape != shape:
+        raise QggufError(f"{name} must have shape {shape}, got {a.shape}")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _out(name: str, out, shape: tuple) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, np.float32)
+    out = _array(name, out)
+    if out.dtype != np.float32 or out.shape != shape or not out.flags.c_contiguous \
+            or not out.flags.writeable:
+        raise QggufError(f"{name} must be a writable C-contiguous float32 array of shape {shape}")
+    return out
+
+
+def _fptr(a: np.ndarray):
+    return _ffi.cast("float *", _ffi.from_buffer(a, require_writable=False))
+
+
+class AQTensor:
+    """An AQ (additive multi-codebook) weight of R output rows and C input columns.
+
+    ``codes`` is kept by reference (it must already be C-contiguous, uint8 for B=8 or uint16 for
+    B=16, shape [C/g, M, R] or flat); codebooks and scales are converted to float32 copies."""
+
+    def __init__(self, codes, codebooks, scales, M, B, g, R, C):
+        lib = _require()
+        M = _int("M", M, 1, 64)
+        B = _int("B", B, 8, 16)
+        if B not in (8, 16):
+            raise QggufError(f"B (bits per code) must be 8 or 16, got {B}")
+        g = _int("g", g, 1, 64)
+        if g not in (8, 16):
+            raise QggufError(f"group size g must be 8 or 16, got {g}")
+        R = _int("R", R, 1, 1 << 40)
+        C = _int("C", C, 1, 1 << 40)
+        if C % g:
+            raise QggufError(f"group size g={g} does not divide C={C}")
+        if R * C >= _MAX_ELEMS or (C // g) * M * R >= _MAX_ELEMS:
+            raise QggufError(f"tensor too large: R={R}, C={C}")
+        K = 1 << B
+        codes = _array("codes", codes)
+        want = np.uint8 if B == 8 else np.uint16
+        if codes.dtype != want:
+            raise QggufError(f"codes must be {np.dtype(want).name} for B={B}, got {codes.dtype}")
+        cshape = (C // g, M, R)
+        if codes.shape != cshape and codes.shape != (int(np.prod(cshape)),):
+            raise QggufError(f"codes must have shape {cshape} (or be flat), got {codes.shape}")
+        if not codes.flags.c_contiguous:
+            raise QggufError("codes must be C-contiguous")
+        codebooks = _array("codebooks", codebooks)
+        if codebooks.dtype not in (np.float16, np.float32):
+            raise QggufError(f"codebooks must be float16 or float32, got {codebooks.dtype}")
+        if codebooks.shape != (M, K, g):
+            raise QggufError(f"codebooks must have shape {(M, K, g)}, got {codebooks.shape}")
+        scales = _array("scales", scales)
+        if scales.dtype not in (np.float16, np.float32):
+            raise QggufError(f"scales must be float32 or float16, got {scales.dtype}")
+        if scales.shape != (R,):
+            raise QggufError(f"scales must have shape {(R,)}, got {scales.shape}")
+        cb32 = np.ascontiguousarray(codebooks, dtype=np.float32)
+        s32 = np.ascontiguousarray(scales, dtype=np.float32)
+        if not np.isfinite(cb32).all():
+            raise QggufError("codebooks contain NaN or infinite values")
+        if not np.isfinite(s32).all():
+            raise QggufError("scales contain NaN or infinite values")
+        self.M, self.B, self.g, self.R, self.C = M, B, g, R, C
+        self.shape = (R, C)
+        self._codes = codes
+        self._cb32 = cb32
+        self._cbT = np.ascontiguousarray(cb32.transpose(0, 2, 1)) if B == 8 else None
+        self._scales = s32
+        t = _ffi.new("qg_tensor *")
+        t.type = _TYPE_AQ
+        t.M, t.B, t.g, t.R, t.C = M, B, g, R, C
+        self._keep = [_ffi.from_buffer(codes), _ffi.from_buffer(cb32), _ffi.from_buffer(s32)]
+        t.codes = _ffi.cast("const void *", self._keep[0])
+        t.codebooks = _ffi.cast("const float *", self._keep[1])
+        t.scales = _ffi.cast("const float *", self._keep[2])
+        if self._cbT is not None:
+            self._keep.append(_ffi.from_buffer(self._cbT))
+            t.cbT = _ffi.cast("const float *", self._keep[-1])
+        self._t = t
+        self._lib = lib
+
+    def __repr__(self) -> str:
+        return f"AQTensor({self.M}x{self.B}-g{self.g}, R={self.R}, C={self.C})"
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kernels read (codes, float32 codebooks, scales)."""
+        n = self._codes.nbytes + self._cb32.nbytes + self._scales.nbytes
+        return n + (self._cbT.nbytes if self._cbT is not None else 0)
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc != 0:
+            raise QggufError(f"{what}: {_ffi.string(self._lib.qg_last_error()).decode()}")
+
+    def dequantize(self, r0: int = 0, r1: int | None = None, threads: int = 1, out=None) -> np.ndarray:
+        """Rows [r0, r1) of W as float32 [(r1-r0), C] (exactly scales[r] * sum_m codebook entries)."""
+        _require()
+        r1 = self.R if r1 is None else r1
+        r0 = _int("r0", r0, 0, self.R)
+        r1 = _int("r1", r1, r0, self.R)
+        n = _threads(threads)
+        out = _out("out", out, (r1 - r0, self.C))
+        if r1 > r0:
+            self._check(self._lib.qg_dequantize_rows(self._t, r0, r1, _fptr(out), n), "dequantize")
+        return out
+
+    def matvec(self, x, threads: int = 1, out=None) -> np.ndarray:
+        """y = W x for x float [C]; returns float32 [R]."""
+        _require()
+        x = _float_input("x", x, (self.C,))
+        n = _threads(threads)
+        y = _out("out", out, (self.R,))
+        self._check(self._lib.qg_matvec(self._t, _fptr(x), _fptr(y), n), "matvec")
+        return y
+
+    def matmul(self, X, threads: int = 1, out=None) -> np.ndarray:
+        """Y = X W^T for X float [N, C]; returns float32 [N, R]."""
+        _require()
+        X = _array("X", X)
+        if X.ndim != 2:
+            raise QggufError(f"X must be 2-D [N, C], got shape {X.shape}")
+        X = _float_input("X", X, (X.shape[0], self.C))
+        n = _threads(threads)
+        Y = _out("out", out, (X.shape[0], self.R))
+        if X.shape[0]:
+            self._check(self._lib.qg_matmul(self._t, _fptr(X), X.shape[0], _fptr(Y), n), "matmul")
+        return Y

@@ -1,0 +1,83 @@
+"""cffi (API mode) build script of qgguf's native kernels: ``qgguf.native._qgguf_native``.
+
+Used by setup.py (``cffi_modules=["src/qgguf/native/_build.py:ffibuilder"]``), so both
+``pip install .`` and ``pip install -e .`` compile it.  Every ISA file is compiled with the same
+global flags; each one switches its own target ISA with a pragma (csrc/qg_target_begin.h), and
+the core picks a path at run time by CPU feature detection, so one binary runs on every CPU.
+
+For development, ``python src/qgguf/native/_build.py`` builds the module in place.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from cffi import FFI
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(HERE, "csrc")
+SOURCES = ["qg_core.c", "qg_aq_scalar.c", "qg_aq_avx2.c", "qg_aq_avx512.c", "qg_aq_neon.c"]
+HEADERS = ["qg_native.h", "qg_target_begin.h", "qg_target_end.h"]
+
+CDEF = """
+typedef struct qg_tensor {
+    int32_t type;
+    int32_t M;
+    int32_t B;
+    int32_t g;
+    int64_t R;
+    int64_t C;
+    const void *codes;
+    const float *codebooks;
+    const float *cbT;
+    const float *scales;
+    const void *aux0;
+    const void *aux1;
+    int64_t iparam[8];
+} qg_tensor;
+
+int qg_isa_available(int isa);
+int qg_best_isa(void);
+int qg_get_isa(void);
+int qg_set_isa(int isa);
+const char *qg_isa_name(int isa);
+int qg_has_kernel(int type, int isa);
+int qg_dequantize_rows(const qg_tensor *t, int64_t r0, int64_t r1, float *out, int nthreads);
+int qg_matvec(const qg_tensor *t, const float *x, float *y, int nthreads);
+int qg_matmul(const qg_tensor *t, const float *X, int64_t N, float *Y, int nthreads);
+int qg_matmul_lut_max(void);
+const char *qg_last_error(void);
+"""
+
+
+def _rel(path: str) -> str:
+    # setuptools wants source paths relative to the setup.py folder (the current directory)
+    try:
+        return os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return path
+
+
+def _compile_args() -> list[str]:
+    if sys.platform == "win32" and "GCC" not in sys.version:
+        return ["/O2"]
+    return ["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-Wall",
+            "-Wno-unused-function", "-Wno-unknown-pragmas"]
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "qgguf.native._qgguf_native",
+    '#include "qg_native.h"\n',
+    sources=[_rel(os.path.join(CSRC, s)) for s in SOURCES],
+    include_dirs=[_rel(CSRC)],
+    depends=[_rel(os.path.join(CSRC, h)) for h in HEADERS],
+    extra_compile_args=_compile_args(),
+    libraries=[] if sys.platform == "win32" else ["pthread"],
+)
+
+if __name__ == "__main__":
+    # in-place development build: writes _qgguf_native*.so next to this file
+    os.chdir(os.path.dirname(os.path.dirname(HERE)))  # src/
+    ffibuilder.compile(tmpdir=".", verbose=True)

@@ -1,0 +1,326 @@
+/* AVX-512 (F, BW, VL, DQ, VBMI) kernels. */
+#include "qg_native.h"
+#if defined(QG_X86)
+#define QG_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512vnni,avx2,fma,f16c"
+#include "qg_target_begin.h"
+#include <immintrin.h>
+#include <string.h>
+
+#define AI static inline __attribute__((always_inline))
+
+/* ---- dequantize: exact (adds in codebook order, then one multiply) ---- */
+static void dequantize_rows_avx512(const qg_tensor *t, int64_t r0, int64_t r1, float *out) {
+    const int64_t R = t->R, C = t->C, g = t->g, M = t->M, J = C / g;
+    const int64_t K = (int64_t)1 << t->B;
+    if (g != 8 && g != 16) { qg_aq_dequantize_rows_scalar(t, r0, r1, out); return; }
+    const uint8_t *c8 = (const uint8_t *)t->codes;
+    const uint16_t *c16 = (const uint16_t *)t->codes;
+    const int b8 = t->B == 8;
+    for (int64_t rb = r0; rb < r1; rb += 32) {
+        const int64_t re = rb + 32 < r1 ? rb + 32 : r1;
+        for (int64_t j = 0; j < J; j++) {
+            for (int64_t r = rb; r < re; r++) {
+                float *o = out + (r - r0) * C + j * g;
+                const int64_t ci = j * M * R + r;
+                if (g == 8) {
+                    __m256 acc = _mm256_loadu_ps(t->codebooks + (b8 ? c8[ci] : c16[ci]) * 8);
+                    for (int64_t m = 1; m < M; m++) {
+                        const int64_t k = b8 ? c8[ci + m * R] : c16[ci + m * R];
+                        acc = _mm256_add_ps(acc, _mm256_loadu_ps(t->codebooks + (m * K + k) * 8));
+                    }
+                    _mm256_storeu_ps(o, _mm256_mul_ps(acc, _mm256_set1_ps(t->scales[r])));
+                } else {
+                    __m512 acc = _mm512_loadu_ps(t->codebooks + (b8 ? c8[ci] : c16[ci]) * 16);
+                    for (int64_t m = 1; m < M; m++) {
+                        const int64_t k = b8 ? c8[ci + m * R] : c16[ci + m * R];
+                        acc = _mm512_add_ps(acc, _mm512_loadu_ps(t->codebooks + (m * K + k) * 16));
+                    }
+                    _mm512_storeu_ps(o, _mm512_mul_ps(acc, _mm512_set1_ps(t->scales[r])));
+                }
+            }
+        }
+    }
+}
+
+/* ---- Kx8 lookup tables: LUT[j][m][k] = dot(cb[m][k], x_j), from cbT[m][d][k] ---- */
+static void prepare_avx512(const qg_tensor *t, const float *x, float *lut, int64_t j0, int64_t j1) {
+    const int64_t g = t->g, M = t->M;
+    if (g > 16) { qg_aq_prepare_scalar(t, x, lut, j0, j1); return; }
+    for (int64_t j = j0; j < j1; j++) {
+        __m512 xs[16];
+        for (int64_t d = 0; d < g; d++) xs[d] = _mm512_set1_ps(x[j * g + d]);
+        for (int64_t m = 0; m < M; m++) {
+            const float *cb = t->cbT + m * g * 256;
+            float *l = lut + (j * M + m) * 256;
+            for (int kb = 0; kb < 256; kb += 64) {
+                __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(cb + kb), xs[0]);
+                __m512 a1 = _mm512_mul_ps(_mm512_loadu_ps(cb + kb + 16), xs[0]);
+                __m512 a2 = _mm512_mul_ps(_mm512_loadu_ps(cb + kb + 32), xs[0]);
+                __m512 a3 = _mm512_mul_ps(_mm512_loadu_ps(cb + kb + 48), xs[0]);
+                for (int64_t d = 1; d < g; d++) {
+                    const float *p = cb + d * 256 + kb;
+                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(p), xs[d], a0);
+                    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(p + 16), xs[d], a1);
+                    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(p + 32), xs[d], a2);
+                    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(p + 48), xs[d], a3);
+                }
+                _mm512_storeu_ps(l + kb, a0);
+                _mm512_storeu_ps(l + kb + 16, a1);
+                _mm512_storeu_ps(l + kb + 32, a2);
+                _mm512_storeu_ps(l + kb + 48, a3);
+            }
+        }
+    }
+}
+
+/* ---- Kx8 rows: float LUT + 16-lane gathers; input groups tiled so the LUT tile stays in L1,
+ * y[] holds the partial sums between tiles.  NV = 16-row vectors per block (4 or 1). ---- */
+AI void k8_block(const uint8_t *codes, const float *lut, float *y, int64_t R, int64_t rb,
+                 int64_t jm0, int64_t jm1, int first, const int NV) {
+    __m512 acc[4];
+    for (int v = 0; v < NV; v++)
+        acc[v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(y + rb + 16 * v);
+    const uint8_t *c = codes + jm0 * R + rb;
+    const float *l = lut + jm0 * 256;
+    for (int64_t jm = jm0; jm < jm1; jm++, c += R, l += 256) {
+        for (int v = 0; v < NV; v++) {
+            __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + 16 * v)));
+            acc[v] = _mm512_add_ps(acc[v], _mm512_i32gather_ps(idx, l, 4));
+        }
+    }
+    for (int v = 0; v < NV; v++) _mm512_storeu_ps(y + rb + 16 * v, acc[v]);
+}
+
+static void vec_rows_k8_avx512(const qg_tensor *t, const float *lut, float *y, int64_t r0, int64_t r1) {
+    const int64_t R = t->R, M = t->M, J = t->C / t->g;
+    const uint8_t *codes = (const uint8_t *)t->codes;
+    const int64_t n = r1 - r0;
+    const int64_t e64 = r0 + n / 64 * 64, e16 = r0 + n / 16 * 16;
+    for (int64_t jt = 0; jt < J; jt += QG_JTILE) {
+        const int64_t je = jt + QG_JTILE < J ? jt + QG_JTILE : J;
+        int64_t rb = r0;
+        for (; rb < e64; rb += 64) k8_block(codes, lut, y, R, rb, jt * M, je * M, jt == 0, 4);
+        for (; rb < e16; rb += 16) k8_block(codes, lut, y, R, rb, jt * M, je * M, jt == 0, 1);
+    }
+    int64_t rb = r0;
+    for (; rb < e16; rb += 16)
+        _mm512_storeu_ps(y + rb, _mm512_mul_ps(_mm512_loadu_ps(y + rb), _mm512_loadu_ps(t->scales + rb)));
+    if (e16 < r1) qg_aq_vec_rows_scalar(t, NULL, lut, y, e16, r1);
+}
+
+/* ---- Kx8 rows, VBMI path (the default on AVX-512): the float LUT of each block of QG_JTILE
+ * input groups is quantized to uint16 with one float scale per block (q = round(v/S) + 32768),
+ * stored as two 256-byte tables (low and high bytes) per (j, m).  64 rows at a time:
+ *   bytes = vpermi2b x2 + blend on bit 7 of the code (a 256-entry byte table in 4 zmm),
+ *   int32 accumulators += bytes via vpdpbusd with the selectors (1,0,0,0), (0,1,0,0), ...
+ * so accumulator k holds rows 4i+k (the block result is un-permuted when written out).
+ * Relative error of y ~ 1e-5..1e-4 (16-bit table entries), see tests/test_native_aq.py. ---- */
+static int64_t prep_size_avx512(const qg_tensor *t) {
+    if (t->B != 8) return 0;
+    const int64_t J = t->C / t->g, nb = (J + QG_JTILE - 1) / QG_JTILE;
+    return J * t->M * 512 / 4 + nb + 16; /* floats: byte tables, then block scales */
+}
+
+static void prepare_vbmi(const qg_tensor *t, const float *x, float *prep, int64_t j0, int64_t j1) {
+    const int64_t M = t->M, J = t->C / t->g;
+    uint8_t *tab = (uint8_t *)prep;
+    float *bscale = prep + J * M * 512 / 4;
+    float *buf = aligned_alloc(64, (size_t)QG_JTILE * M * 256 * sizeof(float));
+    if (!buf) { /* cannot happen in practice; keep a defined result */
+        memset(tab + j0 * M * 512, 0x80, (size_t)((j1 - j0) * M * 512));
+        for (int64_t b = j0 / QG_JTILE; b * QG_JTILE < j1; b++) bscale[b] = 0.f;
+        return;
+    }
+    for (int64_t jb = j0; jb < j1; jb += QG_JTILE) { /* j0 is a multiple of QG_JTILE */
+        const int64_t je = jb + QG_JTILE < J ? jb + QG_JTILE : J;
+        prepare_avx512(t, x, buf - jb * M * 256, jb, je);
+        const int64_t n = (je - jb) * M * 256;
+        __m512 mx = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_load_ps(buf + i)));
+        const float amax = _mm512_reduce_max_ps(mx);
+        const float S = amax > 0.f ? amax / 32767.f : 0.f;
+        bscale[jb / QG_JTILE] = S;
+        const __m512 inv = _mm512_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+        const __m512i off = _mm512_set1_epi32(32768), lo8 = _mm512_set1_epi32(255);
+        for (int64_t jm = 0; jm < (je - jb) * M; jm++) {
+            uint8_t *lo = tab + (jb * M + jm) * 512, *hi = lo + 256;
+            for (int k = 0; k < 256; k += 16) {
+                __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(buf + jm * 256 + k), inv)), off);
+                q = _mm512_min_epi32(_mm512_max_epi32(q, _mm512_set1_epi32(1)), _mm512_set1_epi32(65535));
+                _mm_storeu_si128((__m128i *)(lo + k), _mm512_cvtepi32_epi8(_mm512_and_si512(q, lo8)));
+                _mm_storeu_si128((__m128i *)(hi + k), _mm512_cvtepi32_epi8(_mm512_srli_epi32(q, 8)));
+            }
+        }
+    }
+    free(buf);
+}
+
+AI __m512i lookup256(const uint8_t *tab, __m512i idx, __mmask64 top) {
+    const __m512i a = _mm512_permutex2var_epi8(_mm512_loadu_si512(tab), idx, _mm512_loadu_si512(tab + 64));
+    const __m512i b = _mm512_permutex2var_epi8(_mm512_loadu_si512(tab + 128), idx, _mm512_loadu_si512(tab + 192));
+    return _mm512_mask_blend_epi8(top, a, b);
+}
+
+/* NB blocks of 64 rows starting at rb; acc results go to yp (permuted order) */
+AI void vbmi_block(const uint8_t *codes, const uint8_t *tab, int64_t R, int64_t rb, int64_t nrows,
+                   int64_t jm0, int64_t jm1, float S, float *yp, const int NB) {
+    const __m512i sel0 = _mm512_set1_epi32(1), sel1 = _mm512_set1_epi32(1 << 8);
+    const __m512i sel2 = _mm512_set1_epi32(1 << 16), sel3 = _mm512_set1_epi32(1 << 24);
+    __m512i alo[2][4], ahi[2][4];
+    __mmask64 lm[2];
+    for (int b = 0; b < NB; b++) {
+        const int64_t n = nrows - 64 * b;
+        lm[b] = n >= 64 ? ~(__mmask64)0 : n <= 0 ? 0 : (((__mmask64)1 << n) - 1);
+        for (int k = 0; k < 4; k++) alo[b][k] = ahi[b][k] = _mm512_setzero_si512();
+    }
+    const uint8_t *c = codes + jm0 * R + rb;
+    const uint8_t *tb = tab + jm0 * 512;
+    for (int64_t jm = jm0; jm < jm1; jm++, c += R, tb += 512) {
+        for (int b = 0; b < NB; b++) {
+            const __m512i idx = lm[b] == ~(__mmask64)0 ? _mm512_loadu_si512(c + 64 * b)
+                                                       : _mm512_maskz_loadu_epi8(lm[b], c + 64 * b);
+            const __mmask64 top = _mm512_movepi8_mask(idx);
+            const __m512i lo = lookup256(tb, idx, top), hi = lookup256(tb + 256, idx, top);
+            alo[b][0] = _mm512_dpbusd_epi32(alo[b][0], lo, sel0);
+            alo[b][1] = _mm512_dpbusd_epi32(alo[b][1], lo, sel1);
+            alo[b][2] = _mm512_dpbusd_epi32(alo[b][2], lo, sel2);
+            alo[b][3] = _mm512_dpbusd_epi32(alo[b][3], lo, sel3);
+            ahi[b][0] = _mm512_dpbusd_epi32(ahi[b][0], hi, sel0);
+            ahi[b][1] = _mm512_dpbusd_epi32(ahi[b][1], hi, sel1);
+            ahi[b][2] = _mm512_dpbusd_epi32(ahi[b][2], hi, sel2);
+            ahi[b][3] = _mm512_dpbusd_epi32(ahi[b][3], hi, sel3);
+        }
+    }
+    const __m512i off = _mm512_set1_epi32((int32_t)(32768 * (jm1 - jm0)));
+    const __m512 vs = _mm512_set1_ps(S);
+    for (int b = 0; b < NB; b++)
+        for (int k = 0; k < 4; k++) {
+            __m512i v = _mm512_sub_epi32(_mm512_add_epi32(alo[b][k], _mm512_slli_epi32(ahi[b][k], 8)), off);
+            float *p = yp + 64 * b + 16 * k;
+            _mm512_storeu_ps(p, _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), vs, _mm512_loadu_ps(p)));
+        }
+}
+
+static void vec_rows_k8_vbmi(const qg_tensor *t, const float *prep, float *y, int64_t r0, int64_t r1) {
+    const int64_t R = t->R, M = t->M, J = t->C / t->g;
+    const uint8_t *codes = (const uint8_t *)t->codes;
+    const uint8_t *tab = (const uint8_t *)prep;
+    const float *bscale = prep + J * M * 512 / 4;
+    const int64_t n = r1 - r0, nblk = (n + 63) / 64;
+    float *yp = aligned_alloc(64, (size_t)nblk * 64 * sizeof(float));
+    if (!yp) { qg_aq_vec_rows_scalar(t, NULL, NULL, y, r0, r1); return; } /* unreachable */
+    memset(yp, 0, (size_t)nblk * 64 * sizeof(float));
+    for (int64_t jt = 0; jt < J; jt += QG_JTILE) {
+        const int64_t je = jt + QG_JTILE < J ? jt + QG_JTILE : J;
+        const float S = bscale[jt / QG_JTILE];
+        int64_t b = 0;
+        for (; b + 2 <= nblk; b += 2)
+            vbmi_block(codes, tab, R, r0 + 64 * b, n - 64 * b, jt * M, je * M, S, yp + 64 * b, 2);
+        for (; b < nblk; b++)
+            vbmi_block(codes, tab, R, r0 + 64 * b, n - 64 * b, jt * M, je * M, S, yp + 64 * b, 1);
+    }
+    /* un-permute: position 16k+i of a block holds row 4i+k */
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t o = r - r0, blk = o & ~(int64_t)63, w = o & 63;
+        y[r] = yp[blk + 16 * (w & 3) + (w >> 2)] * t->scales[r];
+    }
+    free(yp);
+}
+
+/* ---- 1x16 (and Mx16): dequantize-and-dot, 16 rows at a time ---- */
+AI float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static void vec_rows_k16_avx512(const qg_tensor *t, const float *x, float *y, int64_t r0, int64_t r1) {
+    const int64_t R = t->R, M = t->M, g = t->g, J = t->C / g;
+    const int64_t K = (int64_t)1 << t->B;
+    const uint16_t *codes = (const uint16_t *)t->codes;
+    const int64_t e16 = r0 + (r1 - r0) / 16 * 16;
+    for (int64_t rb = r0; rb < e16; rb += 16) {
+        if (g == 8) {
+            __m256 acc[16];
+            for (int i = 0; i < 16; i++) acc[i] = _mm256_setzero_ps();
+            for (int64_t j = 0; j < J; j++) {
+                const __m256 xj = _mm256_loadu_ps(x + j * 8);
+                for (int64_t m = 0; m < M; m++) {
+                    const uint16_t *c = codes + (j * M + m) * R + rb;
+                    const float *cb = t->codebooks + m * K * 8;
+                    for (int i = 0; i < 16; i++)
+                        acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(cb + (int64_t)c[i] * 8), xj, acc[i]);
+                }
+            }
+            for (int i = 0; i < 16; i++) y[rb + i] = hsum256(acc[i]) * t->scales[rb + i];
+        } else { /* g == 16 */
+            __m512 acc[16];
+            for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+            for (int64_t j = 0; j < J; j++) {
+                const __m512 xj = _mm512_loadu_ps(x + j * 16);
+                for (int64_t m = 0; m < M; m++) {
+                    const uint16_t *c = codes + (j * M + m) * R + rb;
+                    const float *cb = t->codebooks + m * K * 16;
+                    for (int i = 0; i < 16; i++)
+                        acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(cb + (int64_t)c[i] * 16), xj, acc[i]);
+                }
+            }
+            for (int i = 0; i < 16; i++) y[rb + i] = _mm512_reduce_add_ps(acc[i]) * t->scales[rb + i];
+        }
+    }
+    if (e16 < r1) qg_aq_vec_rows_scalar(t, x, NULL, y, e16, r1);
+}
+
+static void vec_rows_avx512(const qg_tensor *t, const float *x, const float *lut, float *y,
+                            int64_t r0, int64_t r1) {
+    if (t->g != 8 && t->g != 16) { qg_aq_vec_rows_scalar(t, x, lut, y, r0, r1); return; }
+    if (t->B == 8) vec_rows_k8_vbmi(t, lut, y, r0, r1);
+    else vec_rows_k16_avx512(t, x, y, r0, r1);
+}
+
+/* ---- blocked float dot on a dequantized tile: 4 tokens x 4 rows per micro-kernel ---- */
+AI void mk_4x4(const float *X, int64_t C, const float *W, float *Y, int64_t ldy, int nn, int nr) {
+    __m512 a[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int k = 0; k < 4; k++) a[i][k] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 16 <= C; c += 16) {
+        __m512 w[4], xv[4];
+        for (int k = 0; k < 4; k++) w[k] = _mm512_loadu_ps(W + (k < nr ? k : 0) * C + c);
+        for (int i = 0; i < 4; i++) xv[i] = _mm512_loadu_ps(X + (i < nn ? i : 0) * C + c);
+        for (int i = 0; i < 4; i++)
+            for (int k = 0; k < 4; k++) a[i][k] = _mm512_fmadd_ps(xv[i], w[k], a[i][k]);
+    }
+    if (c < C) {
+        const __mmask16 mk = (__mmask16)((1u << (C - c)) - 1);
+        __m512 w[4], xv[4];
+        for (int k = 0; k < 4; k++) w[k] = _mm512_maskz_loadu_ps(mk, W + (k < nr ? k : 0) * C + c);
+        for (int i = 0; i < 4; i++) xv[i] = _mm512_maskz_loadu_ps(mk, X + (i < nn ? i : 0) * C + c);
+        for (int i = 0; i < 4; i++)
+            for (int k = 0; k < 4; k++) a[i][k] = _mm512_fmadd_ps(xv[i], w[k], a[i][k]);
+    }
+    for (int i = 0; i < nn; i++)
+        for (int k = 0; k < nr; k++) Y[i * ldy + k] = _mm512_reduce_add_ps(a[i][k]);
+}
+
+static void gemm_tile_avx512(const float *X, int64_t N, int64_t C, const float *Wt, int64_t nr,
+                             float *Y, int64_t ldy) {
+    for (int64_t n = 0; n < N; n += 4) {
+        const int nn = N - n < 4 ? (int)(N - n) : 4;
+        for (int64_t r = 0; r < nr; r += 4) {
+            const int rr = nr - r < 4 ? (int)(nr - r) : 4;
+            if (nn == 4 && rr == 4) mk_4x4(X + n * C, C, Wt + r * C, Y + n * ldy + r, ldy, 4, 4);
+            else mk_4x4(X + n * C, C, Wt + r * C, Y + n * ldy + r, ldy, nn, rr);
+        }
+    }
+}
+
+const qg_type_traits qg_traits_avx512[QG_TYPE_COUNT] = {
+    [QG_TYPE_AQ] = {"aq", dequantize_rows_avx512, prep_size_avx512, prepare_vbmi,
+                    vec_rows_avx512, gemm_tile_avx512},
+    [QG_TYPE_VQ] = {"vq", 0, 0, 0, 0, 0},
+};
+
+#include "qg_target_end.h"
+#endif

@@ -1,0 +1,384 @@
+/* qgguf native core: ISA detection and dispatch, thread pool, public entry points. */
+#define _GNU_SOURCE
+#include "qg_native.h"
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <stdio.h>
+
+#if defined(QG_X86)
+#include <immintrin.h>
+#define cpu_relax() _mm_pause()
+#elif defined(__aarch64__)
+#define cpu_relax() __asm__ __volatile__("yield" ::: "memory")
+#else
+#define cpu_relax() ((void)0)
+#endif
+
+#define QG_MAX_THREADS 256
+
+/* ---------------------------------------------------------------- errors */
+static _Thread_local char g_err[256];
+const char *qg_last_error(void) { return g_err; }
+static int fail(const char *msg) {
+    snprintf(g_err, sizeof g_err, "%s", msg);
+    return -1;
+}
+
+/* ---------------------------------------------------------------- ISA */
+static const char *const isa_names[QG_ISA_COUNT] = {"scalar", "avx2", "avx512", "neon"};
+const char *qg_isa_name(int isa) {
+    return (isa >= 0 && isa < QG_ISA_COUNT) ? isa_names[isa] : "?";
+}
+
+int qg_isa_available(int isa) {
+    switch (isa) {
+    case QG_ISA_SCALAR: return 1;
+#if defined(QG_X86)
+    case QG_ISA_AVX2:
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               __builtin_cpu_supports("f16c");
+    case QG_ISA_AVX512:
+        __builtin_cpu_init();
+        return qg_isa_available(QG_ISA_AVX2) && __builtin_cpu_supports("avx512f") &&
+               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vbmi") &&
+               __builtin_cpu_supports("avx512vnni");
+#endif
+#if defined(QG_ARM64)
+    case QG_ISA_NEON: return 1;
+#endif
+    default: return 0;
+    }
+}
+
+int qg_best_isa(void) {
+    for (int isa = QG_ISA_COUNT - 1; isa > 0; isa--)
+        if (qg_isa_available(isa)) return isa;
+    return QG_ISA_SCALAR;
+}
+
+static atomic_int g_isa = -1;
+int qg_get_isa(void) {
+    int isa = atomic_load(&g_isa);
+    if (isa < 0) {
+        isa = qg_best_isa();
+        atomic_store(&g_isa, isa);
+    }
+    return isa;
+}
+int qg_set_isa(int isa) {
+    if (!qg_isa_available(isa)) return fail("ISA not available on this CPU/build");
+    atomic_store(&g_isa, isa);
+    return 0;
+}
+
+static const qg_type_traits *traits_for(int type, int isa) {
+    if (type < 0 || type >= QG_TYPE_COUNT) return NULL;
+    switch (isa) {
+    case QG_ISA_SCALAR: return &qg_traits_scalar[type];
+#if defined(QG_X86)
+    case QG_ISA_AVX2: return &qg_traits_avx2[type];
+    case QG_ISA_AVX512: return &qg_traits_avx512[type];
+#endif
+#if defined(QG_ARM64)
+    case QG_ISA_NEON: return &qg_traits_neon[type];
+#endif
+    default: return NULL;
+    }
+}
+
+int qg_has_kernel(int type, int isa) {
+    const qg_type_traits *tr = traits_for(type, isa);
+    return tr && tr->vec_rows && tr->dequantize_rows;
+}
+
+/* ---------------------------------------------------------------- thread pool
+ * Persistent workers; the caller is thread 0.  Workers spin for a short while after a job
+ * (back-to-back matvecs during decoding come every few microseconds), then sleep on a
+ * condition variable.  One parallel job at a time (g_call). */
+typedef void (*qg_task_fn)(void *arg, int ith, int nth);
+
+static pthread_mutex_t g_call = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t g_m = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_cv = PTHREAD_COND_INITIALIZER;
+static int g_nworkers = 0;
+static atomic_uint_fast64_t g_gen = 0;
+static atomic_int g_pending = 0;
+static qg_task_fn g_fn;
+static void *g_arg;
+static int g_nth;
+static long g_spin_ns = -1;
+
+static long spin_ns(void) {
+    if (g_spin_ns < 0) {
+        const char *s = getenv("QGGUF_NATIVE_SPIN_US");
+        long us = s ? atol(s) : 200;
+        g_spin_ns = us < 0 ? 0 : us * 1000;
+    }
+    return g_spin_ns;
+}
+
+static inline long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
+typedef struct { int idx; uint64_t gen; } worker_arg;
+static void *worker_main(void *p) {
+    const int idx = ((worker_arg *)p)->idx; /* this worker runs thread index idx+1 */
+    uint64_t seen = ((worker_arg *)p)->gen; /* the generation before its first job */
+    free(p);
+    for (;;) {
+        uint64_t gen = atomic_load_explicit(&g_gen, memory_order_acquire);
+        if (gen == seen) {
+            const long limit = spin_ns();
+            long t0 = now_ns();
+            for (unsigned i = 1;; i++) {
+                cpu_relax();
+                gen = atomic_load_explicit(&g_gen, memory_order_acquire);
+                if (gen != seen) break;
+                if ((i & 255) == 0 && now_ns() - t0 > limit) break;
+            }
+            if (gen == seen) {
+                pthread_mutex_lock(&g_m);
+                while ((gen = atomic_load(&g_gen)) == seen) pthread_cond_wait(&g_cv, &g_m);
+                pthread_mutex_unlock(&g_m);
+            }
+        }
+        seen = gen;
+        const int nth = g_nth;
+        if (idx + 1 < nth) {
+            g_fn(g_arg, idx + 1, nth);
+            atomic_fetch_sub_explicit(&g_pending, 1, memory_order_release);
+        }
+    }
+    return NULL;
+}
+
+static void after_fork_child(void) {
+    /* the workers do not exist in a forked child: start over */
+    g_nworkers = 0;
+    pthread_mutex_init(&g_call, NULL);
+    pthread_mutex_init(&g_m, NULL);
+    pthread_cond_init(&g_cv, NULL);
+}
+static pthread_once_t g_once = PTHREAD_ONCE_INIT;
+static void init_once(void) { pthread_atfork(NULL, NULL, after_fork_child); }
+
+/* runs fn(arg, i, nth) for i in [0, nth); returns the number of threads actually used */
+static int parallel(qg_task_fn fn, void *arg, int nth) {
+    if (nth <= 1) {
+        fn(arg, 0, 1);
+        return 1;
+    }
+    pthread_once(&g_once, init_once);
+    pthread_mutex_lock(&g_call);
+    while (g_nworkers < nth - 1) {
+        pthread_t th;
+        pthread_attr_t at;
+        pthread_attr_init(&at);
+        pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+        worker_arg *wa = malloc(sizeof *wa);
+        if (!wa) break;
+        wa->idx = g_nworkers;
+        wa->gen = atomic_load(&g_gen);
+        int rc = pthread_create(&th, &at, worker_main, wa);
+        pthread_attr_destroy(&at);
+        if (rc != 0) { free(wa); break; }
+        g_nworkers++;
+    }
+    if (nth - 1 > g_nworkers) nth = g_nworkers + 1;
+    g_fn = fn;
+    g_arg = arg;
+    g_nth = nth;
+    atomic_store(&g_pending, nth - 1);
+    pthread_mutex_lock(&g_m);
+    atomic_fetch_add_explicit(&g_gen, 1, memory_order_release);
+    pthread_cond_broadcast(&g_cv);
+    pthread_mutex_unlock(&g_m);
+    fn(arg, 0, nth);
+    for (unsigned i = 1; atomic_load_explicit(&g_pending, memory_order_acquire) > 0; i++) {
+        cpu_relax();
+        if ((i & 1023) == 0) sched_yield();
+    }
+    pthread_mutex_unlock(&g_call);
+    return nth;
+}
+
+/* spin barrier for the threads of one job */
+typedef struct {
+    atomic_int count;
+    atomic_int gen;
+} qg_barrier;
+static void barrier(qg_barrier *b, int nth) {
+    if (nth <= 1) return;
+    int gen = atomic_load_explicit(&b->gen, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&b->count, 1, memory_order_acq_rel) == nth - 1) {
+        atomic_store(&b->count, 0);
+        atomic_fetch_add_explicit(&b->gen, 1, memory_order_release);
+    } else {
+        for (unsigned i = 1; atomic_load_explicit(&b->gen, memory_order_acquire) == gen; i++) {
+            cpu_relax();
+            if ((i & 1023) == 0) sched_yield();
+        }
+    }
+}
+
+static void split(int64_t n, int64_t align, int ith, int nth, int64_t *a, int64_t *b) {
+    const int64_t nb = (n + align - 1) / align;
+    const int64_t b0 = nb * ith / nth, b1 = nb * (ith + 1) / nth;
+    *a = b0 * align < n ? b0 * align : n;
+    *b = b1 * align < n ? b1 * align : n;
+}
+
+static int clamp_threads(int nthreads, int64_t work_units) {
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > QG_MAX_THREADS) nthreads = QG_MAX_THREADS;
+    if (work_units < 1) work_units = 1;
+    if (nthreads > work_units) nthreads = (int)work_units;
+    return nthreads;
+}
+
+static const qg_type_traits *check(const qg_tensor *t) {
+    if (!t || !t->codes || !t->codebooks || !t->scales) return fail("null tensor pointer"), NULL;
+    if (t->type == QG_TYPE_AQ) {
+        if (t->B != 8 && t->B != 16) return fail("AQ: B must be 8 or 16"), NULL;
+        if (t->g < 1 || t->M < 1 || t->R < 1 || t->C < 1 || t->C % t->g)
+            return fail("AQ: bad shape"), NULL;
+        if (t->B == 8 && !t->cbT) return fail("AQ: B=8 needs the transposed codebooks"), NULL;
+    }
+    const qg_type_traits *tr = traits_for(t->type, qg_get_isa());
+    if (!tr || !tr->vec_rows) tr = traits_for(t->type, QG_ISA_SCALAR);
+    if (!tr || !tr->vec_rows) return fail("no kernel for this tensor type"), NULL;
+    return tr;
+}
+
+/* ---------------------------------------------------------------- dequantize */
+typedef struct {
+    const qg_tensor *t;
+    const qg_type_traits *tr;
+    int64_t r0, r1;
+    float *out;
+} dq_ctx;
+static void dq_task(void *p, int ith, int nth) {
+    dq_ctx *c = p;
+    int64_t a, b;
+    split(c->r1 - c->r0, 16, ith, nth, &a, &b);
+    if (b > a) c->tr->dequantize_rows(c->t, c->r0 + a, c->r0 + b, c->out + a * c->t->C);
+}
+int qg_dequantize_rows(const qg_tensor *t, int64_t r0, int64_t r1, float *out, int nthreads) {
+    const qg_type_traits *tr = check(t);
+    if (!tr) return -1;
+    if (r0 < 0 || r1 > t->R || r0 > r1 || !out) return fail("bad row range");
+    dq_ctx c = {t, tr, r0, r1, out};
+    parallel(dq_task, &c, clamp_threads(nthreads, (r1 - r0 + 15) / 16));
+    return 0;
+}
+
+/* ---------------------------------------------------------------- matvec / small-N matmul */
+typedef struct {
+    const qg_tensor *t;
+    const qg_type_traits *tr;
+    const float *X; /* N x C */
+    float *Y;       /* N x R */
+    int64_t N;
+    float *prep;    /* N x prep_size, or NULL */
+    int64_t psz;
+    qg_barrier bar;
+} mv_ctx;
+static void mv_task(void *p, int ith, int nth) {
+    mv_ctx *c = p;
+    const qg_tensor *t = c->t;
+    int64_t a, b;
+    if (c->prep) {
+        const int64_t J = t->C / t->g;
+        split(J, QG_JTILE, ith, nth, &a, &b); /* LUT blocks are QG_JTILE groups */
+        for (int64_t n = 0; n < c->N; n++)
+            if (b > a) c->tr->prepare(t, c->X + n * t->C, c->prep + n * c->psz, a, b);
+        barrier(&c->bar, nth);
+    }
+    split(t->R, QG_ROW_ALIGN, ith, nth, &a, &b);
+    if (b > a)
+        for (int64_t n = 0; n < c->N; n++)
+            c->tr->vec_rows(t, c->X + n * t->C, c->prep ? c->prep + n * c->psz : NULL,
+                            c->Y + n * t->R, a, b);
+}
+static int matvec_n(const qg_tensor *t, const qg_type_traits *tr, const float *X, int64_t N,
+                    float *Y, int nthreads) {
+    mv_ctx c;
+    memset(&c, 0, sizeof c);
+    c.t = t; c.tr = tr; c.X = X; c.Y = Y; c.N = N;
+    c.psz = tr->prep_size ? tr->prep_size(t) : 0;
+    if (c.psz > 0) {
+        c.prep = aligned_alloc(64, ((size_t)(c.psz * N) * sizeof(float) + 63) / 64 * 64);
+        if (!c.prep) return fail("out of memory (lookup table)");
+    }
+    parallel(mv_task, &c, clamp_threads(nthreads, (t->R + QG_ROW_ALIGN - 1) / QG_ROW_ALIGN));
+    free(c.prep);
+    return 0;
+}
+int qg_matvec(const qg_tensor *t, const float *x, float *y, int nthreads) {
+    const qg_type_traits *tr = check(t);
+    if (!tr) return -1;
+    if (!x || !y) return fail("null vector");
+    return matvec_n(t, tr, x, 1, y, nthreads);
+}
+
+/* ---------------------------------------------------------------- large-N matmul: tiles */
+static int g_lut_max = -1;
+int qg_matmul_lut_max(void) {
+    if (g_lut_max < 0) {
+        const char *s = getenv("QGGUF_NATIVE_LUT_MAX");
+        g_lut_max = s ? atoi(s) : 4;
+    }
+    return g_lut_max;
+}
+
+typedef struct {
+    const qg_tensor *t;
+    const qg_type_traits *tr;
+    const float *X;
+    float *Y;
+    int64_t N, tile;
+    atomic_int_fast64_t next;
+    atomic_int oom;
+} mm_ctx;
+static void mm_task(void *p, int ith, int nth) {
+    (void)ith; (void)nth;
+    mm_ctx *c = p;
+    const qg_tensor *t = c->t;
+    float *w = aligned_alloc(64, (size_t)(c->tile * t->C) * sizeof(float));
+    if (!w) { atomic_fetch_add(&c->oom, 1); return; }
+    for (;;) {
+        int64_t r0 = atomic_fetch_add(&c->next, c->tile);
+        if (r0 >= t->R) break;
+        int64_t r1 = r0 + c->tile < t->R ? r0 + c->tile : t->R;
+        c->tr->dequantize_rows(t, r0, r1, w);
+        c->tr->gemm_tile(c->X, c->N, t->C, w, r1 - r0, c->Y + r0, t->R);
+    }
+    free(w);
+}
+int qg_matmul(const qg_tensor *t, const float *X, int64_t N, float *Y, int nthreads) {
+    const qg_type_traits *tr = check(t);
+    if (!tr) return -1;
+    if (!X || !Y || N < 0) return fail("bad matmul arguments");
+    if (N == 0) return 0;
+    if (N <= qg_matmul_lut_max() || !tr->gemm_tile) return matvec_n(t, tr, X, N, Y, nthreads);
+    mm_ctx c;
+    memset(&c, 0, sizeof c);
+    c.t = t; c.tr = tr; c.X = X; c.Y = Y; c.N = N;
+    /* a tile of dequantized rows of ~256 KiB (fits L2 next to a few rows of X) */
+    int64_t tile = (65536 / t->C) / 4 * 4;
+    c.tile = tile < 4 ? 4 : tile > 64 ? 64 : tile;
+    atomic_store(&c.next, 0);
+    int used = parallel(mm_task, &c, clamp_threads(nthreads, (t->R + c.tile - 1) / c.tile));
+    /* a thread that could not get its tile leaves the rows to the others */
+    if (atomic_load(&c.oom) >= used) return fail("out of memory (matmul tile)");
+    return 0;
+}

@@ -1,0 +1,103 @@
+/* qgguf native kernels: shared declarations.
+ *
+ * Layout of the tensor types the kernels read (see qgguf.native for the Python side):
+ *
+ * AQ (additive multi-codebook quantization, AQLM-style). A weight W of R output rows and
+ * C input columns; group size g divides C; M codebooks of 2^B entries of g values; scale s[r].
+ *   W[r, j*g:(j+1)*g] = s[r] * sum_m codebook[m][codes[j][m][r]][0:g]
+ *   codes      uint8 (B=8) or uint16 (B=16), [C/g][M][R]  (R fastest)
+ *   codebooks  float32 [M][2^B][g]     (converted from float16 once, at tensor creation)
+ *   cbT        float32 [M][g][2^B]     (B=8 only: transposed copy used to build lookup tables)
+ *   scales     float32 [R]
+ *
+ * Dequantization is defined bit-exactly in float32 as
+ *   acc = cb[0][c0][d]; acc += cb[1][c1][d]; ...; out = acc * s[r]
+ * and every ISA path produces exactly those values (no FMA contraction in dequantization).
+ */
+#ifndef QG_NATIVE_H
+#define QG_NATIVE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* ---- public tensor descriptor (also declared for cffi in _build.py; keep in sync) ---- */
+typedef struct qg_tensor {
+    int32_t type;       /* QG_TYPE_* */
+    int32_t M;          /* number of codebooks */
+    int32_t B;          /* bits per code: 8 or 16 */
+    int32_t g;          /* group size (values per codebook entry) */
+    int64_t R;          /* output rows */
+    int64_t C;          /* input columns */
+    const void *codes;  /* [C/g][M][R] uint8 or uint16 */
+    const float *codebooks; /* [M][2^B][g] */
+    const float *cbT;   /* [M][g][2^B] (B=8), else NULL */
+    const float *scales;/* [R] */
+    const void *aux0;   /* reserved for VQ (outliers, residual codebooks, ...) */
+    const void *aux1;
+    int64_t iparam[8];  /* reserved for VQ (index bit width, ...) */
+} qg_tensor;
+
+enum { QG_TYPE_AQ = 0, QG_TYPE_VQ = 1, QG_TYPE_COUNT = 2 };
+enum { QG_ISA_SCALAR = 0, QG_ISA_AVX2 = 1, QG_ISA_AVX512 = 2, QG_ISA_NEON = 3, QG_ISA_COUNT = 4 };
+
+/* ---- type traits: one entry per (type, ISA) ----
+ * Kernels work on a row range [r0, r1) on the calling thread; the core (qg_core.c) splits the
+ * work over threads.  prepare() turns an input vector into whatever the row kernel reads
+ * (for AQ Kx8: the lookup table LUT[j][m][256] for groups [j0, j1)). */
+typedef struct qg_type_traits {
+    const char *name;
+    /* out: (r1-r0) x C float32, row-major */
+    void (*dequantize_rows)(const qg_tensor *t, int64_t r0, int64_t r1, float *out);
+    /* floats of scratch a prepared input needs (0: the row kernel reads x itself) */
+    int64_t (*prep_size)(const qg_tensor *t);
+    /* fills prep for input groups [j0, j1) */
+    void (*prepare)(const qg_tensor *t, const float *x, float *prep, int64_t j0, int64_t j1);
+    /* y[r] for r in [r0, r1); prep from prepare() (or NULL if prep_size is 0) */
+    void (*vec_rows)(const qg_tensor *t, const float *x, const float *prep, float *y,
+                     int64_t r0, int64_t r1);
+    /* blocked float dot: Y[n][r] = sum_c X[n][c] * Wt[r-r0][c] for n < N, r in [r0, r1);
+       Wt is a dequantized tile; ldy = row stride of Y. Shared by all types. */
+    void (*gemm_tile)(const float *X, int64_t N, int64_t C, const float *Wt, int64_t nr,
+                      float *Y, int64_t ldy);
+} qg_type_traits;
+
+/* per-ISA tables, NULL entries where a type has no kernel on that ISA */
+extern const qg_type_traits qg_traits_scalar[QG_TYPE_COUNT];
+#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64)
+#define QG_X86 1
+extern const qg_type_traits qg_traits_avx2[QG_TYPE_COUNT];
+extern const qg_type_traits qg_traits_avx512[QG_TYPE_COUNT];
+#endif
+#if defined(__aarch64__)
+#define QG_ARM64 1
+extern const qg_type_traits qg_traits_neon[QG_TYPE_COUNT];
+#endif
+
+/* scalar helpers reused by the SIMD files for tails and rarely used configurations */
+void qg_aq_dequantize_rows_scalar(const qg_tensor *t, int64_t r0, int64_t r1, float *out);
+int64_t qg_aq_prep_size(const qg_tensor *t);
+void qg_aq_prepare_scalar(const qg_tensor *t, const float *x, float *lut, int64_t j0, int64_t j1);
+void qg_aq_vec_rows_scalar(const qg_tensor *t, const float *x, const float *lut, float *y,
+                           int64_t r0, int64_t r1);
+void qg_gemm_tile_scalar(const float *X, int64_t N, int64_t C, const float *Wt, int64_t nr,
+                         float *Y, int64_t ldy);
+
+/* row-block size the kernels like their ranges aligned to */
+#define QG_ROW_ALIGN 64
+/* input groups per LUT tile in the Kx8 row kernels (LUT tile = QG_JTILE * M KiB) */
+#define QG_JTILE 16
+
+/* ---- public API (declared for cffi in _build.py) ---- */
+int qg_isa_available(int isa);
+int qg_best_isa(void);
+int qg_get_isa(void);
+int qg_set_isa(int isa);         /* returns 0 or -1 if unavailable */
+const char *qg_isa_name(int isa);
+int qg_has_kernel(int type, int isa);
+int qg_dequantize_rows(const qg_tensor *t, int64_t r0, int64_t r1, float *out, int nthreads);
+int qg_matvec(const qg_tensor *t, const float *x, float *y, int nthreads);
+int qg_matmul(const qg_tensor *t, const float *X, int64_t N, float *Y, int nthreads);
+int qg_matmul_lut_max(void);
+const char *qg_last_error(void);
+
+#endif
