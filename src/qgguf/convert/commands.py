@@ -11,7 +11,9 @@ def add_parsers(sub) -> None:
                                    "to a quantized GGUF that stock llama.cpp loads.")
     p.add_argument("src", help="GGUF file, Hugging Face model folder, or alias (smollm2-135m)")
     p.add_argument("-o", "--out", help="output file (default: NAME-TYPE.gguf next to SRC, or ./ for an alias)")
-    p.add_argument("--method", default="rtn", help="rtn (default) or imatrix")
+    p.add_argument("--method", default="rtn",
+                   help="rtn (default), imatrix, gptq, quantease or autoround (the last three calibrate block by "
+                        "block; see the method options below)")
     p.add_argument("--type", default="Q8_0",
                    help="llama.cpp file type (F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q2_K_S Q3_K_S Q3_K_M "
                         "Q3_K_L Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K) or a bare tensor type (Q4_K, IQ4_NL, ...)")
@@ -20,12 +22,31 @@ def add_parsers(sub) -> None:
     p.add_argument("--pure", action="store_true", help="no mixing rules: every quantized tensor in --type")
     p.add_argument("--token-embedding-type", metavar="T")
     p.add_argument("--output-tensor-type", metavar="T")
-    p.add_argument("--calib", metavar="FILE", help="calibration text or JSONL ('self': sample from the model)")
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--calib", metavar="FILE|NAME|self",
+                   help="calibration text or JSONL file, a Hugging Face dataset name (needs 'datasets' and network), "
+                        "or 'self' (sample from the model; the default)")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration sequences (default 128; autoround: recipe)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per sequence (default 512; autoround: recipe)")
     p.add_argument("--imatrix", metavar="FILE", help="use this importance matrix (llama.cpp GGUF or .dat)")
     p.add_argument("--imatrix-out", metavar="FILE", help="save the collected importance matrix (GGUF format)")
     p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("method options (block methods: gptq, quantease, autoround)")
+    g.add_argument("--damp", type=float, help="gptq: Hessian damping, fraction of the mean diagonal (0.01)")
+    g.add_argument("--actorder", action="store_true", default=None,
+                   help="gptq: process columns by decreasing activation energy")
+    g.add_argument("--passes", type=int, help="quantease: coordinate-descent passes (20)")
+    g.add_argument("--init", choices=["rtn", "gptq"], help="quantease: start point (rtn)")
+    g.add_argument("--outliers", type=float, metavar="FRAC",
+                   help="quantease: keep this fraction of weights as sparse float16 outliers (e.g. 0.01); "
+                        "the file then needs the qgguf runner")
+    g.add_argument("--iters", type=int, help="autoround: optimisation steps per block")
+    g.add_argument("--lr", type=float, help="autoround: learning rate (default 1/iters)")
+    g.add_argument("--recipe", choices=["default", "light", "best"], help="autoround: preset of iters/samples")
+    g.add_argument("--batch-size", type=int, help="autoround: samples per optimisation step")
+    g.add_argument("-O", "--method-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other option of the method (repeatable), e.g. -O blocksize=256")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted block-method run from OUT.qgguf-resume/")
     p.add_argument("-t", "--threads", type=int)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -37,13 +58,42 @@ def add_parsers(sub) -> None:
     i.set_defaults(func=_inspect)
 
 
+_OPTION_ARGS = ("damp", "actorder", "passes", "init", "outliers", "iters", "lr", "recipe", "batch_size")
+
+
+def _value(text: str):
+    t = text.strip()
+    if t.lower() in ("true", "yes", "on"):
+        return True
+    if t.lower() in ("false", "no", "off"):
+        return False
+    for conv in (int, float):
+        try:
+            return conv(t)
+        except ValueError:
+            pass
+    return t
+
+
+def method_options(args: argparse.Namespace) -> dict:
+    from ..errors import OptionError
+    opts = {k: getattr(args, k) for k in _OPTION_ARGS if getattr(args, k, None) is not None}
+    for item in args.method_option or []:
+        key, eq, val = item.partition("=")
+        if not eq or not key.strip():
+            raise OptionError(f"--method-option wants KEY=VALUE, got {item!r}")
+        opts[key.strip().replace("-", "_")] = _value(val)
+    return opts
+
+
 def _convert(args: argparse.Namespace) -> int:
     from .pipeline import convert
     rep = convert(args.src, args.out, method=args.method, type=args.type, tensor_types=args.tensor_type,
                   pure=args.pure, token_embedding_type=args.token_embedding_type,
                   output_tensor_type=args.output_tensor_type, calib=args.calib, nsamples=args.nsamples,
                   seqlen=args.seqlen, imatrix=args.imatrix, imatrix_out=args.imatrix_out, seed=args.seed,
-                  threads=args.threads, progress=not args.quiet and sys.stderr.isatty())
+                  threads=args.threads, progress=not args.quiet and sys.stderr.isatty(),
+                  method_options=method_options(args), resume=args.resume)
     if args.json:
         import json
         print(json.dumps(rep.to_dict(), indent=1))
@@ -53,7 +103,22 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .inspect import format_table, inspect_file, to_json
-    info = inspect_file(args.file)
-    print(to_json(info) if args.json else format_table(info))
+    from . import inspect as insp
+    from .writer import outlier_rows
+    if outlier_rows not in insp.ROW_PROVIDERS:
+        insp.register_rows(outlier_rows)
+    info = insp.inspect_file(args.file)
+    if args.json:
+        print(insp.to_json(info))
+        return 0
+    print(insp.format_table(info))
+    sparse = [r for r in info["tensors"] if r.get("outliers")]
+    if sparse:
+        print(f"qgguf extensions (qgguf.version {info['metadata'].get('qgguf.version')}): sparse outliers in "
+              f"{len(sparse)} tensors, {sum(r['outliers'] for r in sparse):,} values (NAME.outlier_idx I32 + "
+              "NAME.outlier_val F16, counted in the bytes above)")
+        for r in sparse:
+            print(f"  {r['name']:<32} {r['outliers']:>8,} outliers ({100.0 * r['outliers'] / max(1, r['params']):.2f}%)")
+        print("NOTE: this file needs the qgguf runner (qgguf run / eval / chat, qgguf.load); "
+              "stock llama.cpp will not load it")
     return 0

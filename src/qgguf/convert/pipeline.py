@@ -112,7 +112,7 @@ def _check_finite(name: str, w: np.ndarray, source: ModelSource) -> None:
 
 def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types=(), pure: bool = False,
             token_embedding_type: str | None = None, output_tensor_type: str | None = None, calib=None,
-            nsamples: int = 128, seqlen: int = 512, imatrix=None, imatrix_out=None, seed: int = 0,
+            nsamples: int | None = None, seqlen: int | None = None, imatrix=None, imatrix_out=None, seed: int = 0,
             threads: int | None = None, progress: bool = True, method_options: dict | None = None,
             resume: bool = False) -> ConvertReport:
     """Convert ``src`` (GGUF file, Hugging Face folder or alias) to a GGUF at ``out``.
@@ -120,7 +120,9 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
     ``method_options``: options of the method (``damp``, ``actorder``, ``passes``, ``init``, ``outliers``,
     ``iters``, ``lr``, ``recipe``, ``batch_size``, ...), passed to its constructor and kept in
     ``ctx.options``. Block methods (GPTQ, QuantEase, AutoRound) checkpoint each finished block in
-    ``OUT.qgguf-resume/``; ``resume=True`` continues from there."""
+    ``OUT.qgguf-resume/``; ``resume=True`` continues from there. ``nsamples``/``seqlen`` default to the
+    method's own preference (its ``nsamples``/``seqlen`` attributes, e.g. an AutoRound recipe's), else
+    128 x 512."""
     from ..quantize.base import QuantContext, get_method, is_blockwise
 
     t0 = time.perf_counter()
@@ -136,6 +138,8 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
     m = get_method(method, calib=calib, nsamples=nsamples, seqlen=seqlen, imatrix=imatrix, imatrix_out=imatrix_out,
                    **opts)
     blockwise = is_blockwise(m)
+    nsamples = int(nsamples or getattr(m, "nsamples", None) or 128)
+    seqlen = int(seqlen or getattr(m, "seqlen", None) or 512)
     if imatrix_out and (not m.needs_calibration or blockwise):
         raise OptionError(f"--imatrix-out needs --method imatrix (method {method} collects no importance matrix)")
     if resume and not blockwise:

@@ -161,3 +161,31 @@ def write_outliers(of: OutputFile, name: str, idx: np.ndarray, vals: np.ndarray)
     of.write_tensor(name + OUTLIER_IDX, idx)
     of.write_tensor(name + OUTLIER_VAL, vals)
     return int(idx.nbytes + vals.nbytes)
+
+
+def outlier_rows(g) -> list[dict] | None:
+    """``qgguf inspect`` rows for a file with sparse outliers (None: the file has none): each dense tensor
+    with companions gets ``outliers`` (count) and its bytes include the companions, which get no row."""
+    if g.get("qgguf.version") is None:
+        return None
+    from gguf import GGMLQuantizationType
+    by = {t.name: t for t in g.tensors}
+    comp = {n for n in by if n.endswith((OUTLIER_IDX, OUTLIER_VAL)) and
+            n.rsplit(".", 1)[0] in by}
+    if not comp:
+        return None
+    rows = []
+    for t in g.tensors:
+        if t.name in comp:
+            continue
+        n = int(np.prod(t.ne)) if t.ne else 1
+        nb = int(t.nbytes)
+        row = {"name": t.name, "type": GGMLQuantizationType(t.ggml_type).name, "shape": list(t.ne), "params": n}
+        if t.name + OUTLIER_IDX in by:
+            k = int(np.prod(by[t.name + OUTLIER_IDX].ne))
+            nb += int(by[t.name + OUTLIER_IDX].nbytes) + int(by[t.name + OUTLIER_VAL].nbytes)
+            row["outliers"] = k
+        row["bytes"] = nb
+        row["bpw"] = 8.0 * nb / max(1, n)
+        rows.append(row)
+    return rows

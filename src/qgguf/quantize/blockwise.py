@@ -292,8 +292,9 @@ class BlockMethod(Method):
     name = "block"
     needs_calibration = True
     blockwise = True
-    #: the method wants ``block.x_fp`` (inputs through the original model)
-    needs_fp_inputs = False
+    #: the method wants ``block.x_fp`` (inputs through the original model; one more activation set and
+    #: one more block forward per block). Methods that only use :meth:`quantize_linear` can set False.
+    needs_fp_inputs = True
 
     def __init__(self, calib=None, nsamples: int = 128, seqlen: int = 512, **options):
         self.calib, self.nsamples, self.seqlen = calib, nsamples, seqlen
@@ -315,6 +316,8 @@ class BlockMethod(Method):
 class GramAdapter(BlockMethod):
     """A per-tensor :class:`Method` that reads ``ctx.grams[name]`` (GPTQ, QuantEase) run block by block
     with true-sequential Gram matrices."""
+
+    needs_fp_inputs = False
 
     def __init__(self, inner: Method):
         self.inner = inner

@@ -169,8 +169,8 @@ class IMatrix(Method):
     name = "imatrix"
     needs_calibration = True
 
-    def __init__(self, calib=None, nsamples: int = 128, seqlen: int = 512, imatrix=None, imatrix_out=None, **_):
-        self.calib, self.nsamples, self.seqlen = calib, nsamples, seqlen
+    def __init__(self, calib=None, nsamples: int | None = 128, seqlen: int | None = 512, imatrix=None, imatrix_out=None, **_):
+        self.calib, self.nsamples, self.seqlen = calib, int(nsamples or 128), int(seqlen or 512)
         self.imatrix_file, self.imatrix_out = imatrix, imatrix_out
         self.data: IMatrixData | None = None
 
