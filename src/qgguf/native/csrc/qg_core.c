@@ -98,17 +98,21 @@ int qg_has_kernel(int type, int isa) {
 }
 
 /* ---------------------------------------------------------------- thread pool
- * Persistent workers; the caller is thread 0.  Workers spin for a short while after a job
- * (back-to-back matvecs during decoding come every few microseconds), then sleep on a
- * condition variable.  One parallel job at a time (g_call). */
+ * Persistent workers; the caller is thread 0 and does its share whatever the workers do.
+ * Tasks claim their work in chunks from atomic counters, so a worker that the OS schedules late
+ * (a busy laptop, a shared machine) costs nothing: the caller does the work, and the job is
+ * closed when the caller finishes, after which late workers skip it.  Workers spin for
+ * QGGUF_NATIVE_SPIN_US microseconds (default 50) after a job, then sleep on a condition
+ * variable.  One parallel job at a time (g_call). */
 typedef void (*qg_task_fn)(void *arg, int ith, int nth);
 
+#define JOB_CLOSED (1 << 30)
 static pthread_mutex_t g_call = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t g_m = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t g_cv = PTHREAD_COND_INITIALIZER;
 static int g_nworkers = 0;
 static atomic_uint_fast64_t g_gen = 0;
-static atomic_int g_pending = 0;
+static atomic_int g_state = JOB_CLOSED; /* JOB_CLOSED bit | number of workers inside the job */
 static qg_task_fn g_fn;
 static void *g_arg;
 static int g_nth;
@@ -117,7 +121,7 @@ static long g_spin_ns = -1;
 static long spin_ns(void) {
     if (g_spin_ns < 0) {
         const char *s = getenv("QGGUF_NATIVE_SPIN_US");
-        long us = s ? atol(s) : 200;
+        long us = s ? atol(s) : 50;
         g_spin_ns = us < 0 ? 0 : us * 1000;
     }
     return g_spin_ns;
@@ -139,7 +143,7 @@ static void *worker_main(void *p) {
         if (gen == seen) {
             const long limit = spin_ns();
             long t0 = now_ns();
-            for (unsigned i = 1;; i++) {
+            for (unsigned i = 1; limit > 0; i++) {
                 cpu_relax();
                 gen = atomic_load_explicit(&g_gen, memory_order_acquire);
                 if (gen != seen) break;
@@ -152,11 +156,16 @@ static void *worker_main(void *p) {
             }
         }
         seen = gen;
-        const int nth = g_nth;
-        if (idx + 1 < nth) {
-            g_fn(g_arg, idx + 1, nth);
-            atomic_fetch_sub_explicit(&g_pending, 1, memory_order_release);
+        /* join the job unless the caller already closed it */
+        int s = atomic_load_explicit(&g_state, memory_order_acquire);
+        while (!(s & JOB_CLOSED) &&
+               !atomic_compare_exchange_weak_explicit(&g_state, &s, s + 1, memory_order_acq_rel,
+                                                      memory_order_acquire)) {
         }
+        if (s & JOB_CLOSED) continue;
+        const int nth = g_nth;
+        if (idx + 1 < nth) g_fn(g_arg, idx + 1, nth);
+        atomic_fetch_sub_explicit(&g_state, 1, memory_order_release);
     }
     return NULL;
 }
@@ -164,6 +173,7 @@ static void *worker_main(void *p) {
 static void after_fork_child(void) {
     /* the workers do not exist in a forked child: start over */
     g_nworkers = 0;
+    atomic_store(&g_state, JOB_CLOSED);
     pthread_mutex_init(&g_call, NULL);
     pthread_mutex_init(&g_m, NULL);
     pthread_cond_init(&g_cv, NULL);
@@ -171,11 +181,12 @@ static void after_fork_child(void) {
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 static void init_once(void) { pthread_atfork(NULL, NULL, after_fork_child); }
 
-/* runs fn(arg, i, nth) for i in [0, nth); returns the number of threads actually used */
-static int parallel(qg_task_fn fn, void *arg, int nth) {
+/* runs fn(arg, i, nth) on up to nth threads (the caller always; workers if they come in time).
+ * fn must claim its work dynamically and tolerate being entered by fewer threads. */
+static void parallel(qg_task_fn fn, void *arg, int nth) {
     if (nth <= 1) {
         fn(arg, 0, 1);
-        return 1;
+        return;
     }
     pthread_once(&g_once, init_once);
     pthread_mutex_lock(&g_call);
@@ -197,44 +208,34 @@ static int parallel(qg_task_fn fn, void *arg, int nth) {
     g_fn = fn;
     g_arg = arg;
     g_nth = nth;
-    atomic_store(&g_pending, nth - 1);
+    atomic_store_explicit(&g_state, 0, memory_order_release); /* open */
     pthread_mutex_lock(&g_m);
     atomic_fetch_add_explicit(&g_gen, 1, memory_order_release);
     pthread_cond_broadcast(&g_cv);
     pthread_mutex_unlock(&g_m);
     fn(arg, 0, nth);
-    for (unsigned i = 1; atomic_load_explicit(&g_pending, memory_order_acquire) > 0; i++) {
+    atomic_fetch_or_explicit(&g_state, JOB_CLOSED, memory_order_acq_rel);
+    for (unsigned i = 1; atomic_load_explicit(&g_state, memory_order_acquire) != JOB_CLOSED; i++) {
         cpu_relax();
         if ((i & 1023) == 0) sched_yield();
     }
     pthread_mutex_unlock(&g_call);
-    return nth;
 }
 
-/* spin barrier for the threads of one job */
-typedef struct {
-    atomic_int count;
-    atomic_int gen;
-} qg_barrier;
-static void barrier(qg_barrier *b, int nth) {
-    if (nth <= 1) return;
-    int gen = atomic_load_explicit(&b->gen, memory_order_acquire);
-    if (atomic_fetch_add_explicit(&b->count, 1, memory_order_acq_rel) == nth - 1) {
-        atomic_store(&b->count, 0);
-        atomic_fetch_add_explicit(&b->gen, 1, memory_order_release);
-    } else {
-        for (unsigned i = 1; atomic_load_explicit(&b->gen, memory_order_acquire) == gen; i++) {
-            cpu_relax();
-            if ((i & 1023) == 0) sched_yield();
-        }
+static void spin_until(atomic_int_fast64_t *v, int64_t target) {
+    for (unsigned i = 1; atomic_load_explicit(v, memory_order_acquire) < target; i++) {
+        cpu_relax();
+        if ((i & 1023) == 0) sched_yield();
     }
 }
 
-static void split(int64_t n, int64_t align, int ith, int nth, int64_t *a, int64_t *b) {
-    const int64_t nb = (n + align - 1) / align;
-    const int64_t b0 = nb * ith / nth, b1 = nb * (ith + 1) / nth;
-    *a = b0 * align < n ? b0 * align : n;
-    *b = b1 * align < n ? b1 * align : n;
+/* rows per dynamically claimed chunk: ~4 chunks per thread, multiple of align */
+static int64_t chunk_rows(int64_t R, int nth, int64_t align, int64_t maxc) {
+    int64_t c = R / (4 * (int64_t)nth);
+    c = (c + align - 1) / align * align;
+    if (c < align) c = align;
+    if (c > maxc) c = maxc;
+    return c;
 }
 
 static int clamp_threads(int nthreads, int64_t work_units) {
@@ -263,21 +264,31 @@ static const qg_type_traits *check(const qg_tensor *t) {
 typedef struct {
     const qg_tensor *t;
     const qg_type_traits *tr;
-    int64_t r0, r1;
+    int64_t r0, r1, chunk;
     float *out;
+    atomic_int_fast64_t next;
 } dq_ctx;
 static void dq_task(void *p, int ith, int nth) {
+    (void)ith; (void)nth;
     dq_ctx *c = p;
-    int64_t a, b;
-    split(c->r1 - c->r0, 16, ith, nth, &a, &b);
-    if (b > a) c->tr->dequantize_rows(c->t, c->r0 + a, c->r0 + b, c->out + a * c->t->C);
+    for (;;) {
+        const int64_t a = atomic_fetch_add(&c->next, c->chunk);
+        if (a >= c->r1 - c->r0) break;
+        const int64_t b = a + c->chunk < c->r1 - c->r0 ? a + c->chunk : c->r1 - c->r0;
+        c->tr->dequantize_rows(c->t, c->r0 + a, c->r0 + b, c->out + a * c->t->C);
+    }
 }
 int qg_dequantize_rows(const qg_tensor *t, int64_t r0, int64_t r1, float *out, int nthreads) {
     const qg_type_traits *tr = check(t);
     if (!tr) return -1;
     if (r0 < 0 || r1 > t->R || r0 > r1 || !out) return fail("bad row range");
-    dq_ctx c = {t, tr, r0, r1, out};
-    parallel(dq_task, &c, clamp_threads(nthreads, (r1 - r0 + 15) / 16));
+    dq_ctx c;
+    memset(&c, 0, sizeof c);
+    c.t = t; c.tr = tr; c.r0 = r0; c.r1 = r1; c.out = out;
+    const int nth = clamp_threads(nthreads, (r1 - r0 + 15) / 16);
+    c.chunk = chunk_rows(r1 - r0, nth, 16, 256);
+    atomic_store(&c.next, 0);
+    parallel(dq_task, &c, nth);
     return 0;
 }
 
@@ -289,25 +300,33 @@ typedef struct {
     float *Y;       /* N x R */
     int64_t N;
     float *prep;    /* N x prep_size, or NULL */
-    int64_t psz;
-    qg_barrier bar;
+    int64_t psz, nblk, chunk;
+    atomic_int_fast64_t prep_next, prep_done, row_next;
 } mv_ctx;
 static void mv_task(void *p, int ith, int nth) {
+    (void)ith; (void)nth;
     mv_ctx *c = p;
     const qg_tensor *t = c->t;
-    int64_t a, b;
     if (c->prep) {
-        const int64_t J = t->C / t->g;
-        split(J, QG_JTILE, ith, nth, &a, &b); /* LUT blocks are QG_JTILE groups */
-        for (int64_t n = 0; n < c->N; n++)
-            if (b > a) c->tr->prepare(t, c->X + n * t->C, c->prep + n * c->psz, a, b);
-        barrier(&c->bar, nth);
+        const int64_t J = t->C / t->g, total = c->nblk * c->N;
+        for (;;) {
+            const int64_t b = atomic_fetch_add(&c->prep_next, 1);
+            if (b >= total) break;
+            const int64_t n = b / c->nblk, j0 = (b % c->nblk) * QG_JTILE;
+            const int64_t j1 = j0 + QG_JTILE < J ? j0 + QG_JTILE : J;
+            c->tr->prepare(t, c->X + n * t->C, c->prep + n * c->psz, j0, j1);
+            atomic_fetch_add_explicit(&c->prep_done, 1, memory_order_release);
+        }
+        spin_until(&c->prep_done, total);
     }
-    split(t->R, QG_ROW_ALIGN, ith, nth, &a, &b);
-    if (b > a)
+    for (;;) {
+        const int64_t a = atomic_fetch_add(&c->row_next, c->chunk);
+        if (a >= t->R) break;
+        const int64_t b = a + c->chunk < t->R ? a + c->chunk : t->R;
         for (int64_t n = 0; n < c->N; n++)
             c->tr->vec_rows(t, c->X + n * t->C, c->prep ? c->prep + n * c->psz : NULL,
                             c->Y + n * t->R, a, b);
+    }
 }
 static int matvec_n(const qg_tensor *t, const qg_type_traits *tr, const float *X, int64_t N,
                     float *Y, int nthreads) {
@@ -315,11 +334,17 @@ static int matvec_n(const qg_tensor *t, const qg_type_traits *tr, const float *X
     memset(&c, 0, sizeof c);
     c.t = t; c.tr = tr; c.X = X; c.Y = Y; c.N = N;
     c.psz = tr->prep_size ? tr->prep_size(t) : 0;
+    c.nblk = (t->C / t->g + QG_JTILE - 1) / QG_JTILE;
     if (c.psz > 0) {
         c.prep = aligned_alloc(64, ((size_t)(c.psz * N) * sizeof(float) + 63) / 64 * 64);
         if (!c.prep) return fail("out of memory (lookup table)");
     }
-    parallel(mv_task, &c, clamp_threads(nthreads, (t->R + QG_ROW_ALIGN - 1) / QG_ROW_ALIGN));
+    const int nth = clamp_threads(nthreads, (t->R + QG_ROW_ALIGN - 1) / QG_ROW_ALIGN);
+    c.chunk = chunk_rows(t->R, nth, QG_ROW_ALIGN, 1024);
+    atomic_store(&c.prep_next, 0);
+    atomic_store(&c.prep_done, 0);
+    atomic_store(&c.row_next, 0);
+    parallel(mv_task, &c, nth);
     free(c.prep);
     return 0;
 }
@@ -347,14 +372,13 @@ typedef struct {
     float *Y;
     int64_t N, tile;
     atomic_int_fast64_t next;
-    atomic_int oom;
 } mm_ctx;
 static void mm_task(void *p, int ith, int nth) {
     (void)ith; (void)nth;
     mm_ctx *c = p;
     const qg_tensor *t = c->t;
     float *w = aligned_alloc(64, (size_t)(c->tile * t->C) * sizeof(float));
-    if (!w) { atomic_fetch_add(&c->oom, 1); return; }
+    if (!w) return;
     for (;;) {
         int64_t r0 = atomic_fetch_add(&c->next, c->tile);
         if (r0 >= t->R) break;
@@ -377,8 +401,8 @@ int qg_matmul(const qg_tensor *t, const float *X, int64_t N, float *Y, int nthre
     int64_t tile = (65536 / t->C) / 4 * 4;
     c.tile = tile < 4 ? 4 : tile > 64 ? 64 : tile;
     atomic_store(&c.next, 0);
-    int used = parallel(mm_task, &c, clamp_threads(nthreads, (t->R + c.tile - 1) / c.tile));
+    parallel(mm_task, &c, clamp_threads(nthreads, (t->R + c.tile - 1) / c.tile));
     /* a thread that could not get its tile leaves the rows to the others */
-    if (atomic_load(&c.oom) >= used) return fail("out of memory (matmul tile)");
+    if (atomic_load(&c.next) < t->R) return fail("out of memory (matmul tile)");
     return 0;
 }
