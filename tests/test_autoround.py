@@ -266,3 +266,27 @@ def test_recipes():
     m = AutoRound(recipe="best", iters=7)
     assert m.recipe.iters == 7 and m.nsamples == RECIPES["best"].nsamples
     assert "autoround" in m.describe()
+
+
+# ------------------------------------------------------------------------------------------------
+# through the block pipeline
+# ------------------------------------------------------------------------------------------------
+C4 = Path("/work/shared/data/c4-sample-1000.jsonl")
+
+
+@pytest.mark.skipif(not (STORIES.is_file() and C4.is_file()), reason="shared test data not available")
+def test_convert_end_to_end(tmp_path):
+    from qgguf.convert.pipeline import convert
+    from qgguf.runtime.model import LlamaModel
+    out = tmp_path / "ar.gguf"
+    opts = {"recipe": "light", "iters": 8, "batch_size": 2}
+    rep = convert(STORIES, out, method="autoround", type="Q4_0", calib=C4, nsamples=8, seqlen=64,
+                  progress=False, method_options=opts)
+    assert "autoround" in rep.method
+    m = LlamaModel.from_gguf(out)
+    assert torch.isfinite(m.logits([1, 2, 3, 4])).all()
+    # same settings, same bytes
+    out2 = tmp_path / "ar2.gguf"
+    convert(STORIES, out2, method="autoround", type="Q4_0", calib=C4, nsamples=8, seqlen=64, progress=False,
+            method_options=opts)
+    assert out.read_bytes() == out2.read_bytes()

@@ -342,6 +342,7 @@ class BlockResult:
     chosen: str = "tuned"
     best_iter: int = -1
     seconds: float = 0.0
+    y: torch.Tensor | None = None             # the block's output on x_q with the chosen weights
 
 
 def _chunks(n: int, bs: int):
@@ -357,14 +358,16 @@ def _default_forward():
 def autoround_block(hp, weights: Mapping[str, np.ndarray], qtypes: Mapping[str, Any], x_q, x_fp,
                     importance: Mapping[str, np.ndarray] | None = None, recipe: Recipe | None = None,
                     forward: Callable | None = None, log: Callable[[str], None] | None = None,
-                    rope=None) -> BlockResult:
+                    rope=None, eval_chunk: int | None = None) -> BlockResult:
     """AutoRound of one transformer block.
 
     ``weights``: float32 by short key (norms and linears, (out, in)); ``qtypes``: output type per linear
     short key; ``x_q`` / ``x_fp``: (nsamples, seqlen, n_embd) inputs from the quantized / float model;
     ``importance``: llama.cpp importance vectors per linear short key (the start point's search weights).
     ``forward(hp, w, x)``: the block's float32 forward (default :func:`qgguf.runtime.model.block_forward`);
-    ``rope``: its (cos, sin) tables when the model needs them (passed on as ``forward(..., rope=rope)``)."""
+    ``rope``: its (cos, sin) tables when the model needs them (passed on as ``forward(..., rope=rope)``);
+    ``eval_chunk``: samples per forward pass of the whole-set evaluations (default ``batch_size``); the
+    chosen result's block output on ``x_q`` is returned in ``BlockResult.y``."""
     t0 = time.perf_counter()
     r = recipe or RECIPES["default"]
     fwd0 = forward or _default_forward()
@@ -378,6 +381,7 @@ def autoround_block(hp, weights: Mapping[str, np.ndarray], qtypes: Mapping[str, 
         raise QggufError(f"autoround: x_q {tuple(x_q.shape)} and x_fp {tuple(x_fp.shape)} must be equal 3-D shapes")
     N = x_q.shape[0]
     bs = max(1, min(r.batch_size, N))
+    ec = max(1, int(eval_chunk or bs))
 
     fixed: dict[str, torch.Tensor] = {}
     tuners: dict[str, TypeQuantizer] = {}
@@ -414,15 +418,19 @@ def autoround_block(hp, weights: Mapping[str, np.ndarray], qtypes: Mapping[str, 
 
     # targets: the float block on the float inputs
     with torch.no_grad():
-        y_fp = torch.cat([fwd(hp, w_fp, x_fp[sl]) for sl in _chunks(N, bs)], 0)
+        y_fp = torch.cat([fwd(hp, {**w_fp, **fixed}, x_fp[sl]) for sl in _chunks(N, ec)], 0)
 
-    def per_sample_sse(wd: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def per_sample_sse(wd: Mapping[str, torch.Tensor], keep: bool = False):
         out = []
+        ys = []
         with torch.no_grad():
-            for sl in _chunks(N, bs):
+            for sl in _chunks(N, ec):
                 y = fwd(hp, wd, x_q[sl])
                 out.append(((y - y_fp[sl]) ** 2).flatten(1).sum(1).to(torch.float64))
-        return torch.cat(out)
+                if keep:
+                    ys.append(y)
+        sse = torch.cat(out)
+        return (sse, torch.cat(ys, 0)) if keep else sse
 
     numel = y_fp[0].numel()
     params = {k: t.init_params(r.enable_minmax, r.tune_super) for k, t in tuners.items()}
@@ -483,20 +491,25 @@ def autoround_block(hp, weights: Mapping[str, np.ndarray], qtypes: Mapping[str, 
         if len(rtn_w) == len(tuners):
             cands["rtn"] = (rtn_packed, rtn_w)
     losses = {}
+    outs = {}
     for name, (_, wd) in cands.items():
-        losses[name] = float(per_sample_sse({**fixed, **wd}).sum()) / denom
+        sse, outs[name] = per_sample_sse({**fixed, **wd}, keep=True)
+        losses[name] = float(sse.sum()) / denom
     if not cands:
         chosen = "none"
-        packed, wout, loss = {}, {}, float(per_sample_sse(fixed).sum()) / denom
+        sse, y_out = per_sample_sse(fixed, keep=True)
+        packed, wout, loss = {}, {}, float(sse.sum()) / denom
     else:
         chosen = min(losses, key=lambda c: (losses[c], c != "tuned"))
         packed = dict(cands[chosen][0])
         wout = {k: np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in cands[chosen][1].items()}
         loss = losses[chosen]
+        y_out = outs[chosen]
+    del outs
     packed.update(other_packed)
     wout.update(other_w)
     res = BlockResult(packed=packed, weights=wout, loss=loss, losses=losses, chosen=chosen, best_iter=best_iter,
-                      seconds=time.perf_counter() - t0)
+                      seconds=time.perf_counter() - t0, y=y_out)
     if log is not None:
         log("  " + ", ".join(f"{c} {v:.5g}" for c, v in losses.items()) + f" -> {chosen} "
             f"(best iter {best_iter}, {res.seconds:.1f} s)")
@@ -528,26 +541,59 @@ class AutoRound(BlockMethod):
                 f"seqlen={r.seqlen}, batch_size={r.batch_size}, lr={r.lr_value:.4g})")
 
     def quantize_block(self, block, ctx: QuantContext) -> dict[str, np.ndarray]:
-        opts = {k: v for k, v in (ctx.options or {}).items() if k in {f.name for f in dc_fields(Recipe)}}
-        r = replace(self.recipe, **{k: v for k, v in make_recipe(self.recipe_name, **opts).__dict__.items()
-                                    if k in opts}) if opts else self.recipe
-        r = replace(r, seed=int(r.seed) + int(getattr(block, "index", 0)) + int(ctx.seed or 0))
+        known = {f.name for f in dc_fields(Recipe)}
+        opts = {k: v for k, v in (ctx.options or {}).items() if k in known and v is not None}
+        r = make_recipe(self.recipe_name, **{**_fields_of(self.recipe), **opts}) if opts else self.recipe
+        r = replace(r, seed=int(getattr(block, "seed", 0)) + int(r.seed))
+        index = getattr(block, "index", 0)
         log = None
-        if ctx.progress:
+        if ctx.progress and ctx.options.get("verbose"):
             def log(msg: str) -> None:
-                print(f"autoround block {getattr(block, 'index', '?')}: {msg.strip()}", flush=True)
+                _write(f"autoround block {index}: {msg.strip()}")
+        x_fp = block.x_fp if block.x_fp is not None else block.x_q
+        weights = block.current() if hasattr(block, "current") else block.weights
+        weights = {k: (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in weights.items()}
         old = torch.get_num_threads()
         torch.set_num_threads(max(1, int(ctx.threads or 2)))
         try:
-            res = autoround_block(block.hp, block.weights, block.qtypes, block.x_q, block.x_fp,
+            res = autoround_block(block.hp, weights, block.qtypes, block.x_q, x_fp,
                                   importance=getattr(block, "importance", None), recipe=r, log=log,
-                                  rope=getattr(block, "rope", None))
+                                  rope=getattr(block, "rope", None), eval_chunk=getattr(block, "chunk", None))
         finally:
             torch.set_num_threads(old)
-        ctx.extra.setdefault("block_loss", {})[getattr(block, "index", len(ctx.extra.get("block_loss", {})))] = {
+        if hasattr(block, "x_out") and res.chosen != "none":
+            block.x_out = res.y
+        stats = getattr(block, "stats", None)
+        imp = getattr(block, "importance", None) or {}
+        if isinstance(stats, dict):
+            for k in block.qtypes:       # importance-weighted relative error of each linear
+                w = weights[k].astype(np.float64)
+                d = res.weights[k].astype(np.float64) - w
+                v = imp.get(k)
+                v = np.ones(w.shape[-1]) if v is None else np.asarray(v, np.float64).reshape(-1)
+                den = float(((w * w) @ v).sum())
+                stats[k] = float(((d * d) @ v).sum()) / den if den > 0 else 0.0
+        if ctx.progress:
+            ls = res.losses
+            _write(f"autoround block {index}: block MSE {res.loss:.4g} ({res.chosen}; imatrix start "
+                   f"{ls.get('imatrix', float('nan')):.4g}, rtn {ls.get('rtn', float('nan')):.4g}), "
+                   f"{res.seconds:.0f} s")
+        ctx.extra.setdefault("block_loss", {})[index] = {
             "method": "autoround", "loss": res.loss, "losses": res.losses, "chosen": res.chosen,
             "best_iter": res.best_iter, "seconds": res.seconds}
         return res.packed
+
+
+def _write(msg: str) -> None:
+    try:
+        from tqdm import tqdm
+        tqdm.write(msg)
+    except ImportError:  # pragma: no cover
+        print(msg, flush=True)
+
+
+def _fields_of(r: Recipe) -> dict[str, Any]:
+    return {f.name: getattr(r, f.name) for f in dc_fields(Recipe)}
 
 
 __all__ = ["AutoRound", "Recipe", "RECIPES", "RECIPE_HELP", "make_recipe", "TypeQuantizer", "autoround_block",
