@@ -8,7 +8,9 @@ Shapes are "CxR" as in the usual "4096x11008" (input x output).  For each shape 
 numpy's float32 matvec (np.dot) and, when llama-cpp-python is installed, llama.cpp's own Q4_K
 mat-vec (ggml_mul_mat with a Q4_K weight and an F32 vector, through ggml's graph compute with a
 persistent threadpool, the path llama.cpp decodes with).  Ratios > 1 mean the AQ kernel is faster.
-Times are the minimum over --reps runs (robust on a shared machine).
+Times are the minimum over --reps runs (robust on a shared machine).  By default the weights
+stay in the CPU caches between runs; --cold MB cycles through copies (>= MB MiB in all) so they
+stream from memory, as in real decoding.
 """
 from __future__ import annotations
 
@@ -33,6 +35,19 @@ def tmin(fn, reps: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def copies(cold_mb: int, nbytes: float) -> int:
+    return max(1, int(np.ceil(cold_mb * 2**20 / nbytes))) if cold_mb else 1
+
+
+def cycler(fns):
+    state = [0]
+
+    def call():
+        fns[state[0] % len(fns)]()
+        state[0] += 1
+    return call
 
 
 def parse_cfg(s: str) -> tuple[int, int, int]:
@@ -112,6 +127,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp's Q4_K reference")
     ap.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    ap.add_argument("--cold", type=int, default=0, metavar="MB",
+                    help="cycle through copies of each weight totalling at least MB MiB, so they are "
+                         "streamed from memory as in real decoding (e.g. 128; default: 0, cache-warm)")
     a = ap.parse_args(argv)
     if not native.available():
         print(f"native kernels unavailable: {native.build_error()}", file=sys.stderr)
@@ -119,7 +137,7 @@ def main(argv=None) -> int:
     isas = a.isas.split(",") if a.isas else native.isas()
     threads = [int(t) for t in a.threads.split(",")]
     rng = np.random.default_rng(0)
-    results = {"cpu_isas": native.isas(), "default_isa": native.isa(), "shapes": []}
+    results = {"cpu_isas": native.isas(), "default_isa": native.isa(), "cold_mb": a.cold, "shapes": []}
     say = (lambda *x: None) if a.json else print
     for shp in a.shapes.split(","):
         C, R = (int(v) for v in shp.split("x"))
@@ -130,14 +148,16 @@ def main(argv=None) -> int:
         say(f"== {C}x{R} (C x R)   numpy f32 matvec {ent['numpy_f32_ms']:.3f} ms")
         if not a.no_llamacpp:
             try:
-                g = GGMLMatVec(W)
-                yq = g(x, 1).copy()
+                gs_ = [GGMLMatVec(W) for _ in range(copies(a.cold, R * C * 4.5 / 8))]
+                yq = gs_[0](x, 1).copy()
                 yr = W.astype(np.float64) @ x
                 for th in threads:
-                    ent["llamacpp_q4k_ms"][th] = tmin(lambda: g(x, th), a.reps) * 1e3
+                    ent["llamacpp_q4k_ms"][th] = tmin(cycler([lambda g=g: g(x, th) for g in gs_]),
+                                                      a.reps) * 1e3
                     say(f"   llama.cpp Q4_K t{th}: {ent['llamacpp_q4k_ms'][th]:.3f} ms  "
                         f"(rel. error {np.linalg.norm(yq - yr) / np.linalg.norm(yr):.3f})")
-                g.close()
+                for g in gs_:
+                    g.close()
             except Exception as e:  # noqa: BLE001 - optional reference
                 say(f"   llama.cpp Q4_K: unavailable ({type(e).__name__}: {e})")
         del W
@@ -147,6 +167,8 @@ def main(argv=None) -> int:
             cb = (rng.standard_normal((M, 1 << B, gs)) * 0.05).astype(np.float16)
             s = (rng.random(R) + 0.5).astype(np.float32)
             t = native.AQTensor(codes, cb, s, M, B, gs, R, C)
+            ts = [t] + [native.AQTensor(codes.copy(), cb, s, M, B, gs, R, C)
+                        for _ in range(copies(a.cold, codes.nbytes) - 1)]
             yref = t.dequantize(threads=max(threads)).astype(np.float64) @ x
             for isa in isas:
                 with native.use_isa(isa):
@@ -154,7 +176,7 @@ def main(argv=None) -> int:
                     err = float(np.linalg.norm(y - yref) / np.linalg.norm(yref))
                     for th in threads:
                         reps = max(3, a.reps // 5) if isa == "scalar" else a.reps
-                        ms = tmin(lambda: t.matvec(x, th), reps) * 1e3
+                        ms = tmin(cycler([lambda t=t: t.matvec(x, th) for t in ts]), reps) * 1e3
                         q4 = ent["llamacpp_q4k_ms"].get(th)
                         row = {"config": cs, "isa": isa, "threads": th, "ms": ms, "rel_err": err,
                                "vs_numpy": ent["numpy_f32_ms"] / ms,

@@ -163,6 +163,20 @@ def _out(name: str, out, shape: tuple) -> np.ndarray:
     return out
 
 
+def _tile_codes(codes: np.ndarray, T: int) -> np.ndarray:
+    """codes [J, M, R] uint8 -> [J/T tiles][Rp/64][nj*M][64] (see qg_native.h, codes_tiled)."""
+    J, M, R = codes.shape
+    Rp = (R + 63) // 64 * 64
+    out = np.empty(J * M * Rp, np.uint8)
+    for jt in range(0, J, T):
+        nj = min(J, jt + T) - jt
+        blk = codes[jt:jt + nj].reshape(nj * M, R)
+        if Rp != R:
+            blk = np.concatenate([blk, np.zeros((nj * M, Rp - R), np.uint8)], axis=1)
+        out[jt * M * Rp:(jt + nj) * M * Rp] = blk.reshape(nj * M, Rp // 64, 64).transpose(1, 0, 2).reshape(-1)
+    return out
+
+
 def _fptr(a: np.ndarray):
     return _ffi.cast("float *", _ffi.from_buffer(a, require_writable=False))
 
@@ -171,9 +185,12 @@ class AQTensor:
     """An AQ (additive multi-codebook) weight of R output rows and C input columns.
 
     ``codes`` is kept by reference (it must already be C-contiguous, uint8 for B=8 or uint16 for
-    B=16, shape [C/g, M, R] or flat); codebooks and scales are converted to float32 copies."""
+    B=16, shape [C/g, M, R] or flat); codebooks and scales are converted to float32 copies.
+    ``tiled``: also keep a copy of the codes re-laid out for sequential streaming by the AVX-512
+    matvec (B=8 only; the same size as the codes; about 1.6x faster when the weights stream from
+    memory); None (default): when this CPU has the AVX-512 path."""
 
-    def __init__(self, codes, codebooks, scales, M, B, g, R, C):
+    def __init__(self, codes, codebooks, scales, M, B, g, R, C, tiled: bool | None = None):
         lib = _require()
         M = _int("M", M, 1, 64)
         B = _int("B", B, 8, 16)
@@ -219,6 +236,10 @@ class AQTensor:
         self._codes = codes
         self._cb32 = cb32
         self._cbT = np.ascontiguousarray(cb32.transpose(0, 2, 1)) if B == 8 else None
+        if tiled is None:
+            tiled = B == 8 and bool(lib.qg_isa_available(_ISA_IDS["avx512"]))
+        self._tiled = _tile_codes(codes.reshape(cshape), int(lib.qg_tile_groups())) \
+            if tiled and B == 8 else None
         self._scales = s32
         t = _ffi.new("qg_tensor *")
         t.type = _TYPE_AQ
@@ -230,6 +251,9 @@ class AQTensor:
         if self._cbT is not None:
             self._keep.append(_ffi.from_buffer(self._cbT))
             t.cbT = _ffi.cast("const float *", self._keep[-1])
+        if self._tiled is not None:
+            self._keep.append(_ffi.from_buffer(self._tiled))
+            t.codes_tiled = _ffi.cast("const void *", self._keep[-1])
         self._t = t
         self._lib = lib
 
@@ -240,6 +264,7 @@ class AQTensor:
     def nbytes(self) -> int:
         """Bytes the kernels read (codes, float32 codebooks, scales)."""
         n = self._codes.nbytes + self._cb32.nbytes + self._scales.nbytes
+        n += self._tiled.nbytes if self._tiled is not None else 0
         return n + (self._cbT.nbytes if self._cbT is not None else 0)
 
     def _check(self, rc: int, what: str) -> None:

@@ -31,6 +31,7 @@ typedef struct qg_tensor {
     const float *codebooks;
     const float *cbT;
     const float *scales;
+    const void *codes_tiled;
     const void *aux0;
     const void *aux1;
     int64_t iparam[8];
@@ -46,6 +47,7 @@ int qg_dequantize_rows(const qg_tensor *t, int64_t r0, int64_t r1, float *out, i
 int qg_matvec(const qg_tensor *t, const float *x, float *y, int nthreads);
 int qg_matmul(const qg_tensor *t, const float *X, int64_t N, float *Y, int nthreads);
 int qg_matmul_lut_max(void);
+int qg_tile_groups(void);
 const char *qg_last_error(void);
 """
 

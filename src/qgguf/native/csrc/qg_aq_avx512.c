@@ -122,6 +122,9 @@ static void prepare_vbmi(const qg_tensor *t, const float *x, float *prep, int64_
     free(buf);
 }
 
+#ifndef QG_PREFETCH_BLOCKS
+#define QG_PREFETCH_BLOCKS 4
+#endif
 AI __m512i lookup256(const uint8_t *tab, __m512i idx, __mmask64 top) {
     const __m512i a = _mm512_permutex2var_epi8(_mm512_loadu_si512(tab), idx, _mm512_loadu_si512(tab + 64));
     const __m512i b = _mm512_permutex2var_epi8(_mm512_loadu_si512(tab + 128), idx, _mm512_loadu_si512(tab + 192));
@@ -129,8 +132,10 @@ AI __m512i lookup256(const uint8_t *tab, __m512i idx, __mmask64 top) {
 }
 
 /* NB blocks of 64 rows starting at rb; acc results go to yp (permuted order) */
-AI void vbmi_block(const uint8_t *codes, const uint8_t *tab, int64_t R, int64_t rb, int64_t nrows,
-                   int64_t jm0, int64_t jm1, float S, float *yp, const int NB) {
+/* c: codes of (jm0, first row); jstride: bytes from one jm to the next; bstride: bytes from one
+ * 64-row block to the next */
+AI void vbmi_block(const uint8_t *c, int64_t jstride, int64_t bstride, const uint8_t *tab,
+                   int64_t nrows, int64_t jm0, int64_t jm1, float S, float *yp, const int NB) {
     const __m512i sel0 = _mm512_set1_epi32(1), sel1 = _mm512_set1_epi32(1 << 8);
     const __m512i sel2 = _mm512_set1_epi32(1 << 16), sel3 = _mm512_set1_epi32(1 << 24);
     __m512i alo[2][4], ahi[2][4];
@@ -140,12 +145,12 @@ AI void vbmi_block(const uint8_t *codes, const uint8_t *tab, int64_t R, int64_t 
         lm[b] = n >= 64 ? ~(__mmask64)0 : n <= 0 ? 0 : (((__mmask64)1 << n) - 1);
         for (int k = 0; k < 4; k++) alo[b][k] = ahi[b][k] = _mm512_setzero_si512();
     }
-    const uint8_t *c = codes + jm0 * R + rb;
     const uint8_t *tb = tab + jm0 * 512;
-    for (int64_t jm = jm0; jm < jm1; jm++, c += R, tb += 512) {
+    for (int64_t jm = jm0; jm < jm1; jm++, c += jstride, tb += 512) {
+        if (QG_PREFETCH_BLOCKS) _mm_prefetch((const char *)(c + bstride * (NB + QG_PREFETCH_BLOCKS)), _MM_HINT_T0);
         for (int b = 0; b < NB; b++) {
-            const __m512i idx = lm[b] == ~(__mmask64)0 ? _mm512_loadu_si512(c + 64 * b)
-                                                       : _mm512_maskz_loadu_epi8(lm[b], c + 64 * b);
+            const __m512i idx = lm[b] == ~(__mmask64)0 ? _mm512_loadu_si512(c + bstride * b)
+                                                       : _mm512_maskz_loadu_epi8(lm[b], c + bstride * b);
             const __mmask64 top = _mm512_movepi8_mask(idx);
             const __m512i lo = lookup256(tb, idx, top), hi = lookup256(tb + 256, idx, top);
             alo[b][0] = _mm512_dpbusd_epi32(alo[b][0], lo, sel0);
@@ -177,14 +182,20 @@ static void vec_rows_k8_vbmi(const qg_tensor *t, const float *prep, float *y, in
     float *yp = aligned_alloc(64, (size_t)nblk * 64 * sizeof(float));
     if (!yp) { qg_aq_vec_rows_scalar(t, NULL, NULL, y, r0, r1); return; } /* unreachable */
     memset(yp, 0, (size_t)nblk * 64 * sizeof(float));
+    /* tiled codes (t->codes_tiled, see qg_native.h): [tile][64-row block][jm in tile][64] */
+    const uint8_t *tiled = r0 % 64 ? NULL : (const uint8_t *)t->codes_tiled;
+    const int64_t Rp = (R + 63) / 64 * 64;
     for (int64_t jt = 0; jt < J; jt += QG_JTILE) {
         const int64_t je = jt + QG_JTILE < J ? jt + QG_JTILE : J;
         const float S = bscale[jt / QG_JTILE];
+        const int64_t njm = (je - jt) * M;
+        const uint8_t *c0 = tiled ? tiled + jt * M * Rp + (r0 / 64) * njm * 64 : codes + jt * M * R + r0;
+        const int64_t js = tiled ? 64 : R, bs = tiled ? njm * 64 : 64;
         int64_t b = 0;
         for (; b + 2 <= nblk; b += 2)
-            vbmi_block(codes, tab, R, r0 + 64 * b, n - 64 * b, jt * M, je * M, S, yp + 64 * b, 2);
+            vbmi_block(c0 + b * bs, js, bs, tab, n - 64 * b, jt * M, je * M, S, yp + 64 * b, 2);
         for (; b < nblk; b++)
-            vbmi_block(codes, tab, R, r0 + 64 * b, n - 64 * b, jt * M, je * M, S, yp + 64 * b, 1);
+            vbmi_block(c0 + b * bs, js, bs, tab, n - 64 * b, jt * M, je * M, S, yp + 64 * b, 1);
     }
     /* un-permute: position 16k+i of a block holds row 4i+k */
     for (int64_t r = r0; r < r1; r++) {

@@ -357,6 +357,8 @@ int qg_matvec(const qg_tensor *t, const float *x, float *y, int nthreads) {
 
 /* ---------------------------------------------------------------- large-N matmul: tiles */
 static int g_lut_max = -1;
+int qg_tile_groups(void) { return QG_JTILE; }
+
 int qg_matmul_lut_max(void) {
     if (g_lut_max < 0) {
         const char *s = getenv("QGGUF_NATIVE_LUT_MAX");

@@ -32,6 +32,11 @@ typedef struct qg_tensor {
     const float *codebooks; /* [M][2^B][g] */
     const float *cbT;   /* [M][g][2^B] (B=8), else NULL */
     const float *scales;/* [R] */
+    const void *codes_tiled; /* optional (B=8, read by the AVX-512 path): the codes re-laid out
+                                for sequential streaming, [J/16 tiles][Rp/64][nj*M][64] where
+                                Rp = R rounded up to 64 (padding codes are 0) and nj = the
+                                tile's groups (16, fewer in the last tile); tile jt starts at
+                                byte jt*M*Rp.  NULL: the kernels read codes. */
     const void *aux0;   /* reserved for VQ (outliers, residual codebooks, ...) */
     const void *aux1;
     int64_t iparam[8];  /* reserved for VQ (index bit width, ...) */
@@ -98,6 +103,7 @@ int qg_dequantize_rows(const qg_tensor *t, int64_t r0, int64_t r1, float *out, i
 int qg_matvec(const qg_tensor *t, const float *x, float *y, int nthreads);
 int qg_matmul(const qg_tensor *t, const float *X, int64_t N, float *Y, int nthreads);
 int qg_matmul_lut_max(void);
+int qg_tile_groups(void);      /* QG_JTILE, for building codes_tiled */
 const char *qg_last_error(void);
 
 #endif

@@ -31,7 +31,7 @@ static int run(int isa, int M, int B, int g, int64_t R, int64_t C) {
             for (int64_t d = 0; d < g; d++) cbT[(m * g + d) * K + k] = cb[(m * K + k) * g + d];
     for (int64_t r = 0; r < R; r++) s[r] = 0.5f + 0.5f * (frand() + 1.f);
     for (int64_t i = 0; i < C * N; i++) x[i] = frand();
-    qg_tensor t = {QG_TYPE_AQ, M, B, g, R, C, codes, cb, B == 8 ? cbT : NULL, s, NULL, NULL, {0}};
+    qg_tensor t = {QG_TYPE_AQ, M, B, g, R, C, codes, cb, B == 8 ? cbT : NULL, s, NULL, NULL, NULL, {0}};
     /* reference dequantization, in the defined order */
     for (int64_t r = 0; r < R; r++)
         for (int64_t j = 0; j < J; j++)
