@@ -81,6 +81,11 @@ def test_paths_against_reference(cfg, shape):
                     Y = t.matmul(X[:n], threads=threads)
                     assert Y.shape == (n, R)
                     assert relerr(Y, Y64[:n]) < 2e-4, (isa, threads, n, relerr(Y, Y64[:n]))
+    if B == 8:  # without the tiled copy of the codes (the strided layout)
+        tp = native.AQTensor(codes, cb, s, M, B, g, R, C, tiled=False)
+        for isa in native.isas():
+            with native.use_isa(isa):
+                assert relerr(tp.matvec(x, threads=2), y64) < 2e-4, isa
 
 
 @pytestmark_native

@@ -21,7 +21,8 @@ AQ layout (additive multi-codebook quantization, AQLM-style; R output rows, C in
 Matvec: for B=8, one float32 lookup table per input group and codebook
 (LUT[j][m][k] = dot(codebooks[m][k], x_j)) and gathers over the codes of many rows; for B=16,
 dequantize-and-dot.  Matmul: up to :func:`matmul_lut_max` tokens it runs the matvec kernel per
-token; above, each thread dequantizes tiles of rows and runs a blocked float dot on them.
+token (always, on the AVX-512 path for B=8); above, each thread dequantizes tiles of rows and
+runs a blocked float dot on them.
 """
 from __future__ import annotations
 
@@ -111,9 +112,12 @@ def use_isa(name: str):
         set_isa(prev)
 
 
-def matmul_lut_max() -> int:
-    """Largest N for which matmul uses the per-token lookup-table kernel (env QGGUF_NATIVE_LUT_MAX)."""
-    return int(_require().qg_matmul_lut_max())
+def matmul_lut_max() -> int | None:
+    """Largest N for which matmul runs the matvec kernel per token, as set by the environment
+    variable QGGUF_NATIVE_LUT_MAX; None: automatic (no limit on the AVX-512 path for B=8, where
+    the lookup-table kernel beats a float GEMM even at N=128; 4 elsewhere)."""
+    v = int(_require().qg_matmul_lut_max())
+    return None if v < 0 else v
 
 
 _ENV_ISA_ERROR: str | None = None

@@ -16,10 +16,10 @@ static void dequantize_rows_avx512(const qg_tensor *t, int64_t r0, int64_t r1, f
     const uint8_t *c8 = (const uint8_t *)t->codes;
     const uint16_t *c16 = (const uint16_t *)t->codes;
     const int b8 = t->B == 8;
-    for (int64_t rb = r0; rb < r1; rb += 32) {
-        const int64_t re = rb + 32 < r1 ? rb + 32 : r1;
-        for (int64_t j = 0; j < J; j++) {
-            for (int64_t r = rb; r < re; r++) {
+    for (int64_t rb = r0; rb < r1; rb += 64) {
+        const int64_t re = rb + 64 < r1 ? rb + 64 : r1;
+        for (int64_t r = rb; r < re; r++) {
+            for (int64_t j = 0; j < J; j++) {
                 float *o = out + (r - r0) * C + j * g;
                 const int64_t ci = j * M * R + r;
                 if (g == 8) {

@@ -11,8 +11,8 @@ void qg_aq_dequantize_rows_scalar(const qg_tensor *t, int64_t r0, int64_t r1, fl
     const int64_t K = (int64_t)1 << t->B;
     for (int64_t rb = r0; rb < r1; rb += 64) {
         const int64_t re = rb + 64 < r1 ? rb + 64 : r1;
-        for (int64_t j = 0; j < J; j++) {
-            for (int64_t r = rb; r < re; r++) {
+        for (int64_t r = rb; r < re; r++) {
+            for (int64_t j = 0; j < J; j++) {
                 float *o = out + (r - r0) * C + j * g;
                 const float s = t->scales[r];
                 const float *e0 = t->codebooks + code_at(t, (j * M) * R + r) * g;

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <limits.h>
 #include <stdio.h>
 
 #if defined(QG_X86)
@@ -319,13 +320,16 @@ static void mv_task(void *p, int ith, int nth) {
         }
         spin_until(&c->prep_done, total);
     }
+    /* work items are (token, row chunk), token-major: one token's table stays in L2 while the
+       rows stream */
+    const int64_t nch = (t->R + c->chunk - 1) / c->chunk;
     for (;;) {
-        const int64_t a = atomic_fetch_add(&c->row_next, c->chunk);
-        if (a >= t->R) break;
+        const int64_t i = atomic_fetch_add(&c->row_next, 1);
+        if (i >= nch * c->N) break;
+        const int64_t n = i / nch, a = (i % nch) * c->chunk;
         const int64_t b = a + c->chunk < t->R ? a + c->chunk : t->R;
-        for (int64_t n = 0; n < c->N; n++)
-            c->tr->vec_rows(t, c->X + n * t->C, c->prep ? c->prep + n * c->psz : NULL,
-                            c->Y + n * t->R, a, b);
+        c->tr->vec_rows(t, c->X + n * t->C, c->prep ? c->prep + n * c->psz : NULL,
+                        c->Y + n * t->R, a, b);
     }
 }
 static int matvec_n(const qg_tensor *t, const qg_type_traits *tr, const float *X, int64_t N,
@@ -359,12 +363,21 @@ int qg_matvec(const qg_tensor *t, const float *x, float *y, int nthreads) {
 static int g_lut_max = -1;
 int qg_tile_groups(void) { return QG_JTILE; }
 
+/* Largest N for which matmul runs the matvec kernel per token.  Default: no limit on the
+ * AVX-512 Kx8 path (its per-token cost, ~0.2 ms for 2048x8192, stays below a float GEMM's even at
+ * N=128), 4 elsewhere (the gather/scalar LUT kernels lose to dequantized tiles + blocked dot).
+ * QGGUF_NATIVE_LUT_MAX overrides it.  Returns the override, or -1 (automatic). */
 int qg_matmul_lut_max(void) {
-    if (g_lut_max < 0) {
+    if (g_lut_max == -1) {
         const char *s = getenv("QGGUF_NATIVE_LUT_MAX");
-        g_lut_max = s ? atoi(s) : 4;
+        g_lut_max = s ? atoi(s) : -2;
     }
-    return g_lut_max;
+    return g_lut_max < 0 ? -1 : g_lut_max;
+}
+static int64_t lut_max_for(const qg_tensor *t) {
+    const int v = qg_matmul_lut_max();
+    if (v >= 0) return v;
+    return (qg_get_isa() == QG_ISA_AVX512 && t->B == 8) ? INT64_MAX : 4;
 }
 
 typedef struct {
@@ -395,7 +408,7 @@ int qg_matmul(const qg_tensor *t, const float *X, int64_t N, float *Y, int nthre
     if (!tr) return -1;
     if (!X || !Y || N < 0) return fail("bad matmul arguments");
     if (N == 0) return 0;
-    if (N <= qg_matmul_lut_max() || !tr->gemm_tile) return matvec_n(t, tr, X, N, Y, nthreads);
+    if (N <= lut_max_for(t) || !tr->gemm_tile) return matvec_n(t, tr, X, N, Y, nthreads);
     mm_ctx c;
     memset(&c, 0, sizeof c);
     c.t = t; c.tr = tr; c.X = X; c.Y = Y; c.N = N;
