@@ -6,7 +6,8 @@ and ``qgguf.native`` reports it (``available()`` is False; using a kernel raises
 naming the problem).  Set QGGUF_NATIVE_REQUIRED=1 to make a failed build fail the install.
 """
 import os
-import subprocess
+import sys
+import tempfile
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
@@ -17,38 +18,35 @@ ERROR_FILE = "_build_error.txt"
 class OptionalBuildExt(build_ext):
     def build_extension(self, ext):
         err_path = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), ERROR_FILE)
-        log = []
-        orig_spawn = self.compiler.spawn
-
-        def spawn(cmd, **kw):  # keep the compiler's own message for the error report
+        # keep the compiler's own messages (its stderr, however it is spawned) for the report
+        with tempfile.TemporaryFile(mode="w+b") as cap:
+            sys.stderr.flush()
+            saved = os.dup(2)
+            os.dup2(cap.fileno(), 2)
             try:
-                p = subprocess.run(cmd, capture_output=True, text=True, env=kw.get("env"))
-            except OSError as e:
-                log.append(f"cannot run {cmd[0]!r}: {e}")
-                raise
-            out = (p.stdout or "") + (p.stderr or "")
-            if out.strip():
-                print(out, end="")
-            if p.returncode != 0:
-                log.append(f"$ {' '.join(cmd)}\n{out}")
-                raise OSError(f"{cmd[0]!r} failed with exit code {p.returncode}")
-
-        self.compiler.spawn = spawn
-        try:
-            super().build_extension(ext)
-        except Exception as e:  # noqa: BLE001 - any compiler/linker problem
-            if os.environ.get("QGGUF_NATIVE_REQUIRED"):
-                raise
-            msg = f"building {ext.name} failed: {e}\n" + "\n".join(log)[-6000:]
-            os.makedirs(os.path.dirname(err_path), exist_ok=True)
-            with open(err_path, "w") as f:
-                f.write(msg)
-            self.warn(f"qgguf native kernels not built (see {err_path}): {e}")
-        else:
+                super().build_extension(ext)
+                error = None
+            except Exception as e:  # noqa: BLE001 - any compiler/linker problem
+                error = e
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                os.close(saved)
+            cap.seek(0)
+            output = cap.read().decode(errors="replace")
+        if output:
+            sys.stderr.write(output)
+        if error is None:
             if os.path.exists(err_path):
                 os.remove(err_path)
-        finally:
-            self.compiler.spawn = orig_spawn
+            return
+        if os.environ.get("QGGUF_NATIVE_REQUIRED"):
+            raise error
+        msg = f"building {ext.name} failed: {error}\ncompiler output:\n{output[-6000:]}"
+        os.makedirs(os.path.dirname(err_path), exist_ok=True)
+        with open(err_path, "w") as f:
+            f.write(msg)
+        self.warn(f"qgguf native kernels not built (see {err_path}): {error}")
 
 
 setup(
