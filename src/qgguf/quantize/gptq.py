@@ -175,9 +175,28 @@ def gptq_quantize(W: np.ndarray, H: np.ndarray, qtype, importance: np.ndarray | 
     return grid
 
 
-def _option(obj, ctx: QuantContext, key: str, default):
-    v = ctx.options.get(f"{obj.name}.{key}", ctx.options.get(key)) if ctx.options else None
-    return default if v is None else v
+def as_bool(v) -> bool:
+    """An option value as a bool ("1", "true", "yes", "on" / "0", "false", "no", "off" from the command line)."""
+    if isinstance(v, str):
+        t = v.strip().lower()
+        if t in ("1", "true", "yes", "on", "y"):
+            return True
+        if t in ("0", "false", "no", "off", "n", ""):
+            return False
+        raise OptionError(f"expected a yes/no value, got {v!r}")
+    return bool(v)
+
+
+def option(method: Method, ctx: QuantContext, key: str, default, conv):
+    """``ctx.options["<method>.<key>"]`` or ``ctx.options[key]`` (converted with ``conv``), else ``default``."""
+    opts = ctx.options or {}
+    v = opts.get(f"{method.name}.{key}", opts.get(key))
+    if v is None:
+        return default
+    try:
+        return conv(v)
+    except (TypeError, ValueError):
+        raise OptionError(f"{method.name} option {key}: bad value {v!r}") from None
 
 
 class GPTQ(Method):
@@ -197,7 +216,7 @@ class GPTQ(Method):
             raise OptionError(f"gptq damp must be in [0, 10), got {damp}")
         if int(blocksize) < 1:
             raise OptionError(f"gptq blocksize must be positive, got {blocksize}")
-        self.damp, self.blocksize, self.actorder = float(damp), int(blocksize), bool(actorder)
+        self.damp, self.blocksize, self.actorder = float(damp), int(blocksize), as_bool(actorder)
 
     def describe(self) -> str:
         return f"gptq(damp={self.damp}, blocksize={self.blocksize}, actorder={self.actorder})"
@@ -210,9 +229,9 @@ class GPTQ(Method):
                 ctx.extra.setdefault("fallback", []).append(name)
             return qtype.quantize(w, imp)
         spec_of(qtype)
-        damp = float(_option(self, ctx, "damp", self.damp))
-        bsz = int(_option(self, ctx, "blocksize", self.blocksize))
-        act = bool(_option(self, ctx, "actorder", self.actorder))
+        damp = option(self, ctx, "damp", self.damp, float)
+        bsz = option(self, ctx, "blocksize", self.blocksize, int)
+        act = option(self, ctx, "actorder", self.actorder, as_bool)
         with torch_threads(ctx.threads):
             grid = gptq_quantize(w, np.asarray(H), qtype, imp, damp=damp, blocksize=bsz, actorder=act)
         data = grid.pack()
@@ -223,4 +242,4 @@ class GPTQ(Method):
         return data
 
 
-__all__ = ["GPTQ", "gptq_quantize", "inverse_cholesky", "prepare_hessian"]
+__all__ = ["GPTQ", "gptq_quantize", "inverse_cholesky", "prepare_hessian", "as_bool", "option"]

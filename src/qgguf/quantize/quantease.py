@@ -15,12 +15,13 @@ updates ``P_r += delta * H_j`` (O(ncols)), so a pass over all columns costs O(ro
 only O(rows * ncols) plus O(ncols) per *changed* code in practice (after the first pass few codes change).
 No matrix is inverted. Every coordinate step is an exact minimisation, so ``f`` never increases.
 
-Passes (default 20): a numba sweep over all columns (rows in parallel); ``P`` is kept exact by the sweep's
-float64 rank-1 updates and recomputed with a matrix product every 5 passes. Every ``rescale`` passes
-(default 4; every pass costs about as much as the sweep itself, for little gain) the block scales are re-chosen for the current iterate: for each block, the
-type's own importance-weighted llama.cpp search is run on the coordinate-wise optima ``u`` of the last
-sweep, the targets are rounded onto the new grid, and the new scales+codes are kept for the rows whose loss
-(evaluated exactly with ``H``) goes down - so re-scaling never increases ``f`` either.
+Passes (default 20): a numba sweep over all columns (rows in parallel); ``P`` is kept exact by the
+sweep's float64 rank-1 updates and recomputed with a matrix product every 5 passes. Every ``rescale``
+passes (default 4; re-scaling costs about as much as a sweep, for little gain when done more often) the
+block scales are re-chosen for the current iterate: for each block, the type's own importance-weighted
+llama.cpp search is run on the coordinate-wise optima ``u`` of the last sweep, the targets are rounded onto
+the new grid, and the new scales+codes are kept for the rows whose loss (evaluated exactly with ``H``)
+goes down - so re-scaling never increases ``f`` either.
 
 Start: ``init="rtn"`` (the type's importance-weighted llama.cpp quantization) or ``init="gptq"`` (GPTQ,
 :mod:`.gptq`; QuantEase then only improves on it).
@@ -33,10 +34,10 @@ Outlier-aware variant (``outliers=s``, a fraction of the weights, e.g. 0.01)::
 code (positions outside the support, target as above) or the sparse value (positions in the support:
 ``s_rj = fp16(q_rj + s_rj - P_rj/H_jj - q_rj)``, the dense code there is held at the grid value nearest 0
 and the position is left out of the scale search, so outliers no longer stretch the blocks' ranges).
-Between passes the support is re-chosen: the ``k = s * rows * ncols`` positions (over the whole matrix)
-with the largest gain ``H_jj (u_rj - nearest_grid(u_rj))^2`` of being free rather than on the grid;
-positions entering it keep their value (moved into ``S``), positions leaving it go to the nearest grid
-value; the proposal is followed by a sweep and undone if the loss went up. The update of the sparse part
+After the first pass and then every ``rescale`` passes (4 if 0) the support is re-chosen: the
+``k = s * rows * ncols`` positions (over the whole matrix) with the largest gain
+``H_jj (u_rj - nearest_grid(u_rj))^2`` of being free rather than on the grid; positions entering it keep
+their value (moved into ``S``), positions leaving it go to the nearest grid value; the proposal is followed by a sweep and undone if the loss went up. The update of the sparse part
 goes into ``S`` only: the dense part always lies exactly on the grid.
 
 The sparse part is handed to the caller in ``ctx.extra["outliers"][name] = (idx, vals)``: ``idx`` int32,
@@ -54,7 +55,7 @@ import torch
 from ..errors import OptionError, QggufError
 from ..gguf_types.search import fp16_round
 from .base import Method, QuantContext
-from .gptq import _importance, gptq_quantize, prepare_hessian, torch_threads
+from .gptq import _importance, as_bool, gptq_quantize, option, prepare_hessian, torch_threads
 from .grid import LayerGrid, _nearest, choose_scales, layer_loss, project_values, supports
 
 _F16_MAX = 65504.0
@@ -220,9 +221,11 @@ def quantease_quantize(W: np.ndarray, H: np.ndarray, qtype, importance: np.ndarr
 
     npass = max(0, int(passes))
     every = int(rescale) if not isinstance(rescale, bool) else (1 if rescale else 0)
+    sup_every = every or 4
     for it in range(npass):
         exact = it % 5 == 4 or it == npass - 1
-        if it > 0 and nout > 0:
+        # the support is chosen after the first pass, then re-chosen (and the scales re-fitted) every few
+        if nout > 0 and (it == 1 or (it > 0 and it % sup_every == 0)):
             saved = st.save()
             before = st.loss
             _update_support(st, nout, Hd, U)
@@ -231,7 +234,7 @@ def quantease_quantize(W: np.ndarray, H: np.ndarray, qtype, importance: np.ndarr
                 st.restore(saved)
             else:
                 history.append((f"support {it}", st.loss))
-        if it > 0 and every and it % every == 0:
+        if it > 0 and every and (it % every == 0 or (nout > 0 and it == 1)):
             _rescale(st, qtype, imp, U)
             history.append((f"rescale {it}", st.loss))
         sweep(f"pass {it}")
@@ -301,16 +304,12 @@ def _rescale(st: _State, qtype, imp: np.ndarray, U: np.ndarray) -> None:
     st.update_loss()
 
 
-def _option(obj, ctx: QuantContext, key: str, default):
-    v = ctx.options.get(f"{obj.name}.{key}", ctx.options.get(key)) if ctx.options else None
-    return default if v is None else v
-
-
 class QuantEase(Method):
     """QuantEase; needs ``ctx.grams[name]`` (H = X^T X of the layer's inputs).
 
-    Options: ``passes`` (20), ``init`` ("rtn" | "gptq"), ``outliers`` (0: none; e.g. 0.01), ``damp`` (0),
-    ``rescale`` (4: re-choose scales before every 4th pass; 0: never), ``gptq_damp``/``blocksize``/``actorder`` for the GPTQ start. The sparse part (when
+    Options: ``passes`` (20), ``init`` ("rtn" | "gptq"), ``outliers`` (0: none; e.g. 0.01), ``damp`` (0:
+    added to the objective's diagonal, a ridge towards ``W``), ``rescale`` (4: re-choose scales before every
+    4th pass; 0: never), ``gptq_damp``/``blocksize``/``actorder`` for the GPTQ start. The sparse part (when
     ``outliers > 0``) goes to ``ctx.extra["outliers"][name] = (idx int32, vals float16)`` (see the module
     docstring); the pipeline must store it, or the layer is only its dense part. Without a Gram matrix (or
     for a type with no grid) a tensor is quantized as the ``imatrix`` method does and listed in
@@ -329,7 +328,7 @@ class QuantEase(Method):
             raise OptionError(f"quantease outliers must be a fraction in [0, 1), got {outliers}")
         self.passes, self.init, self.outliers = int(passes), init, float(outliers)
         self.damp, self.rescale = float(damp), int(rescale)
-        self.gptq_options = {"damp": float(gptq_damp), "blocksize": int(blocksize), "actorder": bool(actorder)}
+        self.gptq_options = {"damp": float(gptq_damp), "blocksize": int(blocksize), "actorder": as_bool(actorder)}
 
     def describe(self) -> str:
         return f"quantease(passes={self.passes}, init={self.init}, outliers={self.outliers})"
@@ -344,10 +343,10 @@ class QuantEase(Method):
         H = np.asarray(H)
         with torch_threads(ctx.threads):
             res = quantease_quantize(
-                w, H, qtype, imp, passes=int(_option(self, ctx, "passes", self.passes)),
-                init=_option(self, ctx, "init", self.init), damp=float(_option(self, ctx, "damp", self.damp)),
-                outliers=float(_option(self, ctx, "outliers", self.outliers)),
-                rescale=int(_option(self, ctx, "rescale", self.rescale)), gptq_options=self.gptq_options)
+                w, H, qtype, imp, passes=option(self, ctx, "passes", self.passes, int),
+                init=option(self, ctx, "init", self.init, str), damp=option(self, ctx, "damp", self.damp, float),
+                outliers=option(self, ctx, "outliers", self.outliers, float),
+                rescale=option(self, ctx, "rescale", self.rescale, int), gptq_options=self.gptq_options)
         if res.sparse is not None:
             ctx.extra.setdefault("outliers", {})[name] = res.sparse
         ctx.extra.setdefault("layer_loss", {})[name] = {
