@@ -255,7 +255,8 @@ def test_stories260k_first_block():
 def test_recipes():
     assert set(RECIPES) == {"light", "default", "best"}
     r = make_recipe("default")
-    assert r.lr_value == pytest.approx(1.0 / r.iters) and r.minmax_lr_value == r.lr_value
+    assert r.lr_value == pytest.approx(1.0 / r.iters) and r.minmax_lr_value == pytest.approx(r.lr_value / 10)
+    assert not r.enable_minmax and r.batch_size == 2
     r = make_recipe("light", iters="20", lr=None, scale_bounds="0.6,1.2", tune_super="true", unknown=3)
     assert r.iters == 20 and r.scale_bounds == (0.6, 1.2) and r.tune_super is True
     for bad in ({"iters": -1}, {"batch_size": 0}, {"lr": -1}, {"scale_bounds": "1.2,1.5"}):
