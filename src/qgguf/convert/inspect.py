@@ -26,7 +26,62 @@ def _standard_rows(g: GGUFFile) -> list[dict]:
     return rows
 
 
-ROW_PROVIDERS: list[Callable[[GGUFFile], list[dict] | None]] = []
+def qgguf_rows(g: GGUFFile) -> list[dict] | None:
+    """Rows of a file with qgguf extensions (None: a plain file). A codebook tensor (AQ, ...) is one row named
+    after the weight, with its type name (e.g. ``aq-2x8-g8``) as ``type``, ``family``/``config``, its GGUF shape
+    ``[C, R]``, and ``bytes`` = every byte of its companions (codes, codebooks, scales), so ``bpw`` is the true
+    bits per weight; sparse-outlier companions are folded into their dense tensor's row (``outliers``: count)."""
+    if g.get("qgguf.version") is None:
+        return None
+    from ..errors import QggufError
+    from ..gguf_types.codebook import codebook_tensors
+    from .writer import OUTLIER_IDX, OUTLIER_VAL
+
+    by = {t.name: t for t in g.tensors}
+    cbt = codebook_tensors(g.metadata)
+    owner: dict[str, str] = {}      # companion tensor -> weight name
+    for name, qt in cbt.items():
+        for suffix in qt.suffixes():
+            if name + suffix not in by:
+                raise QggufError(f"tensor {name} ({qt.name}) has no companion {name}{suffix}", g.path)
+            owner[name + suffix] = name
+    for n in by:
+        if n.endswith((OUTLIER_IDX, OUTLIER_VAL)):
+            base = n.rsplit(".", 1)[0]
+            if base in by or base in cbt:
+                owner[n] = base
+    rows, done = [], set()
+    for t in g.tensors:
+        name = owner.get(t.name, t.name)
+        if name in done:
+            continue
+        done.add(name)
+        if name in cbt:
+            qt = cbt[name]
+            shp = g.get(f"qgguf.tensor.{name}.shape")
+            shape = [int(x) for x in shp] if shp is not None else None
+            nb = sum(int(by[name + s].nbytes) for s in qt.suffixes())
+            if shape is None:   # from the codes: [R, M, C/g]
+                ne = by[name + qt.suffixes()[0]].ne
+                shape = [int(ne[-1]) * qt.block_size, int(ne[0])]
+            row = {"name": name, "type": qt.name, "family": qt.family, "config": qt.name, "shape": shape}
+        else:
+            nb = int(t.nbytes)
+            shape = list(t.ne)
+            row = {"name": name, "type": GGMLQuantizationType(t.ggml_type).name, "shape": shape}
+        n = int(np.prod(shape)) if shape else 1
+        if name + OUTLIER_IDX in by and name + OUTLIER_VAL in by:
+            row["outliers"] = int(np.prod(by[name + OUTLIER_IDX].ne))
+            nb += int(by[name + OUTLIER_IDX].nbytes) + int(by[name + OUTLIER_VAL].nbytes)
+        row["params"] = n
+        row["bytes"] = nb
+        row["bpw"] = 8.0 * nb / max(1, n)
+        rows.append(row)
+    return rows
+
+
+# qgguf_rows is built in (tried last, before the standard rows); register_rows puts providers before it
+ROW_PROVIDERS: list[Callable[[GGUFFile], list[dict] | None]] = [qgguf_rows]
 
 
 def register_rows(fn: Callable[[GGUFFile], list[dict] | None]) -> None:
@@ -57,17 +112,20 @@ def inspect_file(path: str | Path) -> dict:
             "name": g.get("general.name"), "file_type": g.get("general.file_type"),
             "n_tensors": len(rows), "params": params, "tensor_bytes": tbytes,
             "bpw": 8.0 * tbytes / max(1, params), "bytes_per_type": per_type, "tensors": rows,
-            "metadata": md,
+            "metadata": md, "qgguf_version": g.get("qgguf.version"),
+            "needs_qgguf_runner": g.get("qgguf.version") is not None,
         }
 
 
 def format_table(info: dict) -> str:
     rows = info["tensors"]
     w = max([len(r["name"]) for r in rows] + [4])
-    out = [f"{'name':<{w}}  {'type':<8} {'shape':<18} {'bytes':>12} {'bpw':>7}"]
+    tw = max([len(r["type"]) for r in rows] + [8])
+    out = [f"{'name':<{w}}  {'type':<{tw}} {'shape':<18} {'bytes':>12} {'bpw':>7}"]
     for r in rows:
         shape = "x".join(str(s) for s in r["shape"])
-        out.append(f"{r['name']:<{w}}  {r['type']:<8} {shape:<18} {r['bytes']:>12,} {r['bpw']:>7.3f}")
+        extra = f"  +{r['outliers']:,} outliers" if r.get("outliers") else ""
+        out.append(f"{r['name']:<{w}}  {r['type']:<{tw}} {shape:<18} {r['bytes']:>12,} {r['bpw']:>7.3f}{extra}")
     out.append("")
     out.append(f"file: {info['file']}  ({info['file_bytes']:,} bytes, {info['file_bytes'] / 2**20:.2f} MiB)")
     out.append(f"architecture: {info['architecture']}  name: {info['name']}  file_type: {info['file_type']}")
@@ -75,8 +133,11 @@ def format_table(info: dict) -> str:
                f"tensor bytes: {info['tensor_bytes']:,}  overall bpw: {info['bpw']:.3f}")
     out.append("bytes per type:")
     for t, d in sorted(info["bytes_per_type"].items(), key=lambda kv: -kv[1]["bytes"]):
-        out.append(f"  {t:<8} {d['tensors']:>4} tensors {d['params']:>14,} params {d['bytes']:>14,} bytes "
+        out.append(f"  {t:<{tw}} {d['tensors']:>4} tensors {d['params']:>14,} params {d['bytes']:>14,} bytes "
                    f"{8.0 * d['bytes'] / max(1, d['params']):7.3f} bpw")
+    if info.get("needs_qgguf_runner"):
+        out.append(f"qgguf extensions (qgguf.version {info.get('qgguf_version')}): this file needs the qgguf runner "
+                   "(qgguf run/eval/bench, qgguf.load); stock llama.cpp will not load it")
     return "\n".join(out)
 
 

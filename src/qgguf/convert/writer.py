@@ -6,8 +6,13 @@ destination folder, ``write_tensor`` writes tensors one at a time in plan order,
 renames the file into place. Any exception (or Ctrl-C) inside ``with OutputFile(...)`` removes the
 temporary file: there is never a partial file at the destination.
 
-qgguf's own codebook types are written the same way: their bytes are stored under a standard
-container type id (``plan_tensor(..., ggml_type=container)``) with ``qgguf.*`` metadata keys.
+qgguf's own codebook types (AQ, ...) have no ggml type id: ``plan_qtensor(name, shape, qtype)`` plans any
+type - a standard one as one tensor, a codebook type as its companion tensors ``NAME.aq_codes`` ... in standard
+container types (``qtype.companions(shape)``), and adds the ``qgguf.*`` metadata keys (``qgguf.version`` and
+``qgguf.tensor.NAME.*``); ``write_tensor(NAME, data)`` then takes the type's packed data (the
+:class:`~qgguf.gguf_types.codebook.Companions` of ``qtype.pack``, any ``{suffix: array}`` mapping, or the
+flat blob ``np.asarray(packed)``) and writes every companion. A file with no qgguf type and no other ``qgguf.*``
+key stays a plain llama.cpp file (:attr:`OutputFile.needs_qgguf_runner` is False).
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ class OutputFile:
         self.arch = arch
         self.metadata: dict[str, MetaValue] = {}
         self.plan: list[tuple[str, tuple[int, ...], int, int]] = []
+        self.codebook: dict[str, tuple[object, tuple[int, ...]]] = {}   # NAME -> (CodebookType, numpy shape)
         self._writer: GGUFWriter | None = None
         self._next = 0
         self.tmp: Path | None = None
@@ -54,7 +60,37 @@ class OutputFile:
         self.metadata.update(md)
 
     def plan_tensor(self, name: str, shape: tuple[int, ...], ggml_type: int, nbytes: int) -> None:
+        if ggml_type is None:
+            raise RuntimeError(f"tensor {name}: a qgguf codebook type has no ggml type id; plan it with "
+                               "plan_qtensor(name, shape, qtype)")
         self.plan.append((name, tuple(int(s) for s in shape), int(ggml_type), int(nbytes)))
+
+    def plan_qtensor(self, name: str, shape: tuple[int, ...], qt) -> int:
+        """Plan ``name`` of numpy ``shape`` in tensor type ``qt`` (a :class:`~qgguf.gguf_types.QuantType`):
+        one tensor for a standard type; the companions and ``qgguf.*`` keys for a codebook type. Returns
+        the planned bytes."""
+        from ..gguf_types.codebook import QGGUF_FORMAT_VERSION, is_codebook
+        shape = tuple(int(s) for s in shape)
+        if not is_codebook(qt):
+            nb = qt.nbytes(shape)
+            self.plan_tensor(name, shape, qt.ggml_type, nb)
+            return nb
+        if name in self.codebook:
+            raise RuntimeError(f"tensor {name} planned twice")
+        nb = 0
+        for spec in qt.companion_specs(shape):
+            self.plan_tensor(name + spec.suffix, spec.shape, spec.ggml_type, spec.nbytes)
+            nb += spec.nbytes
+        self.codebook[name] = (qt, shape)
+        if "qgguf.version" not in self.metadata:
+            self.set("qgguf.version", QGGUF_FORMAT_VERSION, GGUFValueType.UINT32)
+        self.update(qt.metadata(name, shape))
+        return nb
+
+    @property
+    def needs_qgguf_runner(self) -> bool:
+        """The file uses qgguf extensions (codebook tensors, sparse outliers): stock llama.cpp cannot load it."""
+        return bool(self.codebook) or any(k.startswith("qgguf.") for k in self.metadata)
 
     def data_size(self) -> int:
         return sum((nb + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT for *_, nb in self.plan)
@@ -85,7 +121,21 @@ class OutputFile:
             raise OutputError(f"cannot write: {e.strerror}", self.path) from None
         self._writer = w
 
-    def write_tensor(self, name: str, data: np.ndarray) -> None:
+    def write_tensor(self, name: str, data) -> int:
+        """Write the next planned tensor (for a codebook tensor: all its companions); returns its bytes."""
+        cb = self.codebook.get(name)
+        if cb is not None:
+            qt, shape = cb
+            comp = qt.as_companions(data, shape)
+            total = 0
+            for suffix, arr in comp.items():
+                total += self._write_one(name + suffix, arr)
+            return total
+        return self._write_one(name, data)
+
+    def _write_one(self, name: str, data) -> int:
+        if self._next >= len(self.plan):
+            raise RuntimeError(f"tensor {name} written but all {len(self.plan)} planned tensors are written")
         pname, shape, gt, nb = self.plan[self._next]
         if pname != name:
             raise RuntimeError(f"tensor {name} written out of plan order (expected {pname})")
@@ -97,6 +147,7 @@ class OutputFile:
         except OSError as e:
             raise OutputError(f"cannot write: {e.strerror}", self.path) from None
         self._next += 1
+        return nb
 
     def commit(self) -> None:
         if self._next != len(self.plan):
@@ -138,6 +189,10 @@ class OutputFile:
         return False
 
 
+QGGUF_RUNNER_NOTE = ("NOTE: this file uses qgguf extensions ({what}); it needs the qgguf runner "
+                     "(qgguf run/eval/bench, qgguf.load) - stock llama.cpp will not load it")
+
+
 # --- qgguf extension: sparse outliers (docs/FORMAT.md, "qgguf extensions: sparse outliers") ------------
 OUTLIER_IDX = ".outlier_idx"    # I32 (ggml type 26), flat indices row * ncols + col, increasing
 OUTLIER_VAL = ".outlier_val"    # F16 (ggml type 1), added to the dense weight at those positions
@@ -164,28 +219,8 @@ def write_outliers(of: OutputFile, name: str, idx: np.ndarray, vals: np.ndarray)
 
 
 def outlier_rows(g) -> list[dict] | None:
-    """``qgguf inspect`` rows for a file with sparse outliers (None: the file has none): each dense tensor
-    with companions gets ``outliers`` (count) and its bytes include the companions, which get no row."""
-    if g.get("qgguf.version") is None:
-        return None
-    from gguf import GGMLQuantizationType
-    by = {t.name: t for t in g.tensors}
-    comp = {n for n in by if n.endswith((OUTLIER_IDX, OUTLIER_VAL)) and
-            n.rsplit(".", 1)[0] in by}
-    if not comp:
-        return None
-    rows = []
-    for t in g.tensors:
-        if t.name in comp:
-            continue
-        n = int(np.prod(t.ne)) if t.ne else 1
-        nb = int(t.nbytes)
-        row = {"name": t.name, "type": GGMLQuantizationType(t.ggml_type).name, "shape": list(t.ne), "params": n}
-        if t.name + OUTLIER_IDX in by:
-            k = int(np.prod(by[t.name + OUTLIER_IDX].ne))
-            nb += int(by[t.name + OUTLIER_IDX].nbytes) + int(by[t.name + OUTLIER_VAL].nbytes)
-            row["outliers"] = k
-        row["bytes"] = nb
-        row["bpw"] = 8.0 * nb / max(1, n)
-        rows.append(row)
-    return rows
+    """``qgguf inspect`` rows for a file with qgguf extensions (kept for the callers that register it; the
+    general provider is :func:`qgguf.convert.inspect.qgguf_rows`, which also folds codebook companions):
+    each dense tensor with sparse-outlier companions gets ``outliers`` (count) and its bytes include them."""
+    from .inspect import qgguf_rows
+    return qgguf_rows(g)

@@ -11,15 +11,22 @@ returns rows of ``W`` (used for ``token_embd.weight``, which is also the output 
   weights compressed in memory;
 * otherwise :class:`DenseLinear`: the data is dequantized once, at load, through the tensor-type
   registry :mod:`qgguf.gguf_types`, and kept as float32.
+
+qgguf's codebook tensors (AQ, docs/FORMAT.md "AQ tensors") have no tensor of their own name: a weight ``NAME``
+is its companions ``NAME.aq_codes`` ... plus ``qgguf.tensor.NAME.*`` metadata. :func:`codebook_linear` finds
+them by name, validates their containers and shapes against the metadata (:class:`QggufError` otherwise) and
+builds the module registered for the family with :func:`register_codebook_kind` (:class:`AQLinear` for
+``aq``: compressed in memory, native kernels, or a torch fallback that dequantizes per call).
+:func:`load_llama` loads a GGUF (plain or with qgguf tensors) into :class:`~qgguf.runtime.model.LlamaModel`.
 """
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Callable, Mapping, Union
 
 import numpy as np
 import torch
 
-from ..errors import UnsupportedModelError
+from ..errors import QggufError, UnsupportedModelError
 
 TypeKey = Union[int, str]
 # factory(name, tensor_type, shape, raw_data) -> LinearBase
@@ -138,4 +145,256 @@ def make_linear(name: str, tensor_type: int, shape: tuple, raw_data: np.ndarray)
                        source_type=_type_name(tensor_type) or str(tensor_type))
 
 
-__all__ = ["LinearBase", "DenseLinear", "make_linear", "register_linear_kind", "dequantize_tensor"]
+# ------------------------------------------------------------------------------------------------
+# codebook tensors (AQ, later VQ)
+
+# family -> factory(name, codebook type, numpy shape (R, C), Companions) -> LinearBase
+_CODEBOOK_KINDS: dict[str, Callable] = {}
+
+
+def register_codebook_kind(family: str, factory: Callable, *, replace: bool = False) -> None:
+    """Use ``factory(name, qtype, shape, companions)`` for codebook tensors of ``family`` (e.g. ``"aq"``)."""
+    if family in _CODEBOOK_KINDS and not replace:
+        raise ValueError(f"a linear kind for codebook family {family!r} is already registered")
+    _CODEBOOK_KINDS[family] = factory
+
+
+def _threads_now() -> int:
+    return max(1, int(torch.get_num_threads()))
+
+
+class AQLinear(LinearBase):
+    """An AQ weight kept compressed: native :class:`qgguf.native.AQTensor` (matvec for one token, matmul for
+    several), or, without the native module (or for a group size it has no kernel for), a torch fallback that
+    keeps codes/codebooks/scales and dequantizes per call."""
+
+    kind = "aq"
+
+    def __init__(self, name: str, qt, shape: tuple[int, int], comp, native_ok: bool | None = None):
+        R, C = int(shape[0]), int(shape[1])
+        super().__init__(name, R, C)
+        from .. import native
+        from ..gguf_types.codebook import AQ_CODEBOOKS, AQ_CODES, AQ_SCALES
+        self.qt = qt
+        codes, cb, sc = comp[AQ_CODES], comp[AQ_CODEBOOKS], comp[AQ_SCALES]
+        if native_ok is None:
+            native_ok = native.available() and qt.g in (8, 16)
+        self.native = None
+        if native_ok:
+            self.native = native.AQTensor(np.ascontiguousarray(codes).reshape(-1), cb, sc, M=qt.M, B=qt.B, g=qt.g,
+                                          R=R, C=C)
+        else:
+            c = np.ascontiguousarray(codes)
+            c = c.view(np.int16) if qt.B == 16 else c
+            self.register_buffer("codes", torch.from_numpy(c.reshape(C // qt.g, qt.M, R).copy()), persistent=False)
+            self.register_buffer("codebooks", torch.from_numpy(np.asarray(cb, np.float32).copy()), persistent=False)
+            self.register_buffer("scales", torch.from_numpy(np.asarray(sc, np.float32).copy()), persistent=False)
+
+    @property
+    def nbytes(self) -> int:
+        if self.native is not None:
+            return int(self.native.nbytes)
+        return sum(int(b.numel() * b.element_size()) for b in (self.codes, self.codebooks, self.scales))
+
+    def _torch_dense(self, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+        codes = self.codes
+        if self.qt.B == 16:
+            codes = codes.to(torch.int32) & 0xFFFF
+        idx = codes[:, :, r0:r1].long()                      # [J, M, r]
+        J, M, r = idx.shape
+        acc = torch.zeros(r, J, self.qt.g)
+        for m in range(M):
+            acc += self.codebooks[m][idx[:, m, :].T]           # [r, J, g]
+        acc *= self.scales[r0:r1][:, None, None]
+        return acc.reshape(r, J * self.qt.g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is None:
+            return torch.nn.functional.linear(x, self._torch_dense())
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.to(torch.float32).contiguous()
+        xn = x2.numpy()
+        if xn.shape[0] == 1:
+            y = self.native.matvec(xn[0], _threads_now())
+        else:
+            y = self.native.matmul(xn, _threads_now())
+        return torch.from_numpy(y).view(*lead, self.out_features)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        flat = ids.reshape(-1).tolist()
+        out = torch.empty(len(flat), self.in_features)
+        for i, r in enumerate(flat):
+            if self.native is not None:
+                out[i] = torch.from_numpy(self.native.dequantize(int(r), int(r) + 1)[0])
+            else:
+                out[i] = self._torch_dense(int(r), int(r) + 1)[0]
+        return out.view(*ids.shape, self.in_features)
+
+    def dense_weight(self) -> torch.Tensor:
+        if self.native is not None:
+            return torch.from_numpy(self.native.dequantize(threads=_threads_now()))
+        return self._torch_dense()
+
+    def extra_repr(self) -> str:
+        how = "native " + __import__("qgguf.native", fromlist=["isa"]).isa() if self.native is not None else "torch"
+        return f"{self.name}: {self.in_features} -> {self.out_features} ({self.qt.name}, {how})"
+
+
+register_codebook_kind("aq", lambda name, qt, shape, comp: AQLinear(name, qt, shape, comp))
+
+
+def _meta_value(md: Mapping, key: str):
+    v = md.get(key)
+    v = getattr(v, "value", v)
+    if isinstance(v, (bytes, bytearray)):
+        v = v.decode()
+    return v
+
+
+def codebook_shape(name: str, md: Mapping, path=None) -> tuple[int, int] | None:
+    """numpy shape ``(R, C)`` of codebook tensor ``name`` from ``qgguf.tensor.NAME.shape`` (None: not one)."""
+    if _meta_value(md, f"qgguf.tensor.{name}.config") is None:
+        return None
+    shp = _meta_value(md, f"qgguf.tensor.{name}.shape")
+    if shp is None or len(list(shp)) != 2:
+        raise QggufError(f"tensor {name}: qgguf.tensor.{name}.shape must be [in, out], got {shp!r}", path)
+    C, R = (int(v) for v in shp)
+    return R, C
+
+
+def codebook_companions(name: str, tensors: Mapping, md: Mapping, path=None):
+    """``(qtype, numpy shape (R, C), Companions)`` of codebook tensor ``name``, or None if ``name`` is not one.
+    ``tensors``: ``{name: gguf.ReaderTensor}`` (anything with ``.tensor_type``, ``.shape`` in GGUF order and
+    ``.data``); ``md``: the file's metadata (plain values or MetaValue). Every companion must exist with the
+    container type and GGUF shape that the type gives for the shape in the metadata."""
+    from .. import gguf_types
+    from ..gguf_types.codebook import Companions, is_codebook
+
+    cfg = _meta_value(md, f"qgguf.tensor.{name}.config")
+    if cfg is None:
+        return None
+    try:
+        qt = gguf_types.get(str(cfg))
+    except QggufError:
+        raise QggufError(f"tensor {name}: unknown qgguf type {cfg!r}", path) from None
+    if not is_codebook(qt):
+        raise QggufError(f"tensor {name}: qgguf type {cfg!r} is not a codebook type", path)
+    fam = _meta_value(md, f"qgguf.tensor.{name}.type")
+    if fam is not None and str(fam) != qt.family:
+        raise QggufError(f"tensor {name}: qgguf.tensor.{name}.type is {fam!r} but its config {cfg!r} is "
+                         f"{qt.family!r}", path)
+    shape = codebook_shape(name, md, path)
+    try:
+        specs = qt.companion_specs(shape)
+    except QggufError as e:
+        raise QggufError(f"tensor {name}: {e.problem}", path) from None
+    comp = Companions()
+    for sp in specs:
+        t = tensors.get(name + sp.suffix)
+        if t is None:
+            raise QggufError(f"tensor {name} ({qt.name}): companion tensor {name}{sp.suffix} is missing", path)
+        tt = int(t.tensor_type)
+        ne = tuple(int(v) for v in t.shape)
+        while len(ne) > len(sp.gguf_shape) and ne[-1] == 1:
+            ne = ne[:-1]
+        if tt != sp.ggml_type or ne != sp.gguf_shape:
+            got = _type_name(tt) or str(tt)
+            raise QggufError(f"tensor {name} ({qt.name}, shape {list(reversed(shape))}): companion "
+                             f"{name}{sp.suffix} is {got} {list(ne)}, expected {sp.container} "
+                             f"{list(sp.gguf_shape)}", path)
+        raw = np.asarray(t.data)
+        comp[sp.suffix] = raw.view(np.uint8).reshape(-1).view(sp.dtype).reshape(sp.shape)
+    return qt, shape, comp
+
+
+def codebook_linear(name: str, tensors: Mapping, md: Mapping, expect: tuple[int, int] | None = None,
+                    path=None) -> LinearBase | None:
+    """The module for codebook tensor ``name`` (:func:`codebook_companions`), or None if it is not one."""
+    got = codebook_companions(name, tensors, md, path)
+    if got is None:
+        return None
+    qt, shape, comp = got
+    if expect is not None and tuple(shape) != tuple(int(v) for v in expect):
+        raise UnsupportedModelError(f"tensor {name} has shape {tuple(shape)}, expected {tuple(expect)}", path)
+    factory = _CODEBOOK_KINDS.get(qt.family)
+    if factory is None:
+        raise UnsupportedModelError(f"tensor {name}: no runtime kind for codebook family {qt.family!r}", path)
+    return factory(name, qt, shape, comp)
+
+
+def _codebook_source(reader, path, md: dict):
+    """A :class:`qgguf.runtime.model._TensorSource` that also serves codebook tensors by their weight name."""
+    from .model import _TensorSource
+
+    class _CodebookSource(_TensorSource):
+        def __init__(self):
+            super().__init__(reader, path)
+            self.md = md
+            self.cb_shapes = {}
+            for k in md:
+                if k.startswith("qgguf.tensor.") and k.endswith(".config"):
+                    n = k[len("qgguf.tensor."):-len(".config")]
+                    self.cb_shapes[n] = codebook_shape(n, md, path)
+
+        def has(self, name):
+            return name in self.cb_shapes or super().has(name)
+
+        def shape(self, name):
+            if name in self.cb_shapes:
+                return self.cb_shapes[name]
+            return super().shape(name)
+
+        def linear(self, name, expect, optional=False):
+            if name in self.cb_shapes:
+                lin = codebook_linear(name, self.tensors, self.md, expect, path)
+                sparse = self.outliers(name)
+                if sparse is not None:
+                    from .model import add_sparse
+                    lin = add_sparse(lin, *sparse)
+                return lin
+            return super().linear(name, expect, optional)
+
+    return _CodebookSource()
+
+
+def has_codebook_tensors(md: Mapping) -> bool:
+    return any(k.startswith("qgguf.tensor.") and k.endswith(".config") for k in md)
+
+
+def load_llama(path, threads: int | None = None):
+    """:meth:`LlamaModel.from_gguf` that also loads qgguf codebook tensors (AQ): plain files take the same path."""
+    import gguf
+    from pathlib import Path
+
+    from ..errors import InputFileError
+    from .model import LlamaModel, hparams_from_metadata, read_metadata
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError("no such model file", path)
+    try:
+        reader = gguf.GGUFReader(str(path), "r")
+    except Exception as e:
+        raise InputFileError(f"cannot read as GGUF: {e}", path) from None
+    md = read_metadata(reader)
+    if not has_codebook_tensors(md):
+        del reader
+        return LlamaModel.from_gguf(path, threads=threads)
+    if threads:
+        torch.set_num_threads(int(threads))
+    src = _codebook_source(reader, path, md)
+    if not src.has("token_embd.weight"):
+        hparams_from_metadata(md, 0, path)
+        raise UnsupportedModelError("missing tensor token_embd.weight", path)
+    hp = hparams_from_metadata(md, src.shape("token_embd.weight")[0], path)
+    with torch.no_grad():
+        model = LlamaModel(hp, src, md, path)
+    model.eval()
+    return model
+
+
+__all__ = ["LinearBase", "DenseLinear", "AQLinear", "make_linear", "register_linear_kind", "register_codebook_kind",
+           "dequantize_tensor", "codebook_linear", "codebook_companions", "load_llama"]
