@@ -1,4 +1,4 @@
-"""Sub-commands of the torch runner: ``run``, ``chat``, ``eval``, ``tokenize``.
+"""Sub-commands of the torch runner: ``run``, ``chat``, ``eval``, ``tokenize``, ``bench``.
 
 torch is imported inside the handlers only, so that ``qgguf --help`` and conversion start fast."""
 from __future__ import annotations
@@ -19,7 +19,7 @@ def _threads(args) -> int | None:
 
 
 def _load(args):
-    from .model import LlamaModel
+    from .linear import load_llama
     from .tokenizer import Tokenizer
 
     path = Path(args.model)
@@ -30,7 +30,7 @@ def _load(args):
         import torch
 
         torch.set_num_threads(threads)
-    model = LlamaModel.from_gguf(path, threads=threads)
+    model = load_llama(path, threads=threads)   # plain files: LlamaModel.from_gguf; also qgguf AQ tensors
     tok = Tokenizer.from_gguf(path)
     return model, tok
 
@@ -101,6 +101,18 @@ def cmd_tokenize(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import bench, format_result
+
+    res = bench(args.model, n_prompt=args.n_prompt, n_gen=args.n_gen, threads=_threads(args), reps=args.reps,
+                torch_threads_decode=args.torch_threads_decode)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(format_result(res))
+    return 0
+
+
 def _add_sampling(p: argparse.ArgumentParser, n_default: int) -> None:
     p.add_argument("-n", "--n-predict", type=int, default=n_default,
                    help=f"tokens to generate (-1: until end of text or context full; default {n_default})")
@@ -151,6 +163,19 @@ def add_parsers(sub) -> None:
     p.add_argument("--no-parse-special", action="store_true", help="treat special-token text as plain text")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("bench", help="prompt and decode tokens/s of the torch runner (like llama-bench)",
+                       description="Prompt processing (pp: -p tokens in one batch) and text generation (tg: -n "
+                                   "tokens one at a time) speed, best of -r repetitions.")
+    p.add_argument("model", metavar="MODEL.gguf")
+    p.add_argument("-p", "--n-prompt", type=int, default=128, help="prompt tokens (default 128; 0: skip)")
+    p.add_argument("-n", "--n-gen", type=int, default=64, help="generated tokens (default 64; 0: skip)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: min(cores, 4))")
+    p.add_argument("-r", "--reps", type=int, default=3, help="repetitions (default 3)")
+    p.add_argument("--torch-threads-decode", type=int, default=1,
+                   help="torch threads for the small ops of decoding (default 1; weights use --threads)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench)
 
 
 __all__ = ["add_parsers"]

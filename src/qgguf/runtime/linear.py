@@ -159,8 +159,20 @@ def register_codebook_kind(family: str, factory: Callable, *, replace: bool = Fa
     _CODEBOOK_KINDS[family] = factory
 
 
+# threads of the native kernels; None: torch's thread count (set by the runner's --threads)
+NATIVE_THREADS: int | None = None
+
+
+def set_native_threads(n: int | None) -> None:
+    """Threads of the native AQ/VQ kernels (None: follow ``torch.get_num_threads()``). The decode loop runs
+    the small torch ops on one thread and the weight kernels on ``n``: on a loaded machine, torch's OpenMP
+    barriers for microsecond-sized ops cost more than they save."""
+    global NATIVE_THREADS
+    NATIVE_THREADS = None if n is None else max(1, int(n))
+
+
 def _threads_now() -> int:
-    return max(1, int(torch.get_num_threads()))
+    return NATIVE_THREADS if NATIVE_THREADS is not None else max(1, int(torch.get_num_threads()))
 
 
 class AQLinear(LinearBase):
@@ -393,7 +405,22 @@ def load_llama(path, threads: int | None = None):
     with torch.no_grad():
         model = LlamaModel(hp, src, md, path)
     model.eval()
+    _drop_mapped_pages(reader)
     return model
+
+
+def _drop_mapped_pages(reader) -> None:
+    """Let the kernel drop the file pages that loading touched (MADV_DONTNEED on the read-only mapping): the
+    native kernels read their own copies (tiled codes) on the fast path, so the mapped copy need not stay
+    resident; any later read just faults the pages back from the page cache. Keeps RSS close to the file size."""
+    import mmap
+    mm = getattr(getattr(reader, "data", None), "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    try:
+        mm.madvise(mmap.MADV_DONTNEED)
+    except (OSError, ValueError):
+        pass
 
 
 __all__ = ["LinearBase", "DenseLinear", "AQLinear", "make_linear", "register_linear_kind", "register_codebook_kind",

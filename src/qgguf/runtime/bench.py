@@ -1,0 +1,312 @@
+"""``qgguf bench MODEL.gguf``: prompt-processing and decode speed of the torch runner, like llama-bench.
+
+* ``pp``: ``-p`` tokens in one batch from an empty cache (``LlamaModel.forward``: matmuls, torch's attention);
+  tokens/s = n_prompt / seconds.
+* ``tg``: ``-n`` tokens decoded one at a time from an empty cache, through :class:`LeanDecoder` (below);
+  tokens/s = n_gen / seconds.
+
+Each is repeated ``-r`` times; ``pp_tps``/``tg_tps`` are the best repetition (robust on a shared machine), the
+means are reported too. Token ids are fixed pseudo-random ids (as llama-bench, the text does not matter).
+
+:class:`LeanDecoder` is the single-token path with no per-token Python work beyond one call per weight: every
+buffer is preallocated, native AQ weights are called through the C entry point with pointers computed once,
+torch runs its (microsecond-sized) ops on one thread while the weight kernels use ``threads`` (on a loaded
+machine torch's OpenMP barriers for tiny ops cost more than they save), nothing is ever dequantized per token.
+It shares the model's KV cache, so it continues after a prompt run with ``LlamaModel.forward``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import InputFileError, OptionError
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; else the peak)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+        import sys
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(r if sys.platform == "darwin" else r * 1024)
+
+
+class _Mat:
+    """One weight's y = W x into a fixed output buffer from a fixed input buffer."""
+
+    def __init__(self, lin, x: torch.Tensor, y: torch.Tensor, threads: int):
+        from .linear import AQLinear
+        self.lin, self.x, self.y = lin, x, y
+        self.call = None
+        nat = getattr(lin, "native", None) if isinstance(lin, AQLinear) else None
+        if nat is not None:
+            ffi, lib = _native_ffi()
+            self._keep = (x.numpy(), y.numpy())
+            px = ffi.cast("float *", ffi.from_buffer(self._keep[0]))
+            py = ffi.cast("float *", ffi.from_buffer(self._keep[1]))
+            t, fn, n = nat._t, lib.qg_matvec, int(threads)
+
+            def call():
+                if fn(t, px, py, n) != 0:
+                    nat._check(1, "matvec")
+            self.call = call
+        elif hasattr(lin, "weight") and isinstance(lin.weight, torch.Tensor):
+            w = lin.weight
+            rin = getattr(lin, "round_input", None)     # llama.cpp's activation rounding, when the runner does it
+            if rin is None:
+                def call():
+                    torch.mv(w, x, out=y)
+            else:
+                def call():
+                    torch.mv(w, rin(x.view(1, -1)).view(-1), out=y)
+            self.call = call
+        else:
+            def call():
+                y.copy_(lin(x.view(1, -1)).view(-1))
+            self.call = call
+
+
+def _native_ffi():
+    from ..native import _ffi, _lib
+    return _ffi, _lib
+
+
+class LeanDecoder:
+    """Single-token decoding on a :class:`~qgguf.runtime.model.LlamaModel` (module docstring).
+
+    ``step(token, pos)`` -> logits (a float32 tensor of n_vocab that the next step overwrites: copy it to keep
+    it). ``pos`` must equal the number of cached positions (``model.n_past``)."""
+
+    def __init__(self, model, threads: int | None = None):
+        self.m = model
+        hp = model.hp
+        self.hp = hp
+        self.threads = int(threads or torch.get_num_threads())
+        E, H, Hkv, dk, dv, ff = hp.n_embd, hp.n_head, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v, hp.n_ff
+        z = torch.zeros
+        self.x = z(E)
+        self.n = z(E)
+        self.q, self.k, self.v = z(H * dk), z(Hkv * dk), z(Hkv * dv)
+        self.a = z(H * dv)
+        self.o = z(E)
+        self.g, self.u, self.h = z(ff), z(ff), z(ff)
+        self.d = z(E)
+        self.logits = z(hp.n_vocab)
+        T = self.threads
+        self.layers = []
+        for L in model.layers:
+            self.layers.append(dict(
+                L=L, q=_Mat(L.wq, self.n, self.q, T), k=_Mat(L.wk, self.n, self.k, T), v=_Mat(L.wv, self.n, self.v, T),
+                o=_Mat(L.wo, self.a, self.o, T), gate=_Mat(L.w_gate, self.n, self.g, T),
+                up=_Mat(L.w_up, self.n, self.u, T), down=_Mat(L.w_down, self.h, self.d, T)))
+        self.out = _Mat(model.output, self.n, self.logits, T)
+        self.scale = 1.0 / math.sqrt(dk)
+
+    def _norm(self, w: torch.Tensor) -> None:
+        # the same expression as model.rms_norm (bit-equal results: activation rounding downstream is discontinuous)
+        x = self.x
+        torch.mul(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.hp.norm_eps), w, out=self.n)
+
+    @torch.inference_mode()
+    def step(self, token: int, pos: int) -> torch.Tensor:
+        m, hp = self.m, self.hp
+        cache = m.cache
+        if pos != cache.n_past:
+            raise ValueError(f"LeanDecoder.step at position {pos}, but {cache.n_past} positions are cached")
+        end = pos + 1
+        if end > cache.capacity:
+            cache._grow(end)
+        cos_t, sin_t = m._rope_tables(end)
+        cos, sin = cos_t[pos:end], sin_t[pos:end]
+        H, Hkv, dk, dv = hp.n_head, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v
+        G = H // Hkv
+        f16 = bool(getattr(m, "kv_f16", False))
+        self.x.copy_(m.tok_embd.embed(torch.tensor([int(token)])).view(-1))
+        for il, P in enumerate(self.layers):
+            L = P["L"]
+            self._norm(L.attn_norm)
+            P["q"].call()
+            P["k"].call()
+            P["v"].call()
+            if L.bq is not None:
+                self.q.add_(L.bq)
+            if L.bk is not None:
+                self.k.add_(L.bk)
+            if L.bv is not None:
+                self.v.add_(L.bv)
+            q = m._rope(self.q.view(1, H, dk), cos, sin)
+            k = m._rope(self.k.view(1, Hkv, dk), cos, sin)
+            Kc, Vc = cache.k[il], cache.v[il]
+            Kc[:, pos] = k[0]
+            Vc[:, pos] = self.v.view(Hkv, dv)
+            if f16:                                                      # the model's fp16 KV cache numerics
+                Kc[:, pos] = Kc[:, pos].to(torch.float16).to(torch.float32)
+                Vc[:, pos] = Vc[:, pos].to(torch.float16).to(torch.float32)
+                q = q.to(torch.float16).to(torch.float32)
+            K, V = Kc[:, :end], Vc[:, :end]                              # (Hkv, end, d)
+            s = torch.matmul(q.view(Hkv, G, dk), K.transpose(1, 2))      # (Hkv, G, end)
+            s.mul_(self.scale)
+            p = torch.softmax(s, dim=-1)
+            if f16:
+                p = p.to(torch.float16).to(torch.float32)
+            torch.matmul(p, V, out=self.a.view(Hkv, G, dv))
+            P["o"].call()
+            if L.bo is not None:
+                self.o.add_(L.bo)
+            self.x.add_(self.o)
+            self._norm(L.ffn_norm)
+            P["gate"].call()
+            P["up"].call()
+            if L.b_gate is not None:
+                self.g.add_(L.b_gate)
+            if L.b_up is not None:
+                self.u.add_(L.b_up)
+            torch.nn.functional.silu(self.g, inplace=True)
+            torch.mul(self.g, self.u, out=self.h)
+            P["down"].call()
+            if L.b_down is not None:
+                self.d.add_(L.b_down)
+            self.x.add_(self.d)
+        cache.n_past = end
+        self._norm(m.output_norm)
+        self.out.call()
+        return self.logits
+
+
+class _TorchThreads:
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        self.prev = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.prev)
+
+
+def bench(path, n_prompt: int = 128, n_gen: int = 64, threads: int | None = None, reps: int = 3,
+          torch_threads_decode: int = 1, seed: int = 0) -> dict:
+    """Measure the model at ``path``; returns the dict printed by ``qgguf bench --json``."""
+    from .. import native
+    from .linear import load_llama, set_native_threads
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError("no such model file", path)
+    if n_prompt < 0 or n_gen < 0 or (n_prompt == 0 and n_gen == 0):
+        raise OptionError("-p and -n must be >= 0, and not both 0")
+    if reps < 1:
+        raise OptionError("-r must be at least 1")
+    threads = int(threads or min(os.cpu_count() or 1, 4))
+    if threads < 1:
+        raise OptionError("--threads must be at least 1")
+    rss0 = rss_bytes()
+    t0 = time.perf_counter()
+    torch.set_num_threads(threads)
+    model = load_llama(path, threads=threads)
+    load_s = time.perf_counter() - t0
+    rss_model = rss_bytes() - rss0
+    hp = model.hp
+    if n_prompt + n_gen > hp.n_ctx_train:
+        raise OptionError(f"-p {n_prompt} + -n {n_gen} is more than the model's context ({hp.n_ctx_train})")
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, hp.n_vocab, size=max(1, n_prompt)).tolist()
+    gen_ids = rng.integers(0, hp.n_vocab, size=max(1, n_gen)).tolist()
+    set_native_threads(threads)
+    pp, tg = [], []
+    try:
+        with torch.inference_mode():
+            model.cache._grow(n_prompt + n_gen + 1)
+            if n_prompt:
+                with _TorchThreads(threads):
+                    model.reset()
+                    model.forward(prompt[: min(8, n_prompt)], 0, logits_from=-1)   # warm-up
+                    for _ in range(reps):
+                        model.reset()
+                        t1 = time.perf_counter()
+                        model.forward(prompt, 0, logits_from=-1)
+                        pp.append(time.perf_counter() - t1)
+            if n_gen:
+                with _TorchThreads(max(1, int(torch_threads_decode))):
+                    dec = LeanDecoder(model, threads)
+                    model.reset()
+                    for i in range(min(4, n_gen)):                                 # warm-up
+                        dec.step(gen_ids[i], i)
+                    for _ in range(reps):
+                        model.reset()
+                        t1 = time.perf_counter()
+                        for i, tok in enumerate(gen_ids):
+                            dec.step(tok, i)
+                        tg.append(time.perf_counter() - t1)
+    finally:
+        set_native_threads(None)
+    n_params = sum(_lin_params(lin) for lin in _linears(model))
+    res = {
+        "model": str(path), "model_bytes": path.stat().st_size, "model_params": n_params,
+        "n_vocab": hp.n_vocab, "n_embd": hp.n_embd, "n_layer": hp.n_layer,
+        "threads": threads, "torch_threads_decode": int(torch_threads_decode), "n_prompt": n_prompt,
+        "n_gen": n_gen, "reps": reps,
+        "pp_tps": (n_prompt / min(pp)) if pp else None, "tg_tps": (n_gen / min(tg)) if tg else None,
+        "pp_tps_mean": (n_prompt / float(np.mean(pp))) if pp else None,
+        "tg_tps_mean": (n_gen / float(np.mean(tg))) if tg else None,
+        "pp_s": pp, "tg_s": tg, "load_s": load_s, "rss_model_bytes": int(rss_model), "rss_bytes": rss_bytes(),
+        "native_isa": native.isa() if native.available() else None,
+        "kinds": _kinds(model), "load_avg": _loadavg(),
+    }
+    return res
+
+
+def _linears(model):
+    seen = set()
+    for L in model.layers:
+        for lin in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down):
+            yield lin
+    for lin in (model.tok_embd, model.output):
+        if id(lin) not in seen:
+            seen.add(id(lin))
+            yield lin
+
+
+def _lin_params(lin) -> int:
+    return int(lin.in_features) * int(lin.out_features)
+
+
+def _kinds(model) -> dict:
+    out = {}
+    for lin in _linears(model):
+        k = getattr(getattr(lin, "qt", None), "name", None) or getattr(lin, "source_type", lin.kind)
+        out[k] = out.get(k, 0) + 1
+    return out
+
+
+def _loadavg():
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def format_result(r: dict) -> str:
+    mb = r["model_bytes"] / 2**20
+    lines = [f"model: {r['model']} ({mb:.1f} MiB, {r['model_params'] / 1e6:.1f} M params in the linears; "
+             f"{', '.join(f'{k} x{v}' for k, v in r['kinds'].items())})",
+             f"threads {r['threads']}, native {r['native_isa']}, load {r['load_s']:.2f} s, "
+             f"RSS of the loaded model {r['rss_model_bytes'] / 2**20:.0f} MiB, machine load {r['load_avg']}",
+             f"{'test':<8} {'t/s (best)':>12} {'t/s (mean)':>12}"]
+    if r["pp_tps"] is not None:
+        lines.append(f"{'pp' + str(r['n_prompt']):<8} {r['pp_tps']:>12.2f} {r['pp_tps_mean']:>12.2f}")
+    if r["tg_tps"] is not None:
+        lines.append(f"{'tg' + str(r['n_gen']):<8} {r['tg_tps']:>12.2f} {r['tg_tps_mean']:>12.2f}")
+    return "\n".join(lines)
+
+
+__all__ = ["bench", "format_result", "LeanDecoder", "rss_bytes"]
