@@ -302,3 +302,12 @@ def test_writer_plans_and_checks(tmp_path):
         f = qt.random_fields((16, 32))
         with pytest.raises(QggufError):
             of.write_tensor("w", {**qt.pack(f), ".aq_scales": np.zeros(3, np.float32)})
+
+
+def test_synthetic_standard_file_loads_in_llamacpp(tiny_files):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(str(tiny_files["F32"]), n_ctx=64, n_threads=1, verbose=False)
+    assert llm.n_vocab() == 512
+    llm.eval([1, 40, 41])
+    with pytest.raises(ValueError):      # an AQ file is not a llama.cpp file
+        llama_cpp.Llama(str(tiny_files["aq-2x8-g8"]), n_ctx=64, n_threads=1, verbose=False)
