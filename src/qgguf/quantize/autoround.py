@@ -63,6 +63,7 @@ other load).
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field, fields as dc_fields, replace
 from typing import Any, Callable, Mapping
@@ -602,9 +603,9 @@ class AutoRound(BlockMethod):
 def _write(msg: str) -> None:
     try:
         from tqdm import tqdm
-        tqdm.write(msg)
+        tqdm.write(msg, file=sys.stderr)
     except ImportError:  # pragma: no cover
-        print(msg, flush=True)
+        print(msg, file=sys.stderr, flush=True)
 
 
 def _fields_of(r: Recipe) -> dict[str, Any]:
