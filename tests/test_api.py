@@ -29,3 +29,11 @@ def test_load_missing_file_is_a_qgguf_error(tmp_path):
     with pytest.raises(qgguf.QggufError) as e:
         qgguf.load(tmp_path / "nope.gguf")
     assert "nope.gguf" in str(e.value)
+
+
+def test_convert_stays_callable_after_submodule_imports(tmp_path):
+    import qgguf.convert.pipeline  # noqa: F401  (rebinds the qgguf.convert attribute to the package)
+
+    out = tmp_path / "s.gguf"
+    qgguf.convert(STORIES, out, type="Q4_0", progress=False)
+    assert out.is_file()

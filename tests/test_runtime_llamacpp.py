@@ -77,7 +77,7 @@ def test_stories_greedy_text_via_generate():
     assert text.strip().startswith(STORY)
 
 
-@pytest.mark.parametrize("kv_f32,atol", [(True, 2e-4), (False, 5e-2)])
+@pytest.mark.parametrize("kv_f32,atol", [(True, 2e-4), (False, 3e-2)])
 def test_stories_logits_close_to_llamacpp(kv_f32, atol):
     llm = _llm(STORIES, 256, kv_f32=kv_f32)
     text = WIKI.read_text(encoding="utf-8")[:4000]
@@ -86,12 +86,15 @@ def test_stories_logits_close_to_llamacpp(kv_f32, atol):
     llm.eval(ids)
     theirs = np.array(llm.scores[:256], dtype=np.float32)
     model = LlamaModel.from_gguf(STORIES)
+    model.kv_f16 = not kv_f32  # the same KV cache type as llama.cpp's run
     ours = model.logits(ids).numpy()
     assert np.abs(ours - theirs).max() < atol, np.abs(ours - theirs).max()
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() > 0.99
 
 
-def test_stories_perplexity_equals_llamacpp():
+@pytest.mark.parametrize("kv_f32", [True, False])
+def test_stories_perplexity_equals_llamacpp(kv_f32, monkeypatch):
+    monkeypatch.setenv("QGGUF_KV_F32", "1" if kv_f32 else "0")
     sys.path.insert(0, str(ROOT / "tools"))
     try:
         from compare_llamacpp import run_llamacpp
@@ -101,10 +104,12 @@ def test_stories_perplexity_equals_llamacpp():
     from qgguf.runtime.evaluate import evaluate
 
     ours = evaluate(STORIES, WIKI, ctx=128, chunks=6, progress=False)
-    theirs, _ = run_llamacpp(str(STORIES), WIKI.read_text(encoding="utf-8"), 128, 6, None, 2, True, False)
+    theirs, _ = run_llamacpp(str(STORIES), WIKI.read_text(encoding="utf-8"), 128, 6, None, 2, kv_f32, False)
     assert ours["tokens"] == theirs["tokens"]
-    assert ours["ppl"] == pytest.approx(theirs["ppl"], rel=1e-5)
-    assert ours["ppl_err"] == pytest.approx(theirs["ppl_err"], rel=1e-4)
+    # float32 KV: identical arithmetic up to summation order; fp16 KV: llama.cpp's f16 dot products differ in
+    # the last bits from our emulation (measured 4e-5 relative)
+    assert ours["ppl"] == pytest.approx(theirs["ppl"], rel=1e-5 if kv_f32 else 1e-4)
+    assert ours["ppl_err"] == pytest.approx(theirs["ppl_err"], rel=1e-4 if kv_f32 else 1e-3)
 
 
 def _write_f32_copy(src: Path, dst: Path) -> Path:

@@ -101,6 +101,12 @@ def hf_logits(m, ids) -> torch.Tensor:
         return m(torch.tensor([ids])).logits[0].float()
 
 
+
+@pytest.fixture(autouse=True)
+def _float32_kv_cache(monkeypatch):
+    """These tests compare with float32 references (transformers): keep the KV cache in float32."""
+    monkeypatch.setenv("QGGUF_KV_F32", "1")
+
 @pytest.mark.parametrize("tied,n_head,n_kv,bias", [(True, 4, 2, False), (False, 4, 4, False),
                                                    (False, 8, 2, True), (True, 4, 1, False)])
 def test_logits_match_transformers(tmp_path, tied, n_head, n_kv, bias):

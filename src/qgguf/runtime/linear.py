@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import QggufError, UnsupportedModelError
+from .actquant import rounder_for
 
 TypeKey = Union[int, str]
 # factory(name, tensor_type, shape, raw_data) -> LinearBase
@@ -71,8 +72,12 @@ class DenseLinear(LinearBase):
         super().__init__(name, weight.shape[0], weight.shape[1])
         self.source_type = source_type
         self.register_buffer("weight", weight, persistent=False)
+        # llama.cpp rounds the activations to the weight type's vec_dot_type first (see actquant.py)
+        self.round_input = rounder_for(source_type)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.round_input is not None:
+            x = self.round_input(x)
         return torch.nn.functional.linear(x, self.weight)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

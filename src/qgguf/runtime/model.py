@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputFileError, UnsupportedModelError
+from .actquant import round_f16
 from .linear import LinearBase, dequantize_tensor, make_linear
 
 CaptureCallback = Callable[[str, torch.Tensor], None]
@@ -408,6 +410,21 @@ class KVCache:
         self.n_past = 0
 
 
+def _attention_f16_cache(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, mask, scale: float) -> torch.Tensor:
+    """Attention as llama.cpp computes it with its default F16 KV cache (no flash attention): K and V hold
+    fp16 values, q is rounded to fp16 for the K dot products, softmax(scale * qK^T + mask) in float32, and the
+    probabilities are rounded to fp16 for the V products. q (H, T, dk), K (Hkv, n, dk), V (Hkv, n, dv)."""
+    H, Hkv = q.shape[0], K.shape[0]
+    if H != Hkv:
+        K = K.repeat_interleave(H // Hkv, dim=0)
+        V = V.repeat_interleave(H // Hkv, dim=0)
+    s = torch.matmul(round_f16(q), K.transpose(1, 2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return torch.matmul(round_f16(p), V)
+
+
 class LlamaModel(torch.nn.Module):
     """A llama-architecture GGUF model. ``forward(tokens, start_pos)`` -> float32 logits ``(T, n_vocab)``."""
 
@@ -416,6 +433,8 @@ class LlamaModel(torch.nn.Module):
         self.hp = hp
         self.metadata = metadata
         self.path = path
+        # llama.cpp's default KV cache holds fp16; QGGUF_KV_F32=1 keeps it float32 (llama.cpp's -ctk f32 -ctv f32)
+        self.kv_f16 = os.environ.get("QGGUF_KV_F32", "") in ("", "0")
         E = hp.n_embd
         self.tok_embd = src.linear("token_embd.weight", (hp.n_vocab, E))
         self.layers = torch.nn.ModuleList([_Layer(il, src, hp) for il in range(hp.n_layer)])
@@ -569,12 +588,17 @@ class LlamaModel(torch.nn.Module):
             v = self._mm(L.wv, n, L.bv).view(T, Hkv, dv)
             q = self._rope(q, cos, sin)
             k = self._rope(k, cos, sin)
+            if self.kv_f16:
+                k, v = round_f16(k), round_f16(v)
             cache.k[il][:, start_pos:end] = k.transpose(0, 1)
             cache.v[il][:, start_pos:end] = v.transpose(0, 1)
             K = cache.k[il][:, :end]
             V = cache.v[il][:, :end]
-            a = F.scaled_dot_product_attention(q.transpose(0, 1), K, V, attn_mask=mask, scale=scale,
-                                               enable_gqa=(H != Hkv))  # (H, T, dv)
+            if self.kv_f16:
+                a = _attention_f16_cache(q.transpose(0, 1), K, V, mask, scale)
+            else:
+                a = F.scaled_dot_product_attention(q.transpose(0, 1), K, V, attn_mask=mask, scale=scale,
+                                                   enable_gqa=(H != Hkv))  # (H, T, dv)
             a = a.transpose(0, 1).reshape(T, H * dv)
             x = x + self._mm(L.wo, a, L.bo)
             m = rms_norm(x, L.ffn_norm, hp.norm_eps)
