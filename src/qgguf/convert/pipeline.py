@@ -114,7 +114,8 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
             token_embedding_type: str | None = None, output_tensor_type: str | None = None, calib=None,
             nsamples: int | None = None, seqlen: int | None = None, imatrix=None, imatrix_out=None, seed: int = 0,
             threads: int | None = None, progress: bool = True, method_options: dict | None = None,
-            resume: bool = False) -> ConvertReport:
+            resume: bool = False, aq_config: str | None = None, bits: float | None = None,
+            tensor_methods=()) -> ConvertReport:
     """Convert ``src`` (GGUF file, Hugging Face folder or alias) to a GGUF at ``out``.
 
     ``method_options``: options of the method (``damp``, ``actorder``, ``passes``, ``init``, ``outliers``,
@@ -122,7 +123,11 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
     ``ctx.options``. Block methods (GPTQ, QuantEase, AutoRound) checkpoint each finished block in
     ``OUT.qgguf-resume/``; ``resume=True`` continues from there. ``nsamples``/``seqlen`` default to the
     method's own preference (its ``nsamples``/``seqlen`` attributes, e.g. an AutoRound recipe's), else
-    128 x 512."""
+    128 x 512.
+
+    AQ (``method="aq"``, quantize/aq.py): ``aq_config`` (``"aq-2x8-g8"``) or ``bits`` (the most accurate
+    configuration whose bits per weight, every byte counted, fit) and ``tensor_methods``
+    (``["ffn_down=aq"]``: AQ only on the matching block linears, ``type`` elsewhere)."""
     from ..quantize.base import QuantContext, get_method, is_blockwise
 
     t0 = time.perf_counter()
@@ -135,6 +140,11 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
     opts = {k: v for k, v in (method_options or {}).items() if v is not None}
     if imatrix and method == "rtn":
         method = "imatrix"   # an importance matrix was given: use it
+    aq_wanted = method == "aq" or aq_config is not None or bits is not None or bool(tensor_methods)
+    if aq_wanted:   # AQ codebooks (quantize/aq.py); another named method does the other block linears
+        if method not in ("aq", "rtn", "imatrix"):
+            opts.setdefault("other", method)
+        method = "aq"
     m = get_method(method, calib=calib, nsamples=nsamples, seqlen=seqlen, imatrix=imatrix, imatrix_out=imatrix_out,
                    **opts)
     blockwise = is_blockwise(m)
@@ -147,6 +157,15 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
 
     source = open_source(src)
     try:
+        if aq_wanted:   # the AQ configuration and the tensors it applies to -> type overrides
+            from ..quantize.aq import plan_aq
+            aqp = plan_aq([(t.name, t.shape) for t in source.tensors], type=type, aq_config=aq_config, bits=bits,
+                          tensor_methods=tensor_methods, tensor_types=tensor_types,
+                          token_embedding_type=token_embedding_type, output_tensor_type=output_tensor_type)
+            type, tensor_types = aqp.type, aqp.tensor_types
+            token_embedding_type, output_tensor_type = aqp.token_embedding_type, aqp.output_tensor_type
+            if aqp.other and "other" not in opts:
+                m.other = aqp.other
         plan: TypePlan = plan_types(
             [(t.name, t.shape) for t in source.tensors], arch=source.arch, n_layer=source.n_layer,
             n_head=source.n_head, n_head_kv=source.n_head_kv, type=type, pure=pure,
@@ -175,9 +194,13 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
                 if imatrix:
                     from ..quantize.imatrix import IMatrixData
                     file_imp = IMatrixData.load(imatrix).importance()
-                blocks = run_blocks(source, plan, qtypes, m, ctx, out, calib=calib, nsamples=nsamples,
-                                    seqlen=seqlen, seed=seed, resume=resume, options=opts, imatrix=file_imp,
-                                    progress=progress)
+                try:
+                    blocks = run_blocks(source, plan, qtypes, m, ctx, out, calib=calib, nsamples=nsamples,
+                                        seqlen=seqlen, seed=seed, resume=resume, options=opts, imatrix=file_imp,
+                                        progress=progress)
+                except (KeyboardInterrupt, MemoryError):
+                    _resume_hint(out)
+                    raise
                 ctx.importance = dict(blocks.importance)
                 if file_imp:
                     ctx.importance.update(file_imp)
@@ -198,7 +221,7 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
                     of.set(f"qgguf.tensor.{name}.outliers", int(k), U32)
             for c in plan.choices:
                 qt = qtypes[c.type]
-                of.plan_tensor(c.name, c.shape, qt.ggml_type, qt.nbytes(c.shape))
+                of.plan_qtensor(c.name, c.shape, qt)
                 if c.name in outliers:
                     plan_outliers(of, c.name, outliers[c.name])
             of.open()
@@ -268,6 +291,15 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
     rep.wall_s = time.perf_counter() - t0
     rep.peak_rss_bytes = peak_rss_bytes()
     return rep
+
+
+def _resume_hint(out: Path) -> None:
+    from ..quantize.blockwise import RESUME_SUFFIX
+    ck = out.with_name(out.name + RESUME_SUFFIX)
+    n = len(list(ck.glob("blk.*.npz"))) if ck.is_dir() else 0
+    if n:
+        print(f"qgguf: {n} finished blocks are saved in {ck}; run the same command with --resume to continue",
+              file=sys.stderr)
 
 
 def _block_index(name: str) -> int | None:
