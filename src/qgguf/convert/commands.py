@@ -12,7 +12,7 @@ def add_parsers(sub) -> None:
     p.add_argument("src", help="GGUF file, Hugging Face model folder, or alias (smollm2-135m)")
     p.add_argument("-o", "--out", help="output file (default: NAME-TYPE.gguf next to SRC, or ./ for an alias)")
     p.add_argument("--method", default="rtn",
-                   help="rtn (default), imatrix, gptq, quantease or autoround (the last three calibrate block by "
+                   help="rtn (default), imatrix, gptq, quantease, autoround or aq (the last four calibrate block by "
                         "block; see the method options below)")
     p.add_argument("--type", default="Q8_0",
                    help="llama.cpp file type (F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q2_K_S Q3_K_S Q3_K_M "
@@ -43,6 +43,15 @@ def add_parsers(sub) -> None:
     g.add_argument("--lr", type=float, help="autoround: learning rate (default 1/iters)")
     g.add_argument("--recipe", choices=["default", "light", "best"], help="autoround: preset of iters/samples")
     g.add_argument("--batch-size", type=int, help="autoround: samples per optimisation step")
+    a = p.add_argument_group("AQ (additive codebooks, --method aq; the file then needs the qgguf runner)")
+    a.add_argument("--aq-config", metavar="aq-MxB-gG",
+                   help="AQ configuration: M codebooks of 2^B entries over groups of G inputs (default aq-2x8-g8)")
+    a.add_argument("--bits", type=float, metavar="B",
+                   help="aq: the most accurate configuration whose bits per weight of the AQ tensors, every byte "
+                        "counted (codes, codebooks, scales), is at most B")
+    a.add_argument("--tensor-method", action="append", default=[], metavar="PATTERN=METHOD",
+                   help="per-tensor method by regex (repeatable), e.g. 'ffn_down=aq': AQ only on the matching block "
+                        "linears, --type elsewhere")
     g.add_argument("-O", "--method-option", action="append", default=[], metavar="KEY=VALUE",
                    help="any other option of the method (repeatable), e.g. -O blocksize=256")
     g.add_argument("--resume", action="store_true",
@@ -93,7 +102,8 @@ def _convert(args: argparse.Namespace) -> int:
                   output_tensor_type=args.output_tensor_type, calib=args.calib, nsamples=args.nsamples,
                   seqlen=args.seqlen, imatrix=args.imatrix, imatrix_out=args.imatrix_out, seed=args.seed,
                   threads=args.threads, progress=not args.quiet and sys.stderr.isatty(),
-                  method_options=method_options(args), resume=args.resume)
+                  method_options=method_options(args), resume=args.resume, aq_config=args.aq_config,
+                  bits=args.bits, tensor_methods=args.tensor_method)
     if args.json:
         import json
         print(json.dumps(rep.to_dict(), indent=1))

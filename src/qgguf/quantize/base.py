@@ -79,6 +79,7 @@ METHODS: dict[str, Any] = {
     "gptq": "gptq:GPTQ",
     "quantease": "quantease:QuantEase",
     "autoround": "autoround:AutoRound",
+    "aq": "aq:AQ",
 }
 
 #: per-tensor methods that need Gram matrices (run block by block), also when they do not set ``needs_grams``

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from ..errors import OptionError, QggufError
+from ..gguf_types import is_codebook
 from ..runtime import model as rm
 from .base import Method, QuantContext
 
@@ -245,7 +246,9 @@ def sequential_quantize(block: Block, ctx: QuantContext, quantize_linear: Quanti
                 imp = (np.diag(Hn) / N).astype(np.float32)
             wk = np.ascontiguousarray(block.weights[k].numpy(), dtype=np.float32)
             data = quantize_linear(block.names[k], wk, block.qtypes[k], Hn, imp, ctx)
-            data = np.ascontiguousarray(data).view(np.uint8).reshape(wk.shape[0], -1)
+            data = np.ascontiguousarray(data).view(np.uint8)
+            if not is_codebook(block.qtypes[k]):   # codebook types: one flat blob of their companions
+                data = data.reshape(wk.shape[0], -1)
             packed[k] = data
             quant[k] = block.dequantized(k, data, ctx)
             w[k] = quant[k]
@@ -319,7 +322,9 @@ class BlockMethod(Method):
         self.options = options
 
     def quantize_block(self, block: Block, ctx: QuantContext) -> dict[str, np.ndarray]:
-        """Packed uint8 bytes ``(rows, row_bytes)`` for every short key in ``block.qtypes``."""
+        """Packed uint8 bytes ``(rows, row_bytes)`` for every short key in ``block.qtypes``. A method that also
+        tunes float tensors of the block (AQ's RMSNorm weights) returns their new values as float32 arrays under
+        their short keys (``attn_norm``, ``ffn_norm``); the pipeline writes those instead of the originals."""
         return sequential_quantize(block, ctx, self.quantize_linear)
 
     def quantize_linear(self, name: str, w: np.ndarray, qtype, H: np.ndarray, importance: np.ndarray,
@@ -557,6 +562,11 @@ def run_blocks(source, plan, qtypes: dict, method: BlockMethod, ctx: QuantContex
                 missing = set(qkeys) - set(packed)
                 if missing:
                     raise QggufError(f"{method.name} returned no data for {sorted(missing)} of block {il}")
+                for k in sorted(set(packed) - set(qkeys)):   # float tensors the method tuned (AQ's RMSNorm weights)
+                    n = keys.get(k)
+                    if n is not None and not choices[n].quantize:
+                        c = choices[n]
+                        tensors[n] = qtypes[c.type].quantize(np.asarray(packed[k], np.float32).reshape(-1, c.shape[-1]))
                 outl = {}
                 for k, qt in qkeys.items():
                     n = keys[k]
