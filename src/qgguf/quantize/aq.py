@@ -1,0 +1,568 @@
+"""``--method aq``: additive quantization (AQLM: Egiazarian et al., "Extreme Compression of Large Language
+Models via Additive Quantization") onto qgguf's codebook types ``aq-MxB-gG``.
+
+Block by block, in the calibration pipeline (:mod:`.blockwise`):
+
+1. every linear of the block that has an AQ type is quantized against its true-sequential Gram matrix
+   ``H = X^T X`` (:func:`qgguf.quantize.aq_core.quantize_matrix`: residual k-means init, then rounds of Adam on
+   codebooks/scales and beam search over the codes, until the relative error ``tr(dW H dW^T)/tr(W H W^T)``
+   improves by less than ``tol``); linears with a standard type (``--tensor-method``, or rows that do not
+   divide into groups of ``g``) take the ``other`` method (default ``imatrix``: the type's importance-weighted
+   search; ``rtn``, ``gptq`` or ``quantease`` also work);
+2. the block's codebooks, scales and RMSNorm weights are fine-tuned (codes frozen; Adam) so that the
+   quantized block's output on ``x_q`` (the outputs of the already-quantized blocks) matches the original
+   block's output (``ft_target=xq``, AQLM's choice: the original block on the same inputs; ``ft_target=fp``:
+   the original block on the float model's own activations). The loss over the whole calibration set is
+   checked after every epoch and the best state is kept (the start included), so fine-tuning never makes the
+   block worse on the calibration data. The tuned norms go back to the pipeline as float32 arrays under their
+   short keys (``attn_norm``, ``ffn_norm``), which :func:`qgguf.quantize.blockwise.run_blocks` writes instead of
+   the originals.
+
+What is tuned is what is stored: codebooks are float16 in the file, so the fine-tuning forward pass rounds
+them to float16 (straight-through gradient), and scales are float32.
+
+Options (``-O KEY=VALUE``; defaults fit SmolLM2-135M, 210 linears plus fine-tuning, in about 45 minutes on
+2 CPU cores):
+
+    beam=1          beam size of the code search (AQLM's beam_size; 1 = greedy coordinate descent)
+    max_rounds=4    rounds of (Adam, beam search) per linear
+    tol=0.01        stop when a round improves the relative error by less than this fraction
+    adam_steps=20   Adam steps on codebooks and scales per round
+    lr=0.005        Adam learning rate (relative to the codebooks' RMS and the scales)
+    kmeans_iters=15 kmeans_points=16384   residual k-means initialisation (points sampled per codebook)
+    finetune=yes    ft_epochs=3  ft_lr=0.0005  ft_batch=4  ft_tol=0.001  ft_target=xq|fp
+    other=imatrix   method of linears with a standard type
+    linear_threads=1  torch threads of the per-linear search and the fine-tuning (small operations: one
+                    thread is faster than two on a busy 2-core machine)
+    nsamples=64 seqlen=256   calibration (the pipeline's --nsamples/--seqlen override)
+
+The choice of configuration (``--aq-config``, ``--bits``) and of the tensors AQ applies to
+(``--tensor-method PATTERN=aq``) is made before the type plan, by :func:`plan_aq`.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, fields as dc_fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import OptionError, QggufError
+from .aq_core import (CONFIGS, AQConfig, AQOptions, dequantize, from_fields, parse_config, quantize_matrix,
+                      to_fields)
+from .base import QuantContext
+from .blockwise import BlockMethod, sequential_quantize
+
+LINEAR_KEYS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+NORM_KEYS = ("attn_norm", "ffn_norm")
+DEFAULT_CONFIG = "aq-2x8-g8"
+
+
+# ------------------------------------------------------------------------------------------------
+# options
+
+
+@dataclass
+class FinetuneOptions:
+    finetune: bool = True
+    ft_epochs: int = 3
+    ft_lr: float = 5e-4
+    ft_batch: int = 4
+    ft_tol: float = 1e-3
+    ft_target: str = "xq"
+
+
+_AQ_KEYS = {f.name for f in dc_fields(AQOptions)}
+_FT_KEYS = {f.name for f in dc_fields(FinetuneOptions)}
+_OTHER_KEYS = {"other", "linear_threads", "verbose", "tensor_methods", "aq_config"}
+
+#: AQ defaults chosen for the time budget (module docstring); AQOptions' own defaults are the library's
+METHOD_DEFAULTS = dict(beam=1, max_rounds=4, tol=0.01, adam_steps=20, lr=5e-3, kmeans_iters=15,
+                       kmeans_points=16384)
+
+
+def _as_bool(v) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() in ("1", "true", "yes", "on")
+    return bool(v)
+
+
+def _coerce(cls, values: dict):
+    out = {}
+    for f in dc_fields(cls):
+        if f.name not in values or values[f.name] is None:
+            continue
+        v = values[f.name]
+        typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        try:
+            if "bool" in typ:
+                v = _as_bool(v)
+            elif typ.startswith("int"):
+                v = None if (isinstance(v, str) and v.lower() == "none") else int(v)
+            elif typ.startswith("float"):
+                v = float(v)
+            else:
+                v = str(v)
+        except (TypeError, ValueError):
+            raise OptionError(f"aq option {f.name}={values[f.name]!r}: expected {typ}") from None
+        out[f.name] = v
+    return cls(**out)
+
+
+def aq_options(options: dict) -> AQOptions:
+    return _coerce(AQOptions, {**METHOD_DEFAULTS, **{k: v for k, v in options.items() if k in _AQ_KEYS}})
+
+
+def finetune_options(options: dict) -> FinetuneOptions:
+    ft = _coerce(FinetuneOptions, {k: v for k, v in options.items() if k in _FT_KEYS})
+    if ft.ft_target not in ("xq", "fp"):
+        raise OptionError(f"aq option ft_target={ft.ft_target!r}: expected xq or fp")
+    return ft
+
+
+def config_of(qtype) -> AQConfig | None:
+    """The AQ configuration of a tensor type (None for the standard types)."""
+    name = getattr(qtype, "name", str(qtype))
+    try:
+        return parse_config(name)
+    except OptionError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# the method
+
+
+class AQ(BlockMethod):
+    """``--method aq`` (module docstring)."""
+
+    name = "aq"
+    needs_calibration = True
+    blockwise = True
+
+    def __init__(self, calib=None, nsamples=None, seqlen=None, **options):
+        options = {k: v for k, v in options.items() if k not in ("imatrix", "imatrix_out") and v is not None}
+        unknown = set(options) - _AQ_KEYS - _FT_KEYS - _OTHER_KEYS - {"nsamples", "seqlen", "seed"}
+        if unknown:
+            raise OptionError(f"unknown aq option(s): {', '.join(sorted(unknown))}; known: "
+                              f"{', '.join(sorted(_AQ_KEYS | _FT_KEYS | {'other'}))}")
+        self.calib = calib
+        self.options = options
+        self.aq = aq_options(options)
+        self.ft = finetune_options(options)
+        self.other = str(options.get("other", "imatrix")).lower()
+        if self.other not in ("imatrix", "rtn", "gptq", "quantease"):
+            raise OptionError(f"aq option other={self.other!r}: expected imatrix, rtn, gptq or quantease")
+        self._other_method = None
+        self.needs_fp_inputs = self.ft.finetune and self.ft.ft_target == "fp"
+        self.nsamples = int(options.get("nsamples") or nsamples or 64)
+        self.seqlen = int(options.get("seqlen") or seqlen or 256)
+
+    def describe(self) -> str:
+        a, f = self.aq, self.ft
+        s = (f"aq(beam={a.beam}, max_rounds={a.max_rounds}, tol={a.tol:g}, adam_steps={a.adam_steps}, "
+             f"lr={a.lr:g}, kmeans={a.kmeans_iters}x{a.kmeans_points}")
+        if f.finetune:
+            s += (f", finetune={f.ft_epochs} epochs lr={f.ft_lr:g} batch={f.ft_batch} tol={f.ft_tol:g} "
+                  f"target={f.ft_target}")
+        else:
+            s += ", no finetune"
+        return s + (f", other={self.other})" if self.other != "imatrix" else ")")
+
+    # -- non-AQ linears -------------------------------------------------------------------------------
+    def _quantize_other(self, name, w, qtype, H, importance, ctx):
+        if self.other == "rtn":
+            return qtype.quantize(w)
+        if self.other == "imatrix":
+            return qtype.quantize(w, importance)
+        if self._other_method is None:
+            from .base import get_method
+            self._other_method = get_method(self.other)
+        if ctx.importance is None:
+            ctx.importance = {}
+        ctx.grams[name] = H
+        ctx.importance[name] = importance
+        try:
+            return self._other_method.quantize_tensor(name, w, qtype, ctx)
+        finally:
+            ctx.grams.pop(name, None)
+            ctx.importance.pop(name, None)
+
+    # -- one block ------------------------------------------------------------------------------------
+    def quantize_block(self, block, ctx: QuantContext) -> dict[str, np.ndarray]:
+        nt = int((ctx.options or {}).get("linear_threads") or 1)
+        old_threads = torch.get_num_threads()
+        state: dict[str, tuple] = {}          # key -> (cfg, codes, codebooks, scales)
+        keys = {v: k for k, v in block.names.items()}
+
+        def quantize_linear(name, w, qtype, H, importance, ctx):
+            cfg = config_of(qtype)
+            if cfg is None:
+                return self._quantize_other(name, w, qtype, H, importance, ctx)
+            key = keys[name]
+            seed = (int(block.seed) * 31 + 1009 * (LINEAR_KEYS.index(key) + 1 if key in LINEAR_KEYS else 99)) % (2**63)
+            bar = _bar(ctx, f"blk.{block.index} {key} {cfg.name}", self.aq.max_rounds * 2 + 2)
+
+            def progress(stage, err):
+                if bar is not None:
+                    bar.set_postfix_str(f"{stage}: rel err {err:.4g}", refresh=False)
+                    bar.update(1)
+
+            torch.set_num_threads(nt)
+            try:
+                res = quantize_matrix(w, H, cfg, self.aq, seed=seed, progress=progress)
+            finally:
+                torch.set_num_threads(old_threads)
+                if bar is not None:
+                    bar.close()
+            state[key] = (cfg, res.codes, res.codebooks, res.scales)
+            if ctx.progress and _as_bool(ctx.options.get("verbose", False)):
+                _write(f"aq blk.{block.index} {key}: rel err {res.rel_err:.4g} ({res.seconds:.1f} s; "
+                       + ", ".join(f"{s} {e:.4g}" for s, e in res.history) + ")")
+            return pack(qtype, cfg, res.codes, res.codebooks, res.scales)
+
+        packed = sequential_quantize(block, ctx, quantize_linear)
+        block.x_out = None      # recomputed by the pipeline from the final (fine-tuned) tensors
+        if self.ft.finetune and state:
+            t0 = time.perf_counter()
+            torch.set_num_threads(nt)
+            try:
+                res = finetune_block(block, packed, state, self.ft, ctx)
+            finally:
+                torch.set_num_threads(old_threads)
+            for key, (cfg, codes, books, scales) in res.state.items():
+                packed[key] = pack(block.qtypes[key], cfg, codes, books, scales)
+            for key, v in res.norms.items():
+                packed[key] = v.astype(np.float32)
+            ctx.extra.setdefault("block_loss", {})[block.index] = {
+                "method": "aq", "start": res.start_loss, "loss": res.loss, "best_epoch": res.best_epoch,
+                "seconds": time.perf_counter() - t0}
+            if ctx.progress:
+                _write(f"aq block {block.index}: fine-tuned block loss {res.start_loss:.4g} -> {res.loss:.4g} "
+                       f"(epoch {res.best_epoch}, {time.perf_counter() - t0:.0f} s)")
+        return packed
+
+
+# ------------------------------------------------------------------------------------------------
+# packing
+
+
+def pack(qtype, cfg: AQConfig, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
+    """The bytes of an AQ tensor: the type's ``pack`` of the fields (codes ``[C/g][M][R]``, float16
+    codebooks ``[M][2^B][g]``, float32 scales ``[R]``)."""
+    fields = to_fields(codes, codebooks, scales, cfg)
+    return np.asarray(qtype.pack(fields))
+
+
+# ------------------------------------------------------------------------------------------------
+# block fine-tuning
+
+
+@dataclass
+class FinetuneResult:
+    state: dict
+    norms: dict
+    start_loss: float
+    loss: float
+    best_epoch: int
+
+
+class _F16STE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.half().float()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def finetune_block(block, packed: dict, state: dict, ft: FinetuneOptions, ctx: QuantContext) -> FinetuneResult:
+    """Adam on the codebooks, scales and RMSNorm weights of one block (codes frozen) against the original
+    block's outputs (module docstring). Parameters are relative (codebooks in units of their RMS, scales and
+    norms as factors of their start), so one learning rate suits every layer."""
+    from ..runtime import model as rm
+
+    hp, rope = block.hp, block.rope
+    x = block.x_q
+    orig = dict(block.weights)
+    base = block.current()
+    # the block's other tensors as stored (standard-type linears, fixed tensors)
+    for k in block.qtypes:
+        if k not in state:
+            base[k] = block.dequantized(k, packed[k], ctx)
+    src = block.x_fp if (ft.ft_target == "fp" and block.x_fp is not None) else x
+    with torch.no_grad():
+        target = torch.empty_like(x)
+        for sl in block.chunks():
+            target[sl] = rm.block_forward(hp, orig, src[sl], rope)
+    tnorm = float(target.double().pow(2).mean()) or 1.0
+
+    params, meta = [], {}
+    for k, (cfg, codes, books, scales) in state.items():
+        rms = float(books.pow(2).mean().sqrt()) or 1.0
+        pb = (books / rms).clone().requires_grad_(True)
+        ps = torch.ones_like(scales).requires_grad_(True)
+        meta[k] = (cfg, codes, rms, scales.clone(), pb, ps)
+        params += [pb, ps]
+    norms = {}
+    for k in NORM_KEYS:
+        if k in base and k in orig:
+            n0 = base[k].detach().clone()
+            pn = torch.ones_like(n0).requires_grad_(True)
+            norms[k] = (n0, pn)
+            params.append(pn)
+
+    def weights(grad: bool):
+        w = dict(base)
+        for k, (cfg, codes, rms, s0, pb, ps) in meta.items():
+            b = _F16STE.apply(pb * rms) if grad else (pb * rms).half().float()
+            w[k] = dequantize(codes, b, s0 * ps)
+        for k, (n0, pn) in norms.items():
+            w[k] = n0 * pn
+        return w
+
+    @torch.no_grad()
+    def full_loss() -> float:
+        w = weights(False)
+        tot = 0.0
+        for sl in block.chunks():
+            d = rm.block_forward(hp, w, x[sl], rope) - target[sl]
+            tot += float(d.double().pow(2).sum())
+        return tot / (target.numel() * tnorm)
+
+    def snapshot():
+        return [p.detach().clone() for p in params]
+
+    start = full_loss()
+    best = (start, snapshot(), 0)
+    opt = torch.optim.Adam(params, lr=ft.ft_lr, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(int(block.seed) + 17)
+    N = x.shape[0]
+    bs = max(1, min(int(ft.ft_batch), N))
+    prev = start
+    bar = _bar(ctx, f"blk.{block.index} finetune", max(1, ft.ft_epochs))
+    try:
+        for ep in range(1, max(0, ft.ft_epochs) + 1):
+            order = torch.randperm(N, generator=gen)
+            for b0 in range(0, N, bs):
+                idx = order[b0:b0 + bs]
+                with torch.enable_grad():
+                    w = weights(True)
+                    out = rm.block_forward(hp, w, x[idx], rope)
+                    loss = (out - target[idx]).pow(2).mean() / tnorm
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                opt.step()
+            cur = full_loss()
+            if bar is not None:
+                bar.set_postfix_str(f"block loss {start:.4g} -> {cur:.4g}", refresh=False)
+                bar.update(1)
+            if cur < best[0]:
+                best = (cur, snapshot(), ep)
+            if prev - cur < ft.ft_tol * prev:
+                break
+            prev = cur
+    finally:
+        if bar is not None:
+            bar.close()
+    with torch.no_grad():
+        for p, v in zip(params, best[1]):
+            p.copy_(v)
+        out_state = {}
+        for k, (cfg, codes, rms, s0, pb, ps) in meta.items():
+            out_state[k] = (cfg, codes, (pb * rms).half().float(), (s0 * ps).float())
+        out_norms = {k: (n0 * pn).numpy().astype(np.float32) for k, (n0, pn) in norms.items()} if best[2] else {}
+    if not best[2]:   # the start was best: keep the linears' own results and the original norms
+        out_state = {k: state[k] for k in state}
+    return FinetuneResult(out_state, out_norms, start, best[0], best[2])
+
+
+# ------------------------------------------------------------------------------------------------
+# choosing the configuration and the tensors (before the type plan)
+
+
+def available_configs() -> list[AQConfig]:
+    """The AQ configurations this qgguf can write (registered codebook types; all of :data:`CONFIGS`
+    when the registry has none, e.g. in tests of the algorithm alone)."""
+    from .. import gguf_types
+    out = []
+    for c in CONFIGS:
+        try:
+            gguf_types.get(c.name)
+        except QggufError:
+            continue
+        out.append(c)
+    return out or list(CONFIGS)
+
+
+def _fallback_bytes(shape, fallback_type: str) -> int:
+    from .. import gguf_types
+    from ..convert.presets import _fallback
+    t = _fallback(fallback_type, int(shape[-1]))
+    return gguf_types.get(t).nbytes(tuple(shape))
+
+
+def config_bpw(cfg: AQConfig, shapes, fallback_type: str = "Q8_0") -> float:
+    """Bits per weight of the AQ tensors ``shapes`` ((rows, cols) each) in ``cfg``, counting every byte
+    (codes, codebooks, scales; tensors whose rows do not divide into groups of ``g`` in their fallback)."""
+    nb, n = 0, 0
+    for shape in shapes:
+        R, C = int(np.prod(shape[:-1])), int(shape[-1])
+        nb += cfg.nbytes(R, C) if cfg.fits(C) else _fallback_bytes((R, C), fallback_type)
+        n += R * C
+    return 8.0 * nb / max(1, n)
+
+
+def choose_config(shapes, bits: float, configs=None, fallback_type: str = "Q8_0") -> AQConfig:
+    """The most accurate configuration whose true bits per weight over ``shapes`` is at most ``bits``.
+    Accuracy order: more code bits per weight first; at equal code bits a 16-bit codebook (AQLM's best),
+    then the smaller file (measured on SmolLM2: 2x8-g8 beats 4x8-g16, 1x8-g8 beats 2x8-g16)."""
+    configs = list(configs or available_configs())
+    scored = [(c, config_bpw(c, shapes, fallback_type)) for c in configs]
+    fit = [(c, b) for c, b in scored if b <= bits + 1e-9]
+    if not fit:
+        lo = min(scored, key=lambda t: t[1])
+        raise OptionError(f"--bits {bits:g}: no AQ configuration fits this model (the smallest, {lo[0].name}, "
+                          f"needs {lo[1]:.3f} bits per weight)")
+    fit.sort(key=lambda t: (t[0].code_bits, t[0].B, -t[1]), reverse=True)
+    return fit[0][0]
+
+
+def parse_tensor_methods(items) -> list[tuple[str, re.Pattern, str]]:
+    """``["PATTERN=METHOD", ...]`` -> [(pattern, compiled, method)]."""
+    out = []
+    for it in items or ():
+        if isinstance(it, (tuple, list)):
+            pat, meth = it
+        else:
+            pat, sep, meth = str(it).rpartition("=")
+            if not sep or not pat or not meth:
+                raise OptionError(f"--tensor-method {it!r}: expected PATTERN=METHOD, e.g. 'ffn_down=aq'")
+        meth = meth.strip().lower()
+        if meth not in ("aq", "imatrix", "rtn", "gptq", "quantease"):
+            raise OptionError(f"--tensor-method {it!r}: method must be aq, imatrix, rtn, gptq or quantease")
+        try:
+            rx = re.compile(pat.lower())
+        except re.error as e:
+            raise OptionError(f"--tensor-method {it!r}: bad regular expression: {e}") from None
+        out.append((pat, rx, meth))
+    return out
+
+
+_LINEAR_RX = re.compile(r"^blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight$")
+
+
+@dataclass
+class AQPlan:
+    """What :func:`plan_aq` decided."""
+    config: AQConfig
+    type: str                           # the --type for everything else (a standard type or preset)
+    tensors: list[str]                  # the tensors stored in the AQ type
+    fallback: list[str]                 # AQ was asked for, but their rows do not divide into groups of g
+    bpw: float                          # of the AQ tensors (fallbacks counted in their type)
+    tensor_types: list                  # --tensor-type overrides to pass to the type plan
+    token_embedding_type: str | None
+    output_tensor_type: str | None
+    other: str | None                   # the method of the block linears that are not AQ
+
+
+def plan_aq(tensors, *, type: str = "Q8_0", aq_config: str | None = None, bits: float | None = None,
+            tensor_methods=(), tensor_types=(), token_embedding_type: str | None = None,
+            output_tensor_type: str | None = None, method: str = "aq") -> AQPlan:
+    """Decide the AQ configuration and the tensors it applies to. ``tensors``: (name, numpy shape) pairs.
+
+    * AQ applies to every block linear, or with ``tensor_methods`` (``PATTERN=aq``) to the block linears
+      that match; ``tensor_types`` given by the user win over AQ for the tensors they match;
+    * the configuration: ``aq_config``, else ``type`` when it names one (``--type aq-2x8-g8``), else the
+      best fit for ``bits`` (:func:`choose_config`), else :data:`DEFAULT_CONFIG`;
+    * rows that do not divide into groups of ``g`` keep the standard type the plan gives them
+      (``--type``; llama.cpp's row-length fallbacks, F16 at worst);
+    * token_embd / output: Q6_K when the rows divide into 256, else Q8_0 (unless given)."""
+    shapes = {n: tuple(s) for n, s in tensors}
+    tms = parse_tensor_methods(tensor_methods)
+    from ..convert.presets import parse_tensor_types
+    user_tt = parse_tensor_types(tensor_types)
+    want = []
+    other = None
+    for n in sorted(shapes):
+        if not _LINEAR_RX.match(n):
+            continue
+        if any(rx.search(n) for _p, rx, _t in user_tt):
+            continue
+        if tms:
+            meth = next((m for _p, rx, m in tms if rx.search(n)), None)
+            if meth == "aq":
+                want.append(n)
+            elif meth is not None and other is None:
+                other = meth
+        elif method == "aq":
+            want.append(n)
+    if not want:
+        raise OptionError("AQ applies to no tensor (check --tensor-method patterns)")
+    cfg = None
+    if aq_config:
+        cfg = parse_config(aq_config)
+    elif config_of(type) is not None:
+        cfg = config_of(type)
+    std_type = type if config_of(type) is None else "Q8_0"
+    from ..convert.presets import resolve_preset
+    try:
+        fb_type = resolve_preset(std_type)[2]
+    except OptionError:
+        fb_type = "Q8_0"
+    if cfg is None and bits is not None:
+        cfg = choose_config([shapes[n] for n in want], float(bits), fallback_type=fb_type)
+    if cfg is None:
+        cfg = parse_config(DEFAULT_CONFIG)
+    avail = {c.name for c in available_configs()}
+    if cfg.name not in avail:
+        raise OptionError(f"AQ configuration {cfg.name} is not available; choose from {', '.join(sorted(avail))}")
+    aq_names = [n for n in want if cfg.fits(shapes[n][-1])]
+    fallback = [n for n in want if not cfg.fits(shapes[n][-1])]
+    if not aq_names:
+        raise OptionError(f"{cfg.name}: no tensor has rows that divide into groups of {cfg.g}")
+    bpw = config_bpw(cfg, [shapes[n] for n in want], fb_type)
+    tt = [(re.escape(n), cfg.name.upper()) for n in aq_names] + [(p, t) for p, _rx, t in user_tt]
+
+    def head_type(name: str) -> str:
+        return "Q6_K" if shapes[name][-1] % 256 == 0 else "Q8_0"
+
+    tied = "output.weight" not in shapes
+    ote = output_tensor_type
+    if ote is None:
+        n = "output.weight" if not tied else "token_embd.weight"
+        ote = head_type(n) if n in shapes else None
+    tte = token_embedding_type
+    if tte is None and not tied and "token_embd.weight" in shapes:
+        tte = head_type("token_embd.weight")
+    return AQPlan(cfg, std_type, aq_names, fallback, bpw, tt, tte, ote, other)
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _bar(ctx: QuantContext, desc: str, total: int):
+    if not ctx.progress:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc=desc, leave=False, unit="step")
+
+
+def _write(msg: str) -> None:
+    try:
+        from tqdm import tqdm
+        tqdm.write(msg)
+    except ImportError:  # pragma: no cover
+        print(msg, flush=True)
+
+
+__all__ = ["AQ", "AQPlan", "plan_aq", "choose_config", "config_bpw", "available_configs", "config_of",
+           "finetune_block", "pack", "parse_tensor_methods", "aq_options", "finetune_options", "DEFAULT_CONFIG"]

@@ -1,0 +1,270 @@
+"""--method aq: residual k-means, beam search against H (vs brute force), Adam on codebooks/scales, the file
+fields, the configuration choice (--bits, every byte counted), and stories260K end to end (loads in the runner,
+beats RTN, 172-wide rows fall back, deterministic, resumable)."""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qgguf import gguf_types
+from qgguf.errors import OptionError
+from qgguf.quantize import aq_core as C
+from qgguf.quantize.aq import AQ, choose_config, config_bpw, plan_aq
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+STORIES = SHARED / "models" / "stories260K.gguf"
+C4 = SHARED / "data" / "c4-sample-1000.jsonl"
+WIKI = SHARED / "data" / "wikitext-2-raw-test.txt"
+needs_data = pytest.mark.skipif(not (STORIES.is_file() and C4.is_file()), reason="shared test data not available")
+
+torch.set_num_threads(1)
+
+
+def _problem(R=48, C_=32, n=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(R, C_, generator=g) * 0.05
+    X = torch.randn(n, C_, generator=g) * (0.2 + 2 * torch.rand(C_, generator=g))
+    X = X @ (torch.eye(C_) + 0.3 * torch.randn(C_, C_, generator=g))
+    return W, C.prepare_gram((X.T @ X).double())
+
+
+def _loss(W, H, codes, books, scales):
+    return C.row_losses(W - C.dequantize(codes, books, scales), H)
+
+
+# ------------------------------------------------------------------------------------------------ algorithm
+
+
+def test_residual_kmeans_monotone_in_M():
+    W, _ = _problem(R=64, C_=64)
+    cfg = C.AQConfig(4, 8, 8)
+    codes, books, scales = C.residual_kmeans_init(W, cfg, torch.Generator().manual_seed(1), iters=10,
+                                                  max_points=None)
+    Wn = W / scales[:, None]
+    errs = [float(Wn.pow(2).sum())]
+    for m in range(1, cfg.M + 1):
+        rec = C.dequantize(codes[:, :, :m], books[:m], torch.ones(W.shape[0]))
+        errs.append(float((Wn - rec).pow(2).sum()))
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(errs, errs[1:])), errs
+    assert errs[-1] < 0.5 * errs[1]
+
+
+def test_kmeans_deterministic_and_handles_few_points():
+    x = torch.randn(10, 4)
+    c1, a1 = C.kmeans(x, 16, 5, torch.Generator().manual_seed(3))
+    c2, a2 = C.kmeans(x, 16, 5, torch.Generator().manual_seed(3))
+    assert torch.equal(c1, c2) and torch.equal(a1, a2)
+    assert torch.allclose(c1[a1], x, atol=1e-2)     # fewer points than centroids: every point is a centroid
+
+
+@pytest.mark.parametrize("beam", [1, 2, 4])
+def test_beam_search_never_increases_error(beam):
+    W, H = _problem(R=96, C_=64)
+    cfg = C.AQConfig(2, 8, 8)
+    gen = torch.Generator().manual_seed(2)
+    codes, books, scales = C.residual_kmeans_init(W, cfg, gen)
+    start = torch.randint(0, cfg.K, codes.shape, generator=gen)      # a poor start, and the k-means one
+    for c0 in (start, codes):
+        before = _loss(W, H, c0, books, scales)
+        new = C.beam_search(W, H, books, scales, c0, beam=beam, gen=gen)
+        after = _loss(W, H, new, books, scales)
+        assert bool((after <= before).all())
+    assert float(_loss(W, H, C.beam_search(W, H, books, scales, start, beam=beam), books, scales).sum()) \
+        < 0.7 * float(_loss(W, H, start, books, scales).sum())
+
+
+def _brute(W, H, books, scales, J, M):
+    K = books.shape[1]
+    best = []
+    for r in range(W.shape[0]):
+        combos = torch.tensor(list(itertools.product(range(K), repeat=J * M))).reshape(-1, J, M)
+        rec = C.dequantize(combos, books, scales[r].expand(combos.shape[0]))
+        d = (W[r][None, :] - rec).double()
+        best.append(float(((d @ H.double()) * d).sum(1).min()))
+    return torch.tensor(best, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("J", [1, 2])
+def test_beam_search_matches_brute_force(J):
+    """M=2 codebooks of 2^3 entries over groups of 2: a beam that holds every combination (8^(J*M)), or for
+    one group a beam of K (all pairs are scored at the second code), finds the exact optimum of every row."""
+    g, M, B = 2, 2, 3
+    cfg = C.AQConfig(M, B, g)
+    W, H = _problem(R=12, C_=J * g, n=50, seed=J)
+    gen = torch.Generator().manual_seed(5)
+    books = torch.randn(M, cfg.K, g, generator=gen) * 0.05       # not fitted: no exact representation
+    scales = 0.5 + torch.rand(W.shape[0], generator=gen)
+    start = torch.randint(0, cfg.K, (W.shape[0], J, M), generator=gen)
+    ref = _brute(W, H, books, scales, J, M)
+    beam = cfg.K if J == 1 else cfg.K ** (J * M)
+    got = _loss(W, H, C.beam_search(W, H, books, scales, start, beam=beam), books, scales)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-9), (got, ref)
+
+
+def test_adam_step_decreases_objective():
+    W, H = _problem(R=128, C_=64)
+    cfg = C.AQConfig(1, 8, 8)
+    codes, books, scales = C.residual_kmeans_init(W, cfg, torch.Generator().manual_seed(0))
+    e0 = C.relative_error(W, C.dequantize(codes, books, scales), H)
+    b1, s1, e1 = C.adam_refine(W, H, codes, books, scales, steps=1, lr=1e-3, round_f16=False)
+    assert e1 < e0
+    assert abs(e1 - C.relative_error(W, C.dequantize(codes, b1, s1), H)) < 1e-9
+    b2, s2, e2 = C.adam_refine(W, H, codes, books, scales, steps=30, lr=5e-3)
+    assert e2 < e1 and torch.equal(b2, b2.half().float())            # stored precision: float16 codebooks
+
+
+def test_quantize_matrix_improves_on_init_and_is_deterministic():
+    W, H = _problem(R=64, C_=64)
+    cfg = C.AQConfig(2, 8, 8)
+    opts = C.AQOptions(beam=2, max_rounds=2, adam_steps=10, kmeans_iters=5)
+    r1 = C.quantize_matrix(W, H, cfg, opts, seed=7)
+    r2 = C.quantize_matrix(W, H, cfg, opts, seed=7)
+    assert r1.rel_err < r1.history[0][1]
+    assert torch.equal(r1.codes, r2.codes) and torch.equal(r1.codebooks, r2.codebooks)
+    assert abs(r1.rel_err - C.relative_error(W, C.dequantize(r1.codes, r1.codebooks, r1.scales), H)) < 1e-9
+
+
+def test_fields_round_trip_through_the_codebook_type():
+    W, H = _problem(R=40, C_=32)
+    for name in ("aq-2x8-g8", "aq-1x16-g8", "aq-2x8-g16"):
+        cfg = C.parse_config(name)
+        res = C.quantize_matrix(W, H, cfg, C.AQOptions(max_rounds=1, adam_steps=2, kmeans_iters=2), seed=1)
+        f = C.to_fields(res.codes, res.codebooks, res.scales, cfg)
+        assert f["codes"].shape == (32 // cfg.g, cfg.M, 40) and f["codes"].dtype == cfg.code_dtype
+        assert f["codebooks"].dtype == np.float16 and f["scales"].dtype == np.float32
+        qt = gguf_types.get(name)
+        blob = np.asarray(qt.pack(f))
+        assert blob.size == qt.nbytes((40, 32)) == cfg.nbytes(40, 32)
+        wq = qt.dequantize(blob, (40, 32))
+        assert np.array_equal(wq, C.dequantize(res.codes, res.codebooks, res.scales).numpy())
+
+
+# ------------------------------------------------------------------------------------------------ configuration
+
+SMOL = [(f"blk.{i}.{k}.weight", s) for i in range(30) for k, s in
+        (("attn_q", (576, 576)), ("attn_k", (192, 576)), ("attn_v", (192, 576)), ("attn_output", (576, 576)),
+         ("ffn_gate", (1536, 576)), ("ffn_up", (1536, 576)), ("ffn_down", (576, 1536)))] + \
+    [("token_embd.weight", (49152, 576)), ("output_norm.weight", (576,))]
+
+
+def test_bits_choice_counts_every_byte():
+    shapes = [s for n, s in SMOL if n.startswith("blk.")]
+    # a 1x16 codebook (2^16 x 8 float16 = 1 MiB per matrix) costs more than its codes on a 135M model
+    assert config_bpw(C.parse_config("aq-1x16-g8"), shapes) > 4
+    c2, c3 = choose_config(shapes, 2.0), choose_config(shapes, 3.0)
+    assert config_bpw(c2, shapes) <= 2.0 and config_bpw(c3, shapes) <= 3.0
+    assert (c2.name, c3.name) == ("aq-3x8-g16", "aq-2x8-g8")
+    with pytest.raises(OptionError):
+        choose_config(shapes, 0.5)
+
+
+def test_plan_aq_tensor_methods_and_heads():
+    p = plan_aq(SMOL, type="Q8_0", bits=2, tensor_methods=["ffn_down=aq"])
+    assert all(".ffn_down." in n for n in p.tensors) and len(p.tensors) == 30
+    assert p.bpw <= 2.0
+    assert p.output_tensor_type == "Q8_0"           # tied embeddings, rows of 576: Q6_K does not fit
+    p = plan_aq(SMOL, aq_config="aq-2x8-g8")
+    assert len(p.tensors) == 210 and p.config.name == "aq-2x8-g8"
+    with pytest.raises(OptionError):
+        plan_aq(SMOL, tensor_methods=["nothing_matches=aq"])
+
+
+def test_method_options():
+    m = AQ(beam="2", finetune="no", ft_target="fp", other="rtn")
+    assert m.aq.beam == 2 and not m.ft.finetune and m.other == "rtn" and not m.needs_fp_inputs
+    with pytest.raises(OptionError):
+        AQ(bogus=1)
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+FAST = dict(beam=1, max_rounds=2, adam_steps=10, kmeans_iters=8, ft_epochs=2)
+
+
+def _convert(out, **kw):
+    from qgguf.convert.pipeline import convert
+    opts = dict(FAST)
+    opts.update(kw.pop("opts", {}))
+    kw.setdefault("aq_config", "aq-2x8-g8")
+    return convert(STORIES, out, method=kw.pop("method", "aq"), calib=C4, nsamples=kw.pop("nsamples", 16),
+                   seqlen=kw.pop("seqlen", 128), seed=kw.pop("seed", 0), progress=False, method_options=opts, **kw)
+
+
+def _kld(path, chunks=6):
+    from qgguf.runtime.evaluate import evaluate_loaded, load_tokenizer
+    from qgguf.runtime.linear import load_llama
+    from qgguf.runtime.model import LlamaModel
+    r = evaluate_loaded(load_llama(path, threads=1), load_tokenizer(path), WIKI, ctx=128, chunks=chunks,
+                        base_model=LlamaModel.from_gguf(STORIES, threads=1), progress=False)
+    return r["kld"]
+
+
+@needs_data
+def test_stories_end_to_end(tmp_path):
+    from qgguf.convert.pipeline import convert
+    out = tmp_path / "aq.gguf"
+    rep = _convert(out)
+    types = {t.name: t.type for t in rep.tensors}
+    assert types["blk.0.attn_q.weight"].lower() == "aq-2x8-g8"
+    assert types["blk.0.ffn_gate.weight"].lower() == "aq-2x8-g8"
+    # rows of 172 do not divide into groups of 8: a standard type (Q8_0 does not fit either: F16)
+    assert types["blk.0.ffn_down.weight"] == "F16"
+    assert types["token_embd.weight"] == "Q8_0"
+    # the fine-tuned norms were written (they differ from the source's)
+    from qgguf.convert.ggufread import GGUFFile
+    with GGUFFile(out) as f, GGUFFile(STORIES) as s:
+        changed = [n for n in ("blk.0.attn_norm.weight", "blk.0.ffn_norm.weight")
+                   if not np.array_equal(np.asarray(f.load(n)), np.asarray(s.load(n)))]
+    assert changed
+    # loads in the runner, and is more accurate than RTN with more bits (Q4_0: 4.5 bits vs 2 code bits)
+    rtn = tmp_path / "q4_0.gguf"
+    convert(STORIES, rtn, type="Q4_0", pure=True, progress=False)
+    k_aq, k_rtn = _kld(out), _kld(rtn)
+    assert k_aq < k_rtn, (k_aq, k_rtn)
+
+
+@needs_data
+def test_stories_deterministic_and_tensor_method(tmp_path):
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    kw = dict(type="Q8_0", pure=True, tensor_methods=["ffn_gate=aq"], opts=dict(max_rounds=1, ft_epochs=1))
+    ra = _convert(a, **kw)
+    _convert(b, **kw)
+    assert a.read_bytes() == b.read_bytes()
+    types = {t.name: t.type for t in ra.tensors}
+    assert types["blk.1.ffn_gate.weight"].lower() == "aq-2x8-g8"
+    assert types["blk.1.attn_q.weight"] == "Q8_0" and types["blk.1.ffn_up.weight"] == "Q8_0"
+    c = tmp_path / "c.gguf"
+    _convert(c, seed=1, **kw)
+    assert c.read_bytes() != a.read_bytes()
+
+
+@needs_data
+def test_stories_resume_byte_identical(tmp_path):
+    from qgguf.quantize import base
+
+    class Boom(Exception):
+        pass
+
+    class Stop(AQ):
+        def quantize_block(self, block, ctx):
+            if block.index == 2:
+                raise Boom("killed")
+            return super().quantize_block(block, ctx)
+
+    kw = dict(opts=dict(max_rounds=1, ft_epochs=1))
+    full = tmp_path / "full.gguf"
+    _convert(full, **kw)
+    out = tmp_path / "r.gguf"
+    base.register("aq", Stop)
+    try:
+        with pytest.raises(Boom):
+            _convert(out, **kw)
+    finally:
+        base.register("aq", "aq:AQ")
+    rep = _convert(out, resume=True, **kw)
+    assert rep.resumed_blocks == 2
+    assert out.read_bytes() == full.read_bytes()
