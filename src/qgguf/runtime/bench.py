@@ -94,7 +94,14 @@ class LeanDecoder:
         z = torch.zeros
         self.x = z(E)
         self.n = z(E)
-        self.q, self.k, self.v = z(H * dk), z(Hkv * dk), z(Hkv * dv)
+        self.qk = z((H + Hkv) * dk)                  # q and k side by side: one in-place rope for both
+        self.q, self.k, self.v = self.qk[: H * dk], self.qk[H * dk:], z(Hkv * dv)
+        self._rope_inplace = hp.n_rot == dk
+        if self._rope_inplace:
+            xr = self.qk.view(H + Hkv, dk // 2, 2)
+            self._x0, self._x1 = xr[..., 0], xr[..., 1]
+            self._t0, self._t1 = z(H + Hkv, dk // 2), z(H + Hkv, dk // 2)
+            self._t2 = z(H + Hkv, dk // 2)
         self.a = z(H * dv)
         self.o = z(E)
         self.g, self.u, self.h = z(ff), z(ff), z(ff)
@@ -142,8 +149,22 @@ class LeanDecoder:
                 self.k.add_(L.bk)
             if L.bv is not None:
                 self.v.add_(L.bv)
-            q = m._rope(self.q.view(1, H, dk), cos, sin)
-            k = m._rope(self.k.view(1, Hkv, dk), cos, sin)
+            if self._rope_inplace:
+                # rope_apply's arithmetic (x0*c - x1*s, x0*s + x1*c), in place on q and k together
+                c, sn = cos[0], sin[0]
+                x0, x1, t0, t1, t2 = self._x0, self._x1, self._t0, self._t1, self._t2
+                torch.mul(x0, c, out=t0)
+                torch.mul(x1, sn, out=t2)
+                t0.sub_(t2)
+                torch.mul(x0, sn, out=t1)
+                torch.mul(x1, c, out=t2)
+                t1.add_(t2)
+                x0.copy_(t0)
+                x1.copy_(t1)
+                q, k = self.q.view(1, H, dk), self.k.view(1, Hkv, dk)
+            else:
+                q = m._rope(self.q.view(1, H, dk), cos, sin)
+                k = m._rope(self.k.view(1, Hkv, dk), cos, sin)
             Kc, Vc = cache.k[il], cache.v[il]
             Kc[:, pos] = k[0]
             Vc[:, pos] = self.v.view(Hkv, dv)
