@@ -27,14 +27,15 @@ Options (``-O KEY=VALUE``; defaults fit SmolLM2-135M, 210 linears plus fine-tuni
     beam=1          beam size of the code search (AQLM's beam_size; 1 = greedy coordinate descent)
     max_rounds=4    rounds of (Adam, beam search) per linear
     tol=0.01        stop when a round improves the relative error by less than this fraction
-    adam_steps=20   Adam steps on codebooks and scales per round
+    adam_steps=20   Adam steps on codebooks and scales in the first round (half of them after the last round)
+    adam_later=5    Adam steps in the later rounds
     lr=0.005        Adam learning rate (relative to the codebooks' RMS and the scales)
     kmeans_iters=15 kmeans_points=16384   residual k-means initialisation (points sampled per codebook)
-    finetune=yes    ft_epochs=3  ft_lr=0.0005  ft_batch=4  ft_tol=0.001  ft_target=xq|fp
+    finetune=yes    ft_epochs=2  ft_lr=0.0005  ft_batch=4  ft_tol=0.001  ft_target=xq|fp
     other=imatrix   method of linears with a standard type
     linear_threads=1  torch threads of the per-linear search and the fine-tuning (small operations: one
                     thread is faster than two on a busy 2-core machine)
-    nsamples=64 seqlen=256   calibration (the pipeline's --nsamples/--seqlen override)
+    nsamples=32 seqlen=256   calibration (the pipeline's --nsamples/--seqlen override)
 
 The choice of configuration (``--aq-config``, ``--bits``) and of the tensors AQ applies to
 (``--tensor-method PATTERN=aq``) is made before the type plan, by :func:`plan_aq`.
@@ -68,7 +69,7 @@ DEFAULT_CONFIG = "aq-2x8-g8"
 @dataclass
 class FinetuneOptions:
     finetune: bool = True
-    ft_epochs: int = 3
+    ft_epochs: int = 2
     ft_lr: float = 5e-4
     ft_batch: int = 4
     ft_tol: float = 1e-3
@@ -80,7 +81,7 @@ _FT_KEYS = {f.name for f in dc_fields(FinetuneOptions)}
 _OTHER_KEYS = {"other", "linear_threads", "verbose", "tensor_methods", "aq_config"}
 
 #: AQ defaults chosen for the time budget (module docstring); AQOptions' own defaults are the library's
-METHOD_DEFAULTS = dict(beam=1, max_rounds=4, tol=0.01, adam_steps=20, lr=5e-3, kmeans_iters=15,
+METHOD_DEFAULTS = dict(beam=1, max_rounds=4, tol=0.01, adam_steps=20, adam_later=5, lr=5e-3, kmeans_iters=15,
                        kmeans_points=16384)
 
 
@@ -158,7 +159,7 @@ class AQ(BlockMethod):
             raise OptionError(f"aq option other={self.other!r}: expected imatrix, rtn, gptq or quantease")
         self._other_method = None
         self.needs_fp_inputs = self.ft.finetune and self.ft.ft_target == "fp"
-        self.nsamples = int(options.get("nsamples") or nsamples or 64)
+        self.nsamples = int(options.get("nsamples") or nsamples or 32)
         self.seqlen = int(options.get("seqlen") or seqlen or 256)
 
     def describe(self) -> str:

@@ -120,13 +120,13 @@ def dequantize(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tenso
 
 
 def row_losses(D: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """Per-row ``d H d^T`` of the rows of ``D`` (float64 result)."""
-    D = D.double()
-    return ((D @ H.double()) * D).sum(-1)
+    """Per-row ``d H d^T`` of the rows of ``D`` (float32 products, float64 sums)."""
+    D = D.float()
+    return ((D @ H.float()) * D).double().sum(-1)
 
 
 def relative_error(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor) -> float:
-    """``tr((W-What) H (W-What)^T) / tr(W H W^T)``, exact (float64)."""
+    """``tr((W-What) H (W-What)^T) / tr(W H W^T)``."""
     num = float(row_losses(W - What, H).sum())
     den = float(row_losses(W, H).sum())
     return num / den if den > 0 else 0.0
@@ -228,12 +228,14 @@ def residual_kmeans_init(W: torch.Tensor, cfg: AQConfig, gen: torch.Generator, i
 @torch.no_grad()
 def beam_search(W: torch.Tensor, H: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
                 codes: torch.Tensor, beam: int = 4, gen: torch.Generator | None = None,
-                chunk_floats: int = 1 << 18) -> torch.Tensor:
+                chunk_floats: int = 1 << 18, old_losses: torch.Tensor | None = None,
+                return_losses: bool = False):
     """New codes (R, J, M) that minimise ``tr((W - What) H (W - What)^T)`` given codebooks and scales
     (module docstring). ``gen``: shuffle the order of the groups and codebooks (AQLM's ``dim_rng``);
     None keeps the natural order. Rows are independent and done in chunks whose residuals hold about
     ``chunk_floats`` values (cache-sized). Never worse than ``codes`` for any row (exact float64
-    comparison at the end)."""
+    comparison at the end). ``old_losses``: the per-row losses of ``codes`` when known; ``return_losses``:
+    also return the per-row losses of the result."""
     R, C = W.shape
     J, M = codes.shape[1], codes.shape[2]
     K = codebooks.shape[1]
@@ -255,13 +257,14 @@ def beam_search(W: torch.Tensor, H: torch.Tensor, codebooks: torch.Tensor, scale
         r1 = min(R, r0 + rows_per)
         fn = _greedy_rows if beam == 1 else _beam_rows
         out[r0:r1] = fn(W[r0:r1], H, cb, s[r0:r1], codes[r0:r1], beam, jorder, morders, pre)
-    # exact per-row safeguard
-    old = row_losses(W - dequantize(codes, cb, s), H)
+    # per-row safeguard, recomputed from scratch
+    old = old_losses if old_losses is not None else row_losses(W - dequantize(codes, cb, s), H)
     new = row_losses(W - dequantize(out, cb, s), H)
     worse = new > old
     if bool(worse.any()):
         out[worse] = codes[worse]
-    return out
+        new = torch.where(worse, old, new)
+    return (out, new) if return_losses else out
 
 
 def _book_tables(cb, H, jorder):
@@ -363,7 +366,7 @@ def _beam_rows(W, H, cb, s, codes, beam, jorder, morders, pre):
 
 def adam_refine(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor,
                 scales: torch.Tensor, steps: int, lr: float = 1e-3, betas=(0.9, 0.95),
-                round_f16: bool = True) -> tuple[torch.Tensor, torch.Tensor, float]:
+                round_f16: bool = True, start_err: float | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``steps`` Adam steps on the codebooks and scales (codes fixed) minimising the relative error
     ``tr(D H D^T) / tr(W H W^T)``, ``D = W - What``. ``lr`` is relative: the codebooks are optimised in
     units of their RMS and the scales as ``scales * f`` (``f`` from 1). The gradient is written out (one
@@ -392,7 +395,8 @@ def adam_refine(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, codebooks
         return c, s0 * fv
 
     c0, sc0 = stored(x, f)
-    best = (relative_error(W, dequantize(codes, c0, sc0), H), c0, sc0)
+    e0 = start_err if start_err is not None else relative_error(W, dequantize(codes, c0, sc0), H)
+    best = (e0, c0, sc0)
     for t in range(1, max(0, int(steps)) + 1):
         U = dequantize(codes, x * cb_rms, torch.ones(R))   # (R, C) unscaled sum of code vectors
         D = W - U * (s0 * f)[:, None]
@@ -426,7 +430,8 @@ class AQOptions:
     beam: int = 4
     max_rounds: int = 4
     tol: float = 0.01             # stop when a round improves the relative error by less than this fraction
-    adam_steps: int = 40
+    adam_steps: int = 40          # Adam steps of the first round (half of them for the final update)
+    adam_later: int | None = None # Adam steps of the later rounds (None: adam_steps // 4)
     lr: float = 2e-3
     kmeans_iters: int = 25
     kmeans_points: int | None = 1 << 15
@@ -457,18 +462,22 @@ def quantize_matrix(W, H, cfg: AQConfig, opts: AQOptions | None = None, seed: in
     codes, books, scales = residual_kmeans_init(W, cfg, gen, opts.kmeans_iters, opts.kmeans_points)
     books = books.half().float()
     hist = []
+    den = float(row_losses(W, Hf).sum()) or 1.0
     err = relative_error(W, dequantize(codes, books, scales), Hf)
     hist.append(("init", err))
     if progress:
         progress("init", err)
     best = AQResult(codes, books, scales, err)
+    later = opts.adam_later if opts.adam_later is not None else max(1, opts.adam_steps // 4)
     for rnd in range(max(0, opts.max_rounds)):
-        books, scales, e_adam = adam_refine(W, Hf, codes, books, scales, opts.adam_steps, opts.lr)
+        books, scales, e_adam = adam_refine(W, Hf, codes, books, scales, opts.adam_steps if rnd == 0 else later,
+                                            opts.lr, start_err=err)
         hist.append((f"adam{rnd}", e_adam))
         if progress:
             progress(f"round {rnd + 1} adam", e_adam)
-        codes = beam_search(W, Hf, books, scales, codes, opts.beam, gen if opts.shuffle else None)
-        err = relative_error(W, dequantize(codes, books, scales), Hf)
+        codes, losses = beam_search(W, Hf, books, scales, codes, opts.beam, gen if opts.shuffle else None,
+                                    return_losses=True)
+        err = float(losses.sum()) / den
         hist.append((f"beam{rnd}", err))
         if progress:
             progress(f"round {rnd + 1} beam", err)
@@ -478,9 +487,10 @@ def quantize_matrix(W, H, cfg: AQConfig, opts: AQOptions | None = None, seed: in
         if prev - err < opts.tol * prev:
             break
     # a last codebook/scale update for the final codes
-    books, scales, e_fin = adam_refine(W, Hf, best.codes, best.codebooks, best.scales, opts.adam_steps, opts.lr)
+    books, scales, e_fin = adam_refine(W, Hf, best.codes, best.codebooks, best.scales, max(1, opts.adam_steps // 2),
+                                       opts.lr, start_err=best.rel_err)
     hist.append(("final adam", e_fin))
-    if e_fin <= best.rel_err:
+    if e_fin < best.rel_err:
         best = AQResult(best.codes, books, scales, e_fin)
     best.history = hist
     best.seconds = time.perf_counter() - t0
