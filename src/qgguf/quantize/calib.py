@@ -71,12 +71,40 @@ def text_sequences(tokenizer, texts: list[str], nsamples: int, seqlen: int, seed
 
 
 def self_sequences(model, nsamples: int, seqlen: int, seed: int, bos_id: int | None,
-                   progress: bool = False, batch: int = 32) -> list[list[int]]:
+                   progress: bool = False, batch: int = 64, threads: int = 1) -> list[list[int]]:
     """Sequences sampled from ``model`` (a :class:`qgguf.runtime.model.LlamaModel`; temperature 1), each
     starting with BOS. ``batch`` sequences are sampled together (one batched step per position, with a
-    per-layer KV cache); the result depends only on ``seed``, ``nsamples``, ``seqlen`` and ``batch``."""
+    per-layer float32 KV cache); the result depends only on ``seed``, ``nsamples``, ``seqlen`` and ``batch``.
+    Torch runs with ``threads`` threads here (default 1: a step is hundreds of small operations, which extra
+    threads slow down - by 10x and more on a busy machine)."""
     import math
 
+    import torch
+
+    hp = model.hp
+    ws = [model.block_weights(il) for il in range(hp.n_layer)]
+    w_tok = model.tok_embd.dense_weight()
+    w_out = model.output.dense_weight()
+    cos_t, sin_t = model._rope_tables(seqlen)
+    g = torch.Generator().manual_seed(seed)
+    start = bos_id if bos_id is not None else 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=nsamples * (seqlen - 1), desc="sampling calibration", unit="tok", unit_scale=True,
+                   leave=False)
+    scale = 1.0 / math.sqrt(hp.head_dim_k)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        return _sample(model, ws, w_tok, w_out, cos_t, sin_t, g, start, nsamples, seqlen, batch, bar, scale)
+    finally:
+        torch.set_num_threads(old_threads)
+        if bar is not None:
+            bar.close()
+
+
+def _sample(model, ws, w_tok, w_out, cos_t, sin_t, g, start, nsamples, seqlen, batch, bar, scale):
     import torch
     import torch.nn.functional as F
 
@@ -85,19 +113,7 @@ def self_sequences(model, nsamples: int, seqlen: int, seed: int, bos_id: int | N
     hp = model.hp
     H, Hkv, dk, dv = hp.n_head, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v
     eps = hp.norm_eps
-    ws = [model.block_weights(il) for il in range(hp.n_layer)]
-    w_tok = model.tok_embd.dense_weight()
-    w_out = model.output.dense_weight()
-    cos_t, sin_t = model._rope_tables(seqlen)
-    g = torch.Generator().manual_seed(seed)
-    start = bos_id if bos_id is not None else 0
     seqs: list[list[int]] = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=nsamples * (seqlen - 1), desc="sampling calibration", unit="tok", unit_scale=True,
-                   leave=False)
-    scale = 1.0 / math.sqrt(dk)
     with torch.no_grad():
         for b0 in range(0, nsamples, batch):
             B = min(batch, nsamples - b0)
@@ -126,8 +142,6 @@ def self_sequences(model, nsamples: int, seqlen: int, seed: int, bos_id: int | N
                     bar.update(B)
             seqs.extend(toks.tolist())
             del K, V
-    if bar is not None:
-        bar.close()
     return seqs
 
 
