@@ -311,3 +311,23 @@ def test_synthetic_standard_file_loads_in_llamacpp(tiny_files):
     llm.eval([1, 40, 41])
     with pytest.raises(ValueError):      # an AQ file is not a llama.cpp file
         llama_cpp.Llama(str(tiny_files["aq-2x8-g8"]), n_ctx=64, n_threads=1, verbose=False)
+
+
+def test_api_and_eval_cli_load_aq_files(tiny_files, tmp_path):
+    """qgguf.load and `qgguf eval` run AQ files through the same loader as `qgguf run`."""
+    import json
+    import subprocess
+
+    import qgguf
+    from qgguf.runtime.linear import AQLinear
+
+    path = tiny_files["aq-2x8-g8"]
+    model = qgguf.load(path)
+    assert isinstance(model.model.layers[0].wq, AQLinear)
+    text = tmp_path / "t.txt"
+    text.write_text("Once upon a time there was a little girl. " * 40)
+    res = model.perplexity(text, ctx=64, chunks=2)
+    assert res["chunks"] == 2 and np.isfinite(res["ppl"])
+    out = subprocess.run([sys.executable, "-m", "qgguf", "eval", str(path), "--text", str(text), "--ctx", "64",
+                          "--chunks", "2", "--json"], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["ppl"] == pytest.approx(res["ppl"], rel=1e-6)

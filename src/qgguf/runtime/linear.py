@@ -382,36 +382,10 @@ def has_codebook_tensors(md: Mapping) -> bool:
 
 
 def load_llama(path, threads: int | None = None):
-    """:meth:`LlamaModel.from_gguf` that also loads qgguf codebook tensors (AQ): plain files take the same path."""
-    import gguf
-    from pathlib import Path
+    """The runner's loader (:meth:`LlamaModel.from_gguf`), which handles plain and codebook (AQ) files alike."""
+    from .model import LlamaModel
 
-    from ..errors import InputFileError
-    from .model import LlamaModel, hparams_from_metadata, read_metadata
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputFileError("no such model file", path)
-    try:
-        reader = gguf.GGUFReader(str(path), "r")
-    except Exception as e:
-        raise InputFileError(f"cannot read as GGUF: {e}", path) from None
-    md = read_metadata(reader)
-    if not has_codebook_tensors(md):
-        del reader
-        return LlamaModel.from_gguf(path, threads=threads)
-    if threads:
-        torch.set_num_threads(int(threads))
-    src = _codebook_source(reader, path, md)
-    if not src.has("token_embd.weight"):
-        hparams_from_metadata(md, 0, path)
-        raise UnsupportedModelError("missing tensor token_embd.weight", path)
-    hp = hparams_from_metadata(md, src.shape("token_embd.weight")[0], path)
-    with torch.no_grad():
-        model = LlamaModel(hp, src, md, path)
-    model.eval()
-    _drop_mapped_pages(reader)
-    return model
+    return LlamaModel.from_gguf(path, threads=threads)
 
 
 def _drop_mapped_pages(reader) -> None:

@@ -464,7 +464,10 @@ class LlamaModel(torch.nn.Module):
         except Exception as e:
             raise InputFileError(f"cannot read as GGUF: {e}", path) from None
         md = read_metadata(reader)
-        src = _TensorSource(reader, path)
+        from .linear import _codebook_source, _drop_mapped_pages, has_codebook_tensors
+
+        codebooks = has_codebook_tensors(md)  # qgguf's AQ/VQ tensors stay compressed (native kernels)
+        src = _codebook_source(reader, path, md) if codebooks else _TensorSource(reader, path)
         if not src.has("token_embd.weight"):
             # check the architecture first so that a non-llama file gets the better message
             hparams_from_metadata(md, 0, path)
@@ -474,6 +477,8 @@ class LlamaModel(torch.nn.Module):
         with torch.no_grad():
             model = cls(hp, src, md, path)
         model.eval()
+        if codebooks:
+            _drop_mapped_pages(reader)
         return model
 
     @classmethod
