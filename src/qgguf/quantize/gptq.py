@@ -199,6 +199,20 @@ def option(method: Method, ctx: QuantContext, key: str, default, conv):
         raise OptionError(f"{method.name} option {key}: bad value {v!r}") from None
 
 
+def error_feedback_inputs(name: str, w: np.ndarray, qtype, ctx: QuantContext):
+    """What an error-feedback method (GPTQ, QuantEase) needs for ``name``: ``(H, importance, None)``; or, when
+    it cannot work on this tensor (float type, no Gram matrix, a type without a grid, not 2-D),
+    ``(None, None, bytes)`` from the type's own importance-weighted search, the name noted in
+    ``ctx.extra["fallback"]``."""
+    H = ctx.grams.get(name) if ctx.grams else None
+    imp = None if qtype.is_float else ctx.importance_for(name, w.shape[-1])
+    if qtype.is_float or H is None or not supports(qtype) or w.ndim != 2:
+        if not qtype.is_float:
+            ctx.extra.setdefault("fallback", []).append(name)
+        return None, None, qtype.quantize(w, imp)
+    return H, imp, None
+
+
 class GPTQ(Method):
     """GPTQ with the type's block scales; needs ``ctx.grams[name]`` (H = X^T X of the layer's inputs).
 
@@ -222,12 +236,9 @@ class GPTQ(Method):
         return f"gptq(damp={self.damp}, blocksize={self.blocksize}, actorder={self.actorder})"
 
     def quantize_tensor(self, name: str, w: np.ndarray, qtype, ctx: QuantContext) -> np.ndarray:
-        H = ctx.grams.get(name) if ctx.grams else None
-        imp = None if qtype.is_float else ctx.importance_for(name, w.shape[-1])
-        if qtype.is_float or H is None or not supports(qtype) or w.ndim != 2:
-            if not qtype.is_float:
-                ctx.extra.setdefault("fallback", []).append(name)
-            return qtype.quantize(w, imp)
+        H, imp, packed = error_feedback_inputs(name, w, qtype, ctx)
+        if packed is not None:
+            return packed
         spec_of(qtype)
         damp = option(self, ctx, "damp", self.damp, float)
         bsz = option(self, ctx, "blocksize", self.blocksize, int)

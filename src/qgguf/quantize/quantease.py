@@ -55,8 +55,9 @@ import torch
 from ..errors import OptionError, QggufError
 from ..gguf_types.search import fp16_round
 from .base import Method, QuantContext
-from .gptq import _importance, as_bool, gptq_quantize, option, prepare_hessian, torch_threads
-from .grid import LayerGrid, _nearest, choose_scales, layer_loss, project_values, supports
+from .gptq import (_importance, as_bool, error_feedback_inputs, gptq_quantize, option, prepare_hessian,
+                   torch_threads)
+from .grid import LayerGrid, _nearest, choose_scales, layer_loss, project_values
 
 _F16_MAX = 65504.0
 
@@ -334,12 +335,9 @@ class QuantEase(Method):
         return f"quantease(passes={self.passes}, init={self.init}, outliers={self.outliers})"
 
     def quantize_tensor(self, name: str, w: np.ndarray, qtype, ctx: QuantContext) -> np.ndarray:
-        H = ctx.grams.get(name) if ctx.grams else None
-        imp = None if qtype.is_float else ctx.importance_for(name, w.shape[-1])
-        if qtype.is_float or H is None or not supports(qtype) or w.ndim != 2:
-            if not qtype.is_float:
-                ctx.extra.setdefault("fallback", []).append(name)
-            return qtype.quantize(w, imp)
+        H, imp, packed = error_feedback_inputs(name, w, qtype, ctx)
+        if packed is not None:
+            return packed
         H = np.asarray(H)
         with torch_threads(ctx.threads):
             res = quantease_quantize(
