@@ -2,7 +2,6 @@
 readable by gguf.GGUFReader), inspect rows, and the runner (AQ linears equal to their dequantized weights)."""
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -16,12 +15,7 @@ from qgguf.gguf_types.codebook import AQ_CODEBOOKS, AQ_CODES, AQ_SCALES, Codeboo
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _synthetic():
-    spec = importlib.util.spec_from_file_location("synthetic_model", ROOT / "tools" / "synthetic_model.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["synthetic_model"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+from _shared import synthetic_tool as _synthetic  # noqa: E402
 
 
 @pytest.mark.parametrize("name,M,B,g", [("aq-2x8-g8", 2, 8, 8), ("aq-1x16-g8", 1, 16, 8), ("aq-1x8-g8", 1, 8, 8),

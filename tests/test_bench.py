@@ -1,7 +1,6 @@
 """qgguf bench: JSON keys, and the lean decode path equal to LlamaModel.forward."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -12,12 +11,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _synthetic():
-    spec = importlib.util.spec_from_file_location("synthetic_model", ROOT / "tools" / "synthetic_model.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["synthetic_model"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+from _shared import synthetic_tool as _synthetic  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -12,35 +12,15 @@ from qgguf.quantize.grid import (GRID_TYPES, SPECS, LayerGrid, choose_scales, la
                                  project_values)
 
 LEGACY = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL"]
-KQ = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 FIELD_RANGE = {"Q8_0": (-128, 127), "Q4_0": (0, 15), "Q4_1": (0, 15), "Q5_0": (0, 31), "Q5_1": (0, 31),
                "IQ4_NL": (0, 15), "Q2_K": (0, 3), "Q3_K": (0, 7), "Q4_K": (0, 15), "Q5_K": (0, 31),
                "Q6_K": (0, 63)}
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small matrices: one torch thread is faster (and steadier on a shared machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from _shared import KQ, ncols, one_torch_thread  # noqa: E402,F401
+from _shared import correlated_layer as layer  # noqa: E402
 
-
-def layer(rows: int, n: int, seed: int = 0, tokens: int = 512, outliers: bool = False):
-    """A weight and the Gram matrix of correlated inputs with uneven column scales."""
-    rng = np.random.default_rng(seed)
-    k = max(4, n // 4)
-    X = rng.standard_normal((tokens, k)) @ rng.standard_normal((k, n)) + 0.5 * rng.standard_normal((tokens, n))
-    X *= np.exp(0.5 * rng.standard_normal(n))
-    W = (0.05 * rng.standard_normal((rows, n))).astype(np.float32)
-    if outliers:
-        W[rng.random(W.shape) < 0.01] *= 8
-    return W, X.T @ X
-
-
-def ncols(name: str) -> int:
-    return 512 if name in KQ else 128
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------------

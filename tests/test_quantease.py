@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from qgguf.gguf_types import get
 from qgguf.quantize.base import QuantContext
@@ -12,30 +11,13 @@ from qgguf.quantize.gptq import gptq_quantize
 from qgguf.quantize.grid import GRID_TYPES, SPECS, LayerGrid, layer_loss, project_values
 from qgguf.quantize.quantease import QuantEase, _cd_sweep, quantease_quantize
 
-KQ = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+from _shared import KQ, correlated_layer, ncols, one_torch_thread  # noqa: F401
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def layer(rows: int, n: int, seed: int = 0, tokens: int = 512, outliers: bool = True):
-    rng = np.random.default_rng(seed)
-    k = max(4, n // 4)
-    X = rng.standard_normal((tokens, k)) @ rng.standard_normal((k, n)) + 0.5 * rng.standard_normal((tokens, n))
-    X *= np.exp(0.5 * rng.standard_normal(n))
-    W = (0.05 * rng.standard_normal((rows, n))).astype(np.float32)
-    if outliers:
-        W[rng.random(W.shape) < 0.01] *= 8
-    return W, X.T @ X
-
-
-def ncols(name: str) -> int:
-    return 512 if name in KQ else 128
+    return correlated_layer(rows, n, seed=seed, tokens=tokens, outliers=outliers)
 
 
 def _sweep(W, H, g: LayerGrid, S=None, M=None):

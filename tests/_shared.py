@@ -1,0 +1,48 @@
+"""Helpers shared by several test modules (imported by name: pytest puts tests/ on sys.path)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+KQ = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small matrices: one torch thread is faster (and steadier on a shared machine)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def correlated_layer(rows: int, n: int, seed: int = 0, tokens: int = 512, outliers: bool = False):
+    """A weight and the Gram matrix of correlated inputs with uneven column scales."""
+    rng = np.random.default_rng(seed)
+    k = max(4, n // 4)
+    X = rng.standard_normal((tokens, k)) @ rng.standard_normal((k, n)) + 0.5 * rng.standard_normal((tokens, n))
+    X *= np.exp(0.5 * rng.standard_normal(n))
+    W = (0.05 * rng.standard_normal((rows, n))).astype(np.float32)
+    if outliers:
+        W[rng.random(W.shape) < 0.01] *= 8
+    return W, X.T @ X
+
+
+def ncols(name: str) -> int:
+    """A row length every grid type divides (K-quants need 256)."""
+    return 512 if name in KQ else 128
+
+
+def synthetic_tool():
+    """tools/synthetic_model.py as a module."""
+    spec = importlib.util.spec_from_file_location("synthetic_model", ROOT / "tools" / "synthetic_model.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["synthetic_model"] = mod
+    spec.loader.exec_module(mod)
+    return mod
