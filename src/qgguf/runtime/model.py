@@ -414,15 +414,14 @@ def _attention_f16_cache(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, mask
     """Attention as llama.cpp computes it with its default F16 KV cache (no flash attention): K and V hold
     fp16 values, q is rounded to fp16 for the K dot products, softmax(scale * qK^T + mask) in float32, and the
     probabilities are rounded to fp16 for the V products. q (H, T, dk), K (Hkv, n, dk), V (Hkv, n, dv)."""
-    H, Hkv = q.shape[0], K.shape[0]
-    if H != Hkv:
-        K = K.repeat_interleave(H // Hkv, dim=0)
-        V = V.repeat_interleave(H // Hkv, dim=0)
-    s = torch.matmul(round_f16(q), K.transpose(1, 2)) * scale
+    H, T, Hkv = q.shape[0], q.shape[1], K.shape[0]
+    # query heads grouped by their KV head (head h uses KV head h // (H / Hkv)): broadcasting, no K/V copies
+    qg = round_f16(q).reshape(Hkv, H // Hkv, T, q.shape[2])
+    s = torch.matmul(qg, K.unsqueeze(1).transpose(2, 3)) * scale
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, dim=-1)
-    return torch.matmul(round_f16(p), V)
+    return torch.matmul(round_f16(p), V.unsqueeze(1)).reshape(H, T, V.shape[2])
 
 
 class LlamaModel(torch.nn.Module):
