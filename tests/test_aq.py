@@ -214,6 +214,9 @@ def test_stories_end_to_end(tmp_path):
     # rows of 172 do not divide into groups of 8: a standard type (Q8_0 does not fit either: F16)
     assert types["blk.0.ffn_down.weight"] == "F16"
     assert types["token_embd.weight"] == "Q8_0"
+    # the report says the file needs the qgguf runner, and why
+    assert rep.needs_qgguf_runner and rep.codebook_types == ["aq-3x8-g8"]
+    assert "codebook tensors" in rep.summary() and "needs the qgguf runner" in rep.summary()
     # the fine-tuned norms were written (they differ from the source's)
     from qgguf.convert.ggufread import GGUFFile
     with GGUFFile(out) as f, GGUFFile(STORIES) as s:

@@ -53,6 +53,7 @@ class ConvertReport:
     layer_errors: dict[str, float] = field(default_factory=dict)   # relative output error per linear
     resumed_blocks: int = 0
     outliers: dict[str, int] = field(default_factory=dict)         # sparse outliers per tensor
+    codebook_types: list[str] = field(default_factory=list)       # qgguf codebook types used (AQ, VQ)
     needs_qgguf_runner: bool = False
 
     def summary(self) -> str:
@@ -72,7 +73,10 @@ class ConvertReport:
             lines.append(f"  resumed: {self.resumed_blocks} blocks taken from the checkpoint")
         if self.outliers:
             lines.append(f"  sparse outliers: {sum(self.outliers.values()):,} values in {len(self.outliers)} tensors")
-            lines.append("  NOTE: this file uses qgguf extensions (sparse outliers); it needs the qgguf runner "
+        if self.needs_qgguf_runner:
+            what = [w for w, on in (("codebook tensors", bool(self.codebook_types)),
+                                    ("sparse outliers", bool(self.outliers))) if on]
+            lines.append(f"  NOTE: this file uses qgguf extensions ({', '.join(what)}); it needs the qgguf runner "
                          "(qgguf run/eval, qgguf.load) - stock llama.cpp will not load it")
         lines.append(f"  time {self.wall_s:.2f} s, peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB")
         return "\n".join(lines)
@@ -281,9 +285,11 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
             rep.layer_errors = dict(blocks.stats)
             rep.resumed_blocks = blocks.resumed_blocks
             rep.calibration = blocks.dataset
-            rep.needs_qgguf_runner = bool(outliers)
     finally:
         source.close()
+    from ..gguf_types.codebook import is_codebook
+    rep.codebook_types = sorted(getattr(qt, "name", n) for n, qt in qtypes.items() if is_codebook(qt))
+    rep.needs_qgguf_runner = bool(rep.outliers) or bool(rep.codebook_types)
     rep.tensor_bytes = sum(t.nbytes for t in rep.tensors)
     rep.file_bytes = out.stat().st_size
     rep.n_params = sum(int(np.prod(t.shape)) for t in rep.tensors)
