@@ -7,6 +7,7 @@ every defect (wrong magic, truncation, offsets past the end, unknown types) into
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -20,6 +21,9 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from ..errors import InputFileError
 
 GGUF_MAGIC = b"GGUF"
+MAX_DIMS = 4                   # GGML_MAX_DIMS
+MAX_ALIGNMENT = 1 << 16
+CODEBOOK_META_PREFIX = "qgguf.tensor."
 
 _SCALAR = {
     GGUFValueType.UINT8: ("<B", 1), GGUFValueType.INT8: ("<b", 1),
@@ -35,6 +39,8 @@ _NP = {
     GGUFValueType.FLOAT32: "<f4", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "<u8",
     GGUFValueType.INT64: "<i8", GGUFValueType.FLOAT64: "<f8",
 }
+_INT_TYPES = (GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
+              GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64)
 
 
 @dataclass
@@ -73,11 +79,22 @@ class _Cursor:
         self.pos += n
         return v
 
-    def string(self) -> str:
+    def string(self, what: str | None = None) -> str:
+        """A GGUF string. ``what`` (a key or a tensor name) must be valid UTF-8 and not empty; values may hold
+        any bytes (kept with surrogate escapes, as tokens of some vocabularies do)."""
+        start = self.pos
         n = self.unpack("<Q", 8)
         self.need(n)
         b = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
+        if what is not None:
+            if not b:
+                raise InputFileError(f"corrupt GGUF file: empty {what} at byte {start}", self.path)
+            try:
+                return b.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputFileError(f"corrupt GGUF file: {what} at byte {start} is not UTF-8 ({b[:40]!r})",
+                                     self.path) from None
         try:
             return b.decode("utf-8")
         except UnicodeDecodeError:
@@ -166,24 +183,31 @@ class GGUFFile:
             raise InputFileError(f"unsupported GGUF version {self.version} (big-endian or too new?)", self.path)
         n_tensors = c.unpack("<Q", 8)
         n_kv = c.unpack("<Q", 8)
-        if n_tensors > self.size // 8 or n_kv > self.size // 8:
-            raise InputFileError(f"corrupt GGUF header ({n_tensors} tensors, {n_kv} metadata keys)", self.path)
+        # every key and every tensor info takes at least 8 (+4, +8) bytes: counts past that are corrupt
+        if n_tensors > self.size // 24 or n_kv > self.size // 12:
+            raise InputFileError(f"corrupt GGUF header ({n_tensors} tensors, {n_kv} metadata keys "
+                                 f"in a file of {self.size} bytes)", self.path)
         self.metadata: dict[str, MetaValue] = {}
         for _ in range(n_kv):
-            key = c.string()
+            key = c.string("metadata key")
+            if key in self.metadata:
+                raise InputFileError(f"corrupt GGUF file: metadata key {key!r} appears twice", self.path)
             self.metadata[key] = c.value(c.vtype())
         align = 32
         if "general.alignment" in self.metadata:
-            align = int(self.metadata["general.alignment"].value)
-            if align <= 0 or align & (align - 1):
-                raise InputFileError(f"invalid general.alignment {align}", self.path)
+            mv = self.metadata["general.alignment"]
+            align = mv.value
+            if mv.vtype not in _INT_TYPES or isinstance(align, bool) or align <= 0 or align & (align - 1) \
+                    or align > MAX_ALIGNMENT:
+                raise InputFileError(f"invalid general.alignment {align!r} (a power of two up to "
+                                     f"{MAX_ALIGNMENT} expected)", self.path)
         self.alignment = align
         raw = []
         for _ in range(n_tensors):
-            name = c.string()
+            name = c.string("tensor name")
             nd = c.unpack("<I", 4)
-            if nd > 4:
-                raise InputFileError(f"tensor {name!r} has {nd} dimensions", self.path)
+            if nd > MAX_DIMS:
+                raise InputFileError(f"tensor {name!r} has {nd} dimensions (at most {MAX_DIMS})", self.path)
             ne = tuple(c.unpack("<Q", 8) for _ in range(nd))
             t = c.unpack("<I", 4)
             off = c.unpack("<Q", 8)
@@ -201,9 +225,14 @@ class GGUFFile:
                 bs, ts = GGML_QUANT_SIZES[gt]
             except (ValueError, KeyError):
                 raise InputFileError(f"tensor {name!r} has unknown type id {t}", self.path) from None
-            n = int(np.prod(ne)) if ne else 1
+            n = math.prod(ne)
+            if any(d >= 1 << 63 for d in ne) or n >= 1 << 63:
+                raise InputFileError(f"tensor {name!r} has impossible dimensions {list(ne)}", self.path)
             if ne and ne[0] % bs:
                 raise InputFileError(f"tensor {name!r}: row of {ne[0]} is not whole {gt.name} blocks", self.path)
+            if off % align:
+                raise InputFileError(f"tensor {name!r}: data offset {off} is not a multiple of the alignment "
+                                     f"{align}", self.path)
             nbytes = n // bs * ts
             start = data_start + off
             if start + nbytes > self.size:
@@ -211,7 +240,17 @@ class GGUFFile:
                     f"truncated or corrupt: tensor {name!r} data ends at byte {start + nbytes}, "
                     f"past the end of the file ({self.size} bytes)", self.path)
             self.tensors.append(TensorEntry(name, ne, int(gt), start, nbytes))
+        prev = None
+        for t in sorted(self.tensors, key=lambda e: (e.offset, e.nbytes)):
+            if prev is not None and t.offset < prev.offset + prev.nbytes:
+                raise InputFileError(f"corrupt GGUF file: data of tensors {prev.name!r} and {t.name!r} overlap",
+                                     self.path)
+            if t.nbytes:
+                prev = t
         self._by_name = {t.name: t for t in self.tensors}
+        if any(k.startswith(CODEBOOK_META_PREFIX) for k in self.metadata):
+            from ..gguf_types.codebook import check_codebook_layout  # only files with qgguf codebook tensors
+            check_codebook_layout(self.metadata, {t.name: (t.ggml_type, t.ne) for t in self.tensors}, self.path)
 
     def get(self, key: str, default=None):
         mv = self.metadata.get(key)

@@ -39,7 +39,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import QggufError
+from ..errors import InputFileError, QggufError
 from .base import Fields, QuantType
 
 QGGUF_FORMAT_VERSION = 1
@@ -389,5 +389,84 @@ def codebook_tensors(metadata: Mapping[str, Any]) -> dict[str, CodebookType]:
     return out
 
 
+def _plain(v):
+    v = getattr(v, "value", v)
+    return bytes(v).decode("utf-8", "surrogateescape") if isinstance(v, (bytes, bytearray)) else v
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+MAX_CODEBOOK_DIM = (1 << 31) - 1
+
+
+def check_codebook_layout(metadata: Mapping[str, Any], tensors: Mapping[str, tuple[int, tuple[int, ...]]],
+                          path=None) -> dict[str, tuple[CodebookType, tuple[int, int]]]:
+    """Check every codebook tensor of a file before any of its data is used: ``qgguf.tensor.NAME.*`` metadata
+    of the right value types (config a known codebook type of the stated family, shape two positive integers,
+    the family's own parameters and the companion list as the config implies) and every companion present in
+    ``tensors`` (``{name: (ggml type id, GGUF ne)}``) with the container type and shape the type gives.
+    Returns ``{NAME: (type, numpy shape (R, C))}``; raises :class:`InputFileError` naming ``path``."""
+    from . import get
+
+    ver = _plain(metadata.get("qgguf.version"))
+    if ver is not None and (not _is_int(ver) or not 1 <= ver <= QGGUF_FORMAT_VERSION):
+        raise InputFileError(f"qgguf.version {ver!r} is not supported (this qgguf reads 1..{QGGUF_FORMAT_VERSION})",
+                             path)
+    out: dict[str, tuple[CodebookType, tuple[int, int]]] = {}
+    for k in metadata:
+        if not (k.startswith(META_PREFIX) and k.endswith(".config")):
+            continue
+        name = k[len(META_PREFIX):-len(".config")]
+        p = f"{META_PREFIX}{name}."
+        cfg = _plain(metadata[k])
+        if not isinstance(cfg, str):
+            raise InputFileError(f"tensor {name}: {k} must be a string, got {cfg!r}", path)
+        try:
+            qt = get(cfg)
+        except QggufError as e:
+            raise InputFileError(f"tensor {name}: {e.problem}", path) from None
+        if not isinstance(qt, CodebookType):
+            raise InputFileError(f"tensor {name}: qgguf type {cfg!r} is not a codebook type", path)
+        fam = _plain(metadata.get(p + "type"))
+        if fam is not None and fam != qt.family:
+            raise InputFileError(f"tensor {name}: {p}type is {fam!r} but its config {cfg!r} is {qt.family!r}", path)
+        shp = _plain(metadata.get(p + "shape"))
+        if not isinstance(shp, (list, tuple)) or len(shp) != 2 or not all(_is_int(v) for v in shp) \
+                or not all(1 <= int(v) <= MAX_CODEBOOK_DIM for v in shp):
+            raise InputFileError(f"tensor {name}: {p}shape must be two positive integers [in, out], got {shp!r}",
+                                 path)
+        shape = (int(shp[1]), int(shp[0]))
+        for key, (want, _t) in qt.extra_metadata().items():
+            got = _plain(metadata.get(p + key))
+            if got is not None and got != want:
+                raise InputFileError(f"tensor {name}: {p}{key} is {got!r} but {qt.name} has {want!r}", path)
+        try:
+            specs = qt.companion_specs(shape)
+        except QggufError as e:
+            raise InputFileError(f"tensor {name}: {e.problem}", path) from None
+        listed = _plain(metadata.get(p + "companions"))
+        if listed is not None and list(listed) != [c.suffix for c in specs]:
+            raise InputFileError(f"tensor {name}: {p}companions is {listed!r}, expected "
+                                 f"{[c.suffix for c in specs]} for {qt.name}", path)
+        if name in tensors:
+            raise InputFileError(f"tensor {name} is both a plain tensor and a {qt.name} codebook tensor", path)
+        for c in specs:
+            t = tensors.get(name + c.suffix)
+            if t is None:
+                raise InputFileError(f"tensor {name} ({qt.name}): companion tensor {name}{c.suffix} is missing",
+                                     path)
+            tt, ne = int(t[0]), tuple(int(v) for v in t[1])
+            while len(ne) > len(c.gguf_shape) and ne[-1] == 1:
+                ne = ne[:-1]
+            if tt != c.ggml_type or ne != c.gguf_shape:
+                raise InputFileError(f"tensor {name} ({qt.name}, shape {[shape[1], shape[0]]}): companion "
+                                     f"{name}{c.suffix} is {_CONTAINER_NAME.get(tt, f'type {tt}')} {list(ne)}, "
+                                     f"expected {c.container} {list(c.gguf_shape)}", path)
+        out[name] = (qt, shape)
+    return out
+
+
 __all__ = ["CodebookType", "AQType", "Companions", "CompanionSpec", "parse_aq", "aq_type", "is_codebook",
-           "codebook_tensors", "QGGUF_FORMAT_VERSION", "META_PREFIX", "AQ_CODES", "AQ_CODEBOOKS", "AQ_SCALES"]
+           "codebook_tensors", "check_codebook_layout", "QGGUF_FORMAT_VERSION", "META_PREFIX", "AQ_CODES", "AQ_CODEBOOKS", "AQ_SCALES"]
