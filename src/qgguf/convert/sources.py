@@ -237,17 +237,40 @@ class _SafetensorsIndex:
                     raise InputFileError(f"truncated: tensor {name!r} ends past the end of the file", f)
                 self.entries[name] = (f, info["dtype"], tuple(info["shape"]), 8 + n + b, e - b)
 
+    #: bytes of the file converted (and its pages released) at a time
+    CHUNK_BYTES = 64 << 20
+
     def load(self, name: str) -> np.ndarray:
+        """A new float32 array. The mapped file is read in chunks, each chunk's pages released from this
+        process once converted (madvise DONTNEED), so the resident memory of a conversion is its float32 arrays,
+        not also the pages of the whole mapped file (bounded peak RSS; issue 7)."""
+        import mmap
         f, dt, shape, off, nb = self.entries[name]
         if dt not in self._DT:
             raise UnsupportedModelError(f"tensor {name!r} has dtype {dt}, which qgguf cannot read", f)
         mm = self._maps.get(f)
         if mm is None:
-            mm = self._maps[f] = np.memmap(f, mode="r", dtype=np.uint8)
-        a = mm[off:off + nb].view(self._DT[dt]).reshape(shape)
-        if dt == "BF16":
-            return (a.astype(np.uint32) << 16).view(np.float32)
-        return a if dt == "F32" else a.astype(np.float32)
+            with open(f, "rb") as fh:
+                mm = self._maps[f] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        src_dt = np.dtype(self._DT[dt])
+        n = nb // src_dt.itemsize
+        out = np.empty(n, np.float32)
+        step = max(1, self.CHUNK_BYTES // src_dt.itemsize)
+        page = mmap.PAGESIZE
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            chunk = np.frombuffer(mm, src_dt, b - a, off + a * src_dt.itemsize)
+            if dt == "BF16":
+                o = out[a:b].view(np.uint32)
+                o[:] = chunk
+                o <<= 16
+            else:
+                out[a:b] = chunk
+            del chunk
+            if hasattr(mm, "madvise"):
+                lo = (off + a * src_dt.itemsize) // page * page
+                mm.madvise(mmap.MADV_DONTNEED, lo, off + b * src_dt.itemsize - lo)
+        return out.reshape(shape)
 
     def close(self):
         self._maps.clear()
