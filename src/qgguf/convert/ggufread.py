@@ -226,7 +226,7 @@ class GGUFFile:
             except (ValueError, KeyError):
                 raise InputFileError(f"tensor {name!r} has unknown type id {t}", self.path) from None
             n = math.prod(ne)
-            if any(d >= 1 << 63 for d in ne) or n >= 1 << 63:
+            if any(d == 0 or d >= 1 << 63 for d in ne) or n >= 1 << 63:
                 raise InputFileError(f"tensor {name!r} has impossible dimensions {list(ne)}", self.path)
             if ne and ne[0] % bs:
                 raise InputFileError(f"tensor {name!r}: row of {ne[0]} is not whole {gt.name} blocks", self.path)

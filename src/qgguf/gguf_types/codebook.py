@@ -190,7 +190,10 @@ class CodebookType(QuantType):
 
     def dequantize(self, data, shape=None) -> np.ndarray:
         f = self.unpack(data, shape)
-        w = self.dequantize_fields(f)
+        try:
+            w = self.dequantize_fields(f)
+        except IndexError as e:   # an index field (codes, permutation) pointing outside its table: corrupt data
+            raise QggufError(f"{self.name}: corrupt data: {e}") from None
         return w.reshape(shape) if shape is not None else w
 
     def quantize(self, x: np.ndarray, importance: np.ndarray | None = None):
@@ -447,7 +450,7 @@ def check_codebook_layout(metadata: Mapping[str, Any], tensors: Mapping[str, tup
         except QggufError as e:
             raise InputFileError(f"tensor {name}: {e.problem}", path) from None
         listed = _plain(metadata.get(p + "companions"))
-        if listed is not None and list(listed) != [c.suffix for c in specs]:
+        if listed is not None and (not isinstance(listed, list) or listed != [c.suffix for c in specs]):
             raise InputFileError(f"tensor {name}: {p}companions is {listed!r}, expected "
                                  f"{[c.suffix for c in specs]} for {qt.name}", path)
         if name in tensors:
