@@ -41,7 +41,9 @@ def add_parsers(sub) -> None:
                         "the file then needs the qgguf runner")
     g.add_argument("--iters", type=int, help="autoround: optimisation steps per block")
     g.add_argument("--lr", type=float, help="autoround: learning rate (default 1/iters)")
-    g.add_argument("--recipe", choices=["default", "light", "best"], help="autoround: preset of iters/samples")
+    g.add_argument("--recipe", metavar="light|default|best|FILE.json",
+                   help="autoround: preset of iters/samples (light, default, best); or a mixed-precision recipe "
+                        "JSON file written by --save-recipe: its tensor types, no measurement")
     g.add_argument("--batch-size", type=int, help="autoround: samples per optimisation step")
     a = p.add_argument_group("AQ (additive codebooks, --method aq; the file then needs the qgguf runner)")
     a.add_argument("--aq-config", metavar="aq-MxB-gG",
@@ -56,6 +58,23 @@ def add_parsers(sub) -> None:
                    help="any other option of the method (repeatable), e.g. -O blocksize=256")
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted block-method run from OUT.qgguf-resume/")
+    x = p.add_argument_group("mixed precision (a type per tensor from measured sensitivities)")
+    x.add_argument("--target-size", metavar="SIZE",
+                   help="the whole file in at most SIZE: bytes, or 60MB (10^6), 57.8MiB (2^20), 1.2GB")
+    x.add_argument("--target-bpw", type=float, metavar="X", help="at most X bits per weight over all tensors")
+    x.add_argument("--compat", choices=["llama.cpp", "any"], default=None,
+                   help="candidate types: llama.cpp-loadable only (default; F16 Q8_0 Q6_K Q5_1 Q5_K Q5_0 Q4_1 Q4_K "
+                        "IQ4_NL Q4_0 Q3_K Q2_K where the row length allows) or any qgguf type")
+    x.add_argument("--dynamic", action="store_true",
+                   help="with --type: keep the tensors whose quantization hurts most at higher precision, for at "
+                        "most --dynamic-extra more bytes of the quantized tensors")
+    x.add_argument("--dynamic-extra", type=float, default=0.10, metavar="F", help="--dynamic's extra bytes (0.10)")
+    x.add_argument("--save-recipe", metavar="FILE.json", help="write the chosen recipe (types, budget, sensitivities)")
+    x.add_argument("--sens-nsamples", type=int, metavar="N",
+                   help="calibration sequences of the sensitivity measurement (32, of --seqlen or 512 tokens)")
+    x.add_argument("--proxy-check", type=int, default=0, metavar="N",
+                   help="also measure N single-tensor KL divergences with other types and report the rank "
+                        "correlation of the prediction with them")
     p.add_argument("-t", "--threads", type=int)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -95,15 +114,42 @@ def method_options(args: argparse.Namespace) -> dict:
     return opts
 
 
+AUTOROUND_RECIPES = ("default", "light", "best")
+
+
+def _split_recipe(args: argparse.Namespace):
+    """``--recipe``: an AutoRound preset name stays a method option; anything else must be a recipe file."""
+    from pathlib import Path
+
+    from ..errors import OptionError
+    r = args.recipe
+    if r is None or r in AUTOROUND_RECIPES:
+        return None
+    if not (r.lower().endswith(".json") or Path(r).is_file()):
+        raise OptionError(f"--recipe {r!r}: expected an AutoRound preset ({', '.join(AUTOROUND_RECIPES)}) or a "
+                          "recipe JSON file from --save-recipe")
+    args.recipe = None
+    return r
+
+
 def _convert(args: argparse.Namespace) -> int:
     from .pipeline import convert
+    recipe_file = _split_recipe(args)
+    sens = {"check": args.proxy_check}
+    if args.sens_nsamples:
+        sens["nsamples"] = args.sens_nsamples
+    if args.seqlen:
+        sens["seqlen"] = min(args.seqlen, 512)
     rep = convert(args.src, args.out, method=args.method, type=args.type, tensor_types=args.tensor_type,
                   pure=args.pure, token_embedding_type=args.token_embedding_type,
                   output_tensor_type=args.output_tensor_type, calib=args.calib, nsamples=args.nsamples,
                   seqlen=args.seqlen, imatrix=args.imatrix, imatrix_out=args.imatrix_out, seed=args.seed,
                   threads=args.threads, progress=not args.quiet and sys.stderr.isatty(),
                   method_options=method_options(args), resume=args.resume, aq_config=args.aq_config,
-                  bits=args.bits, tensor_methods=args.tensor_method)
+                  bits=args.bits, tensor_methods=args.tensor_method, target_size=args.target_size,
+                  target_bpw=args.target_bpw, compat=args.compat, dynamic=args.dynamic,
+                  dynamic_extra=args.dynamic_extra, recipe_file=recipe_file, save_recipe=args.save_recipe,
+                  sensitivity=sens)
     if args.json:
         import json
         print(json.dumps(rep.to_dict(), indent=1))

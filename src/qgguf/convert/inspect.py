@@ -114,7 +114,22 @@ def inspect_file(path: str | Path) -> dict:
             "bpw": 8.0 * tbytes / max(1, params), "bytes_per_type": per_type, "tensors": rows,
             "metadata": md, "qgguf_version": g.get("qgguf.version"),
             "needs_qgguf_runner": g.get("qgguf.version") is not None,
+            "recipe": _recipe(g, {r["name"]: r["type"] for r in rows}),
         }
+
+
+def _recipe(g: GGUFFile, types: dict[str, str]) -> dict | None:
+    """The mixed-precision recipe summary (``qgguf.recipe.*``, convert/budget.py), or None."""
+    if g.get("qgguf.recipe.mode") is None:
+        return None
+    out = {k[len("qgguf.recipe."):]: g.get(k) for k in g.metadata if k.startswith("qgguf.recipe.")}
+    names, kld = out.pop("tensors", None) or [], out.pop("tensor_kld", None) or []
+    out["tensors"] = {n: {"type": types.get(n), "predicted_kld": float(v)} for n, v in zip(names, kld)}
+    try:
+        out["target"] = json.loads(out.get("target") or "{}")
+    except ValueError:
+        pass
+    return out
 
 
 def format_table(info: dict) -> str:
@@ -135,6 +150,15 @@ def format_table(info: dict) -> str:
     for t, d in sorted(info["bytes_per_type"].items(), key=lambda kv: -kv[1]["bytes"]):
         out.append(f"  {t:<{tw}} {d['tensors']:>4} tensors {d['params']:>14,} params {d['bytes']:>14,} bytes "
                    f"{8.0 * d['bytes'] / max(1, d['params']):7.3f} bpw")
+    rc = info.get("recipe")
+    if rc:
+        out.append(f"mixed-precision recipe: mode {rc.get('mode')}, compat {rc.get('compat')}, method {rc.get('method')}, "
+                   f"target {rc.get('target')}")
+        if rc.get("predicted_kld") is not None:
+            out.append(f"  predicted KL divergence {rc['predicted_kld']:.4f} (sum over tensors); largest contributions:")
+            top = sorted(rc["tensors"].items(), key=lambda kv: -kv[1]["predicted_kld"])[:10]
+            for n, d in top:
+                out.append(f"    {n:<{w}}  {d['type'] or '?':<{tw}} {d['predicted_kld']:.5f}")
     if info.get("needs_qgguf_runner"):
         out.append(f"qgguf extensions (qgguf.version {info.get('qgguf_version')}): this file needs the qgguf runner "
                    "(qgguf run/eval/bench, qgguf.load); stock llama.cpp will not load it")

@@ -55,6 +55,7 @@ class ConvertReport:
     outliers: dict[str, int] = field(default_factory=dict)         # sparse outliers per tensor
     codebook_types: list[str] = field(default_factory=list)       # qgguf codebook types used (AQ, VQ)
     needs_qgguf_runner: bool = False
+    mixed: dict = field(default_factory=dict)   # mixed precision (issue 6): recipe summary, search seconds
 
     def summary(self) -> str:
         lines = [f"wrote {self.output}: {self.file_bytes / 2**20:.2f} MiB, {self.n_params / 1e6:.2f} M params, "
@@ -78,6 +79,8 @@ class ConvertReport:
                                     ("sparse outliers", bool(self.outliers))) if on]
             lines.append(f"  NOTE: this file uses qgguf extensions ({', '.join(what)}); it needs the qgguf runner "
                          "(qgguf run/eval, qgguf.load) - stock llama.cpp will not load it")
+        if self.mixed:
+            lines.append("  " + self.mixed["summary"].replace("\n", "\n  "))
         lines.append(f"  time {self.wall_s:.2f} s, peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB")
         return "\n".join(lines)
 
@@ -119,7 +122,9 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
             nsamples: int | None = None, seqlen: int | None = None, imatrix=None, imatrix_out=None, seed: int = 0,
             threads: int | None = None, progress: bool = True, method_options: dict | None = None,
             resume: bool = False, aq_config: str | None = None, bits: float | None = None,
-            tensor_methods=()) -> ConvertReport:
+            tensor_methods=(), target_size=None, target_bpw: float | None = None, compat: str | None = None,
+            dynamic: bool = False, dynamic_extra: float = 0.10, recipe_file=None, save_recipe=None,
+            sensitivity: dict | None = None) -> ConvertReport:
     """Convert ``src`` (GGUF file, Hugging Face folder or alias) to a GGUF at ``out``.
 
     ``method_options``: options of the method (``damp``, ``actorder``, ``passes``, ``init``, ``outliers``,
@@ -131,7 +136,13 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
 
     AQ (``method="aq"``, quantize/aq.py): ``aq_config`` (``"aq-2x8-g8"``) or ``bits`` (the most accurate
     configuration whose bits per weight, every byte counted, fit) and ``tensor_methods``
-    (``["ffn_down=aq"]``: AQ only on the matching block linears, ``type`` elsewhere)."""
+    (``["ffn_down=aq"]``: AQ only on the matching block linears, ``type`` elsewhere).
+
+    Mixed precision (convert/mixed.py): ``target_size`` (file bytes or "60MB"), ``target_bpw``, ``dynamic``
+    (``type``'s plan plus upgrades for ``dynamic_extra`` more bytes) or ``recipe_file`` choose every tensor's
+    type from measured sensitivities; ``compat="llama.cpp"`` keeps to llama.cpp's types; ``save_recipe``
+    writes the choice as JSON; ``sensitivity``: options of the measurement (nsamples, seqlen, kld_samples,
+    kld_seqlen, check)."""
     from ..quantize.base import QuantContext, get_method, is_blockwise
 
     t0 = time.perf_counter()
@@ -170,6 +181,22 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
             token_embedding_type, output_tensor_type = aqp.token_embedding_type, aqp.output_tensor_type
             if aqp.other and "other" not in opts:
                 m.other = aqp.other
+        recipe = None
+        if recipe_file is not None or target_size is not None or target_bpw is not None or dynamic:
+            if aq_wanted:
+                raise OptionError("mixed precision (--target-size/--target-bpw/--dynamic/--recipe) is not combined "
+                                  "with AQ options yet")
+            from .mixed import plan_mixed
+            recipe = plan_mixed(source, Path(out) if out is not None else default_output(src, type), type=type,
+                                method=m.describe(), pure=pure, token_embedding_type=token_embedding_type,
+                                output_tensor_type=output_tensor_type, tensor_types=tensor_types,
+                                has_imatrix=m.needs_calibration, target_size=target_size, target_bpw=target_bpw,
+                                compat=compat, dynamic=dynamic, dynamic_extra=dynamic_extra, recipe=recipe_file,
+                                calib=calib, imatrix=imatrix, seed=seed, sensitivity=sensitivity,
+                                progress=progress, threads=threads)
+            tensor_types = [*recipe.overrides(), *tensor_types]
+            if save_recipe:
+                recipe.save(save_recipe)
         plan: TypePlan = plan_types(
             [(t.name, t.shape) for t in source.tensors], arch=source.arch, n_layer=source.n_layer,
             n_head=source.n_head, n_head_kv=source.n_head_kv, type=type, pure=pure,
@@ -217,6 +244,9 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
                 of.set("general.file_type", plan.ftype, U32)
             of.set("general.quantization_version", GGML_QNT_VERSION, U32)
             of.update(ctx.metadata)
+            if recipe is not None:
+                from .budget import recipe_metadata
+                of.update(recipe_metadata(recipe))
             outliers = blocks.outliers if blocks is not None else {}
             if outliers:
                 from .writer import plan_outliers
@@ -288,6 +318,9 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
     finally:
         source.close()
     from ..gguf_types.codebook import is_codebook
+    if recipe is not None:
+        rep.mixed = {"summary": recipe.summary(), "search_seconds": recipe.search_seconds,
+                     "predicted_kld": recipe.predicted_kld, "target": recipe.target, "mode": recipe.mode}
     rep.codebook_types = sorted(getattr(qt, "name", n) for n, qt in qtypes.items() if is_codebook(qt))
     rep.needs_qgguf_runner = bool(rep.outliers) or bool(rep.codebook_types)
     rep.tensor_bytes = sum(t.nbytes for t in rep.tensors)

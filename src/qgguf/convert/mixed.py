@@ -1,0 +1,185 @@
+"""Mixed-precision planning for ``convert()`` (issue 6): measure, allocate, and return a :class:`Recipe`.
+
+Three ways in:
+
+* a budget (``target_size``: the whole file in bytes, header included; ``target_bpw``: bits per weight over
+  every tensor as the conversion report counts them): every quantizable tensor may take any candidate type
+  (``compat="llama.cpp"``: the llama.cpp-loadable types of :data:`~qgguf.quantize.sensitivity.STANDARD_CANDIDATES`
+  whose block divides the row; ``"any"``: the same list for now, see README);
+* ``dynamic``: the plan of ``--type`` (presets' mixing rules included) is the floor; tensors are upgraded to
+  larger types, the most damaging first (the allocator's optimum), until ``1 + dynamic_extra`` times the
+  quantized tensors' bytes;
+* ``recipe``: a recipe JSON file from ``--save-recipe``: its types, no measurement.
+
+Tensors pinned by ``--tensor-type`` (or ``--token-embedding-type`` / ``--output-tensor-type``) keep their type
+and count as fixed bytes. The result is a set of exact per-tensor overrides for :func:`plan_types`.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import gguf_types
+from ..errors import InputFileError, OptionError
+from .budget import ALIGNMENT, Recipe, allocate, load_recipe, padded, parse_size, recipe_metadata
+from .presets import normalize_type, parse_tensor_types, plan_types
+
+COMPAT = ("llama.cpp", "any")
+
+
+def _base_plan(source, **kw):
+    return plan_types([(t.name, t.shape) for t in source.tensors], arch=source.arch, n_layer=source.n_layer,
+                      n_head=source.n_head, n_head_kv=source.n_head_kv,
+                      float_source_types={t.name: t.src_type for t in source.tensors}, **kw)
+
+
+def _header_bytes(source, plan, out: Path, recipe: Recipe, ftype) -> int:
+    """Bytes before the tensor data of the file the pipeline will write (metadata and tensor infos, padded)."""
+    from gguf import GGUFValueType
+
+    from .writer import OutputFile
+    probe = out.with_name(out.name + ".qgguf-probe")
+    of = OutputFile(probe, source.arch)
+    try:
+        of.update(source.metadata)
+        if ftype is not None:
+            of.set("general.file_type", int(ftype), GGUFValueType.UINT32)
+        of.set("general.quantization_version", 2, GGUFValueType.UINT32)
+        of.update(recipe_metadata(recipe))
+        for c in plan.choices:
+            of.plan_qtensor(c.name, c.shape, gguf_types.get(c.type))
+        of.open()
+        for f in (getattr(of._writer, "fout", None) or []):
+            f.flush()
+        n = of.tmp.stat().st_size
+    finally:
+        of.abort()
+    return padded(n, ALIGNMENT)
+
+
+def check_recipe(recipe: Recipe, source, path) -> None:
+    shapes = {t.name: tuple(t.shape) for t in source.tensors}
+    for name, typ in recipe.types.items():
+        if name not in shapes:
+            raise InputFileError(f"recipe names tensor {name!r}, which the model does not have", path)
+        try:
+            qt = gguf_types.get(normalize_type(typ, "recipe type"))
+        except Exception:
+            raise InputFileError(f"recipe gives {name} the unknown type {typ!r}", path) from None
+        if not qt.fits(shapes[name][-1]):
+            raise InputFileError(f"recipe gives {name} type {typ}, whose blocks do not divide rows of "
+                                 f"{shapes[name][-1]}", path)
+
+
+def plan_mixed(source, out: Path, *, type: str, method: str, pure: bool = False, token_embedding_type=None,
+               output_tensor_type=None, tensor_types=(), has_imatrix: bool = False, target_size=None,
+               target_bpw: float | None = None, compat: str | None = None, dynamic: bool = False,
+               dynamic_extra: float = 0.10, recipe=None, calib=None, imatrix=None, seed: int = 0,
+               sensitivity: dict | None = None, progress: bool = True, threads: int | None = None,
+               metadata_margin: int = 1024) -> Recipe:
+    """The recipe of a mixed-precision conversion (module docstring)."""
+    modes = [m for m, on in (("recipe", recipe is not None), ("target-size", target_size is not None),
+                             ("target-bpw", target_bpw is not None), ("dynamic", dynamic)) if on]
+    if len(modes) > 1:
+        raise OptionError(f"choose one of --recipe FILE, --target-size, --target-bpw, --dynamic (got {', '.join(modes)})")
+    compat = compat or "llama.cpp"
+    if compat not in COMPAT:
+        raise OptionError(f"--compat {compat!r}: expected one of {', '.join(COMPAT)}")
+    if recipe is not None:
+        r = load_recipe(recipe)
+        check_recipe(r, source, recipe)
+        return r
+    t0 = time.perf_counter()
+    mode = modes[0]
+    if dynamic and not (0.0 < dynamic_extra <= 10.0):
+        raise OptionError(f"--dynamic-extra {dynamic_extra}: expected a fraction such as 0.1 (10% more bytes)")
+    if target_bpw is not None and not (0.5 <= float(target_bpw) <= 32.0):
+        raise OptionError(f"--target-bpw {target_bpw}: expected bits per weight between 0.5 and 32")
+    base = _base_plan(source, type=type, pure=pure, token_embedding_type=token_embedding_type,
+                      output_tensor_type=output_tensor_type, tensor_types=tensor_types, has_imatrix=has_imatrix)
+    pins = parse_tensor_types(tensor_types)
+    pinned = {}
+    for c in base.choices:
+        if not c.quantize:
+            continue
+        if any(rx.search(c.name) for _, rx, _ in pins) or (token_embedding_type and c.name == "token_embd.weight") \
+                or (output_tensor_type and c.name == "output.weight"):
+            pinned[c.name] = c.type
+    free = {c.name: c for c in base.choices if c.quantize and c.name not in pinned}
+    if not free:
+        raise OptionError("every quantizable tensor is pinned by --tensor-type: nothing to choose")
+    from ..quantize.sensitivity import STANDARD_CANDIDATES, candidate_types, measure
+
+    def types_for(name, shape):
+        c = free.get(name)
+        if c is None:
+            return []
+        types = candidate_types(shape, STANDARD_CANDIDATES)
+        if dynamic:   # the preset's type and the larger ones
+            floor = gguf_types.get(c.type).nbytes(shape)
+            types = [c.type] + [q for q in types if q != c.type and gguf_types.get(q).nbytes(shape) > floor]
+        return types
+
+    imp = None
+    if imatrix:
+        from ..quantize.imatrix import IMatrixData
+        imp = IMatrixData.load(imatrix).importance()
+    so = dict(sensitivity or {})
+    log = (lambda s: print(s, file=sys.stderr)) if progress else None
+    sens = measure(source, types_for=types_for, calib=calib, nsamples=int(so.get("nsamples", 32)),
+                   seqlen=int(so.get("seqlen", 512)), seed=seed, imatrix=imp,
+                   kld_samples=int(so.get("kld_samples", 4)), kld_seqlen=int(so.get("kld_seqlen", 256)),
+                   check=int(so.get("check", 0)), progress=progress, threads=threads, log=log)
+    missing = set(free) - set(sens.tensors)
+    if missing:
+        raise OptionError(f"no candidate type fits {sorted(missing)[0]} (and {len(missing) - 1} more)")
+    fixed = sum(padded(gguf_types.get(c.type).nbytes(c.shape)) for c in base.choices if c.name not in free)
+    n_params = sum(int(np.prod(c.shape)) for c in base.choices)
+    target: dict = {}
+    tables = []
+    for name, ts in sens.tensors.items():
+        allowed = None
+        if dynamic:
+            floor_err = ts.error[free[name].type]
+            allowed = {q for q in ts.error if q == free[name].type or ts.error[q] < floor_err}
+        tables.append(ts.options(allowed))
+    recipe_obj = Recipe({}, mode=mode, method=method, compat=compat, source=str(source.path))
+    if mode == "target-size":
+        file_bytes = parse_size(target_size)
+        target = {"file_bytes": file_bytes}
+        recipe_obj.target = target
+        recipe_obj.tensor_kld = {n: 0.0 for n in sens.tensors}
+        recipe_obj.predicted_kld = 0.0
+        header = _header_bytes(source, base, out, recipe_obj, base.ftype)
+        budget = file_bytes - header - metadata_margin - fixed
+        if budget <= 0:
+            raise OptionError(f"--target-size {file_bytes:,} bytes is smaller than the file's header and float "
+                              f"tensors ({header + fixed:,} bytes)")
+    elif mode == "target-bpw":
+        target = {"bpw": float(target_bpw)}
+        budget = int(float(target_bpw) * n_params / 8) - fixed
+    else:
+        floor = sum(ts.nbytes[free[n].type] for n, ts in sens.tensors.items())
+        target = {"extra": float(dynamic_extra), "base_type": type, "base_bytes": floor}
+        budget = int(floor * (1.0 + dynamic_extra))
+    alloc = allocate(tables, budget)
+    types = dict(pinned)
+    types.update(alloc.choice)
+    recipe_obj.types = {c.name: types[c.name] for c in base.choices if c.name in types}
+    recipe_obj.target = target
+    recipe_obj.tensor_kld = {n: sens.tensors[n].kld(q) for n, q in alloc.choice.items()}
+    recipe_obj.predicted_kld = float(sum(recipe_obj.tensor_kld.values()))
+    recipe_obj.tensor_bytes = int(alloc.nbytes + fixed)
+    recipe_obj.sensitivity = {n: ts.to_json() for n, ts in sens.tensors.items()}
+    recipe_obj.sensitivity["_calibration"] = {"dataset": sens.dataset, "tokens": sens.tokens,
+                                              "kld_tokens": sens.kld_tokens, "allocator": alloc.how,
+                                              "budget_tensor_bytes": int(budget + fixed)}
+    recipe_obj.proxy_check = sens.proxy_check
+    recipe_obj.search_seconds = time.perf_counter() - t0
+    return recipe_obj
+
+
+__all__ = ["plan_mixed", "check_recipe", "COMPAT"]

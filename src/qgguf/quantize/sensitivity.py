@@ -1,0 +1,310 @@
+"""How much each tensor's quantization hurts the model, per candidate type (issue 6).
+
+One calibration pass through the float model, block by block (the staged forward of
+:mod:`qgguf.quantize.blockwise`), gives for every block linear ``t`` the Gram matrix ``H = X^T X`` of its
+inputs over ``N`` calibration tokens. For every candidate type ``q`` the tensor is quantized the way the
+conversion quantizes it (the type's importance-weighted search with the importance matrix: ``--imatrix FILE``
+or ``diag(H) / N``) and its *layer output error* is measured::
+
+    e(t, q) = tr(dW H dW^T) / N        dW = dequantize(quantize(W, q)) - W
+
+(the mean squared error the quantized layer adds to its outputs, per token: activation- and weight-error at
+once). For the tied or untied embedding/output matrix ``H`` is the Gram matrix of the final normed hidden
+states (its role as the output head).
+
+The layer error is not yet the damage to the model: the same error hurts more in some layers than in others.
+Each tensor therefore gets one *real* measurement: the tensor alone is quantized to a reference type (the
+candidate closest to 4.5 bits per weight), the float model's later blocks run on a few calibration
+sequences from that layer on (the layer inputs are cached), and the KL divergence of the final distribution
+to the float model's is taken. ``alpha_t = KLD_t(ref) / e(t, ref)`` is the tensor's propagation factor, and
+the predicted KL divergence of any candidate is ``alpha_t * e(t, q)`` (KL divergence is quadratic in small
+perturbations, like ``e``). The allocator (:mod:`qgguf.convert.budget`) adds these single-tensor
+predictions.
+
+``check``: that many more single-tensor measurements with other types, whose Spearman rank correlation with
+the prediction (and with the bare layer error) is reported: the proxy checked against real KL divergence.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import gguf_types
+from ..convert.budget import Option, TensorOptions, padded
+from ..runtime import model as rm
+
+#: llama.cpp-loadable candidates, most bytes first (BF16: same size as F16 and less precise, left out)
+STANDARD_CANDIDATES = ("F16", "Q8_0", "Q6_K", "Q5_1", "Q5_K", "Q5_0", "Q4_1", "Q4_K", "IQ4_NL", "Q4_0", "Q3_K", "Q2_K")
+REF_BPW = 4.5
+MAX_ERROR_ROWS = 4096    # tensors with more rows (embeddings) measure e on every k-th row
+
+
+def candidate_types(shape, types=STANDARD_CANDIDATES) -> list[str]:
+    """The candidates whose block divides the row length."""
+    n = int(shape[-1])
+    return [t for t in types if gguf_types.get(t).fits(n)]
+
+
+@dataclass
+class TensorSensitivity:
+    name: str
+    shape: tuple[int, ...]
+    nbytes: dict[str, int]                 # type -> padded bytes in the file
+    error: dict[str, float]                # type -> layer output error e(t, q)
+    ref: str = ""                          # the type of the real KLD measurement
+    ref_kld: float = 0.0
+    alpha: float = 0.0                     # KLD per unit of e
+
+    def kld(self, q: str) -> float:
+        return float(self.alpha * self.error[q])
+
+    def options(self, allowed=None) -> TensorOptions:
+        return TensorOptions(self.name, [Option(q, self.nbytes[q], self.kld(q)) for q in self.error
+                                         if allowed is None or q in allowed])
+
+    def to_json(self) -> dict:
+        return {"alpha": self.alpha, "ref": self.ref, "ref_kld": self.ref_kld,
+                "candidates": {q: [self.nbytes[q], self.error[q], self.kld(q)] for q in self.error}}
+
+
+@dataclass
+class Sensitivity:
+    tensors: dict[str, TensorSensitivity]
+    dataset: str = ""
+    tokens: int = 0
+    kld_tokens: int = 0
+    seconds: float = 0.0
+    proxy_check: dict = field(default_factory=dict)
+
+
+def _err(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor, N: float) -> float:
+    d = (wq - w).to(torch.float32)
+    return float(((d @ H) * d).sum()) / N
+
+
+class _Measurer:
+    """Float weights, cached layer inputs of the KLD sequences and the float model's log-probabilities."""
+
+    def __init__(self, source, seqs, progress: bool, threads: int | None):
+        md = {k: v.value for k, v in source.metadata.items()}
+        md["general.architecture"] = source.arch
+        self.source = source
+        self.names = {t.name for t in source.tensors}
+        emb = torch.from_numpy(np.array(source.load("token_embd.weight"), dtype=np.float32))
+        self.hp = hp = rm.hparams_from_metadata(md, emb.shape[0], source.path)
+        self.emb = emb
+        self.tied = "output.weight" not in self.names
+        self.out_w = emb if self.tied else torch.from_numpy(np.array(source.load("output.weight"), np.float32))
+        self.out_norm = torch.from_numpy(np.array(source.load("output_norm.weight"), np.float32).reshape(-1))
+        self.ids = torch.tensor(seqs, dtype=torch.long)
+        T = int(self.ids.shape[1])
+        rf = (torch.from_numpy(np.asarray(source.load("rope_freqs.weight"), np.float32).reshape(-1))
+              if "rope_freqs.weight" in self.names else None)
+        self.rope = rm.rope_tables(hp, T, rf)
+        self.shapes = {t.name: tuple(t.shape) for t in source.tensors}
+        self.layers: list[dict[str, torch.Tensor]] = []
+        self.layer_names: list[dict[str, str]] = []
+        self.progress = progress
+
+    def block(self, il: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        from .blockwise import short_key
+        keys = {short_key(n, il): n for n in self.names if short_key(n, il) is not None}
+        w = {k: torch.from_numpy(np.array(self.source.load(n), dtype=np.float32).reshape(self.shapes[n]))
+             for k, n in keys.items()}
+        return w, keys
+
+    def head_logp(self, x: torch.Tensor, out_w: torch.Tensor | None = None) -> torch.Tensor:
+        h = rm.final_norm(self.hp, self.out_norm, x)
+        return F.log_softmax(rm.lm_head(self.out_w if out_w is None else out_w, h), dim=-1)
+
+    def tail_kld(self, il: int, x: torch.Tensor, w_override: dict[str, torch.Tensor] | None,
+                 out_w: torch.Tensor | None = None) -> float:
+        """KL divergence of the model run from block ``il`` on ``x`` (with block ``il``'s weights overridden)."""
+        for j in range(il, self.hp.n_layer):
+            w = self.layers[j]
+            if j == il and w_override:
+                w = dict(w)
+                w.update(w_override)
+            x = rm.block_forward(self.hp, w, x, self.rope)
+        lp = self.head_logp(x, out_w)
+        kld = (self.base_p * (self.base_lp - lp)).sum(-1)
+        return float(kld.mean())
+
+
+def _quantized(qt, w: np.ndarray, imp: np.ndarray | None) -> torch.Tensor:
+    data = qt.quantize(w, None if qt.is_float else imp)
+    return torch.from_numpy(np.array(qt.dequantize(data, w.shape), dtype=np.float32))
+
+
+def _spearman(a, b) -> float:
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 3:
+        return float("nan")
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+@torch.no_grad()
+def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None, nsamples: int = 32,
+            seqlen: int = 512, seed: int = 0, imatrix: dict[str, np.ndarray] | None = None,
+            kld_samples: int = 4, kld_seqlen: int = 256, check: int = 0, progress: bool = True,
+            threads: int | None = None, log=None) -> Sensitivity:
+    """Sensitivities of every quantizable tensor (``types_for(name, shape)`` -> its candidate types; a tensor
+    with no candidates is skipped). ``imatrix``: importance vectors by tensor name (else ``diag(H)/N``)."""
+    from .blockwise import _calibration, chunk_samples
+
+    t0 = time.perf_counter()
+    say = log or (lambda s: None)
+    md = {k: v.value for k, v in source.metadata.items()}
+    md["general.architecture"] = source.arch
+    names = {t.name for t in source.tensors}
+    seqs, dataset = _calibration(source, md, names, calib, nsamples, seqlen, seed, progress, threads)
+    M = _Measurer(source, seqs, progress, threads)
+    hp = M.hp
+    ks, kt = min(kld_samples, len(seqs)), min(kld_seqlen, int(M.ids.shape[1]))
+    x = rm.embed(M.emb, M.ids)
+    xs = x[:ks, :kt].clone()
+    N = float(x.shape[0] * x.shape[1])
+    chunk = chunk_samples(x.shape[1])
+    eps = hp.norm_eps
+    sens: dict[str, TensorSensitivity] = {}
+    layer_inputs: list[torch.Tensor] = []
+    keys_of: dict[str, tuple[int, str]] = {}
+    imp_used: dict[str, np.ndarray] = {}     # the importance each tensor was quantized with
+
+    def candidates(name: str, w: torch.Tensor, H: torch.Tensor, n_tok: float) -> None:
+        shape = M.shapes[name]
+        types = types_for(name, shape)
+        if not types:
+            return
+        w2 = w.reshape(-1, shape[-1])
+        step = max(1, -(-w2.shape[0] // MAX_ERROR_ROWS))
+        ws = np.ascontiguousarray(w2[::step].numpy(), dtype=np.float32)
+        imp = imatrix.get(name) if imatrix else None
+        if imp is None or np.asarray(imp).shape[-1] != shape[-1]:
+            imp = (torch.diagonal(H) / n_tok).to(torch.float32).numpy()
+        imp = np.ascontiguousarray(imp, dtype=np.float32)
+        imp_used[name] = imp
+        Hf = H.to(torch.float32)
+        wt = torch.from_numpy(ws)
+        ts = TensorSensitivity(name, shape, {}, {})
+        for q in types:
+            qt = gguf_types.get(q)
+            ts.nbytes[q] = padded(qt.nbytes(shape))
+            ts.error[q] = _err(wt, _quantized(qt, ws, imp), Hf, n_tok) * step
+        sens[name] = ts
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=hp.n_layer, desc="sensitivity", unit="blk", leave=False)
+    for il in range(hp.n_layer):
+        w, keys = M.block(il)
+        M.layers.append(w)
+        layer_inputs.append(xs)
+        Hs = {}
+        for sl in (slice(s, min(s + chunk, x.shape[0])) for s in range(0, x.shape[0], chunk)):
+            xc = x[sl]
+            n = rm.rms_norm(xc, w["attn_norm"], eps)
+            a = rm.attention(hp, w, n, M.rope)
+            x1 = xc + rm.linear(w, "attn_output", a)
+            m = rm.rms_norm(x1, w["ffn_norm"], eps)
+            h = rm.ffn_hidden(w, m)
+            for g, t in (("qkv", n), ("o", a), ("gu", m), ("d", h)):
+                t2 = t.reshape(-1, t.shape[-1])
+                g2 = (t2.T @ t2).double()
+                Hs[g] = Hs[g] + g2 if g in Hs else g2
+            x[sl] = x1 + rm.linear(w, "ffn_down", h)
+        group = {"attn_q": "qkv", "attn_k": "qkv", "attn_v": "qkv", "attn_output": "o", "ffn_gate": "gu",
+                 "ffn_up": "gu", "ffn_down": "d"}
+        for k in rm.BLOCK_LINEARS:
+            if k in keys:
+                keys_of[keys[k]] = (il, k)
+                candidates(keys[k], w[k], Hs[group[k]], N)
+        del Hs
+        xs = rm.block_forward(hp, w, xs, M.rope)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    # the output head: Gram matrix of the final normed hidden states
+    hN = rm.final_norm(hp, M.out_norm, x).reshape(-1, hp.n_embd)
+    H_out = (hN.T @ hN).double()
+    del x, hN
+    M.base_lp = M.head_logp(xs)
+    M.base_p = M.base_lp.exp()
+    head_name = "token_embd.weight" if M.tied else "output.weight"
+    candidates(head_name, M.out_w, H_out, N)
+    if not M.tied:
+        candidates("token_embd.weight", M.emb, H_out, N)   # an untied embedding: proxy by the head's inputs
+    ids_s = M.ids[:ks, :kt]
+    say(f"sensitivity: layer errors of {len(sens)} tensors x {np.mean([len(s.error) for s in sens.values()]):.1f} "
+        f"types in {time.perf_counter() - t0:.1f} s")
+
+    def real_kld(name: str, q: str) -> float:
+        """KL divergence with only ``name`` quantized to ``q`` (as for e: the same importance)."""
+        qt = gguf_types.get(q)
+        shape = M.shapes[name]
+        imp = imp_used[name]
+        if name in keys_of:
+            il, k = keys_of[name]
+            w = M.layers[il][k]
+            wq = _quantized(qt, np.ascontiguousarray(w.reshape(-1, shape[-1]).numpy()), imp).reshape(w.shape)
+            return M.tail_kld(il, layer_inputs[il], {k: wq})
+        if name == "token_embd.weight":
+            wq = _quantized(qt, M.emb.numpy(), imp).reshape(M.emb.shape)
+            return M.tail_kld(0, rm.embed(wq, ids_s), None, wq if M.tied else None)
+        wq = _quantized(qt, M.out_w.numpy(), imp).reshape(M.out_w.shape)   # output.weight
+        return float((M.base_p * (M.base_lp - M.head_logp(xs, wq))).sum(-1).mean())
+
+    t1 = time.perf_counter()
+    it = list(sens.values())
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc="single-tensor KLD", unit="t", leave=False)
+    for ts in it:
+        quant = [q for q in ts.error if not gguf_types.get(q).is_float]
+        if not quant:
+            continue
+        ts.ref = min(quant, key=lambda q: (abs(8.0 * ts.nbytes[q] / np.prod(ts.shape) - REF_BPW), -ts.nbytes[q]))
+        ts.ref_kld = max(0.0, real_kld(ts.name, ts.ref))
+        e = ts.error[ts.ref]
+        ts.alpha = ts.ref_kld / e if e > 0 else 0.0
+    say(f"sensitivity: {len(sens)} single-tensor KLD measurements on {ks} x {kt} tokens in "
+        f"{time.perf_counter() - t1:.1f} s")
+    result = Sensitivity(sens, dataset, int(N), ks * kt)
+    if check:
+        result.proxy_check = _check(sens, real_kld, check, seed)
+        pc = result.proxy_check
+        say(f"sensitivity: proxy check on {pc['pairs']} (tensor, type) pairs: Spearman(predicted, real KLD) "
+            f"{pc['spearman']:.3f}, Spearman(layer error, real KLD) {pc['spearman_layer_error']:.3f}")
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _check(sens: dict[str, TensorSensitivity], real_kld, n: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    names = [s for s in sens if len([q for q in sens[s].error if q != sens[s].ref
+                                     and not gguf_types.get(q).is_float]) > 0]
+    pick = sorted(rng.choice(len(names), size=min(n, len(names)), replace=False))
+    pairs = []
+    for i in pick:
+        ts = sens[names[i]]
+        others = [q for q in ts.error if q != ts.ref and not gguf_types.get(q).is_float]
+        q = others[int(rng.integers(len(others)))]
+        pairs.append({"tensor": ts.name, "type": q, "predicted": ts.kld(q), "layer_error": ts.error[q],
+                      "real": real_kld(ts.name, q)})
+    pred = [p["predicted"] for p in pairs]
+    real = [p["real"] for p in pairs]
+    return {"pairs": len(pairs), "spearman": _spearman(pred, real),
+            "spearman_layer_error": _spearman([p["layer_error"] for p in pairs], real),
+            "ratio_median": float(np.median(np.asarray(real) / np.maximum(1e-12, np.asarray(pred)))),
+            "items": pairs}
+
+
+__all__ = ["STANDARD_CANDIDATES", "candidate_types", "TensorSensitivity", "Sensitivity", "measure"]
