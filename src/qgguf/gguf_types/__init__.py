@@ -66,7 +66,8 @@ def get(name: str) -> QuantType:
     for fn in _PARSERS:   # a family member with bad parameters: the parser's own message
         if fn(name) is not None:
             break
-    raise QggufError(f"unknown tensor type {name!r}; known: {', '.join(names())}, aq-MxB-gG") from None
+    raise QggufError(f"unknown tensor type {name!r}; known: {', '.join(names())}, aq-MxB-gG, "
+                     "vq-vV-kK[-KR][-oP][-gG]") from None
 
 
 def by_ggml(type_id: int) -> QuantType:
@@ -85,7 +86,7 @@ def all_types() -> list[QuantType]:
 
 
 # Each module lists its types in TYPES; the order here is the order of `names()`.
-for _mod in ("floats", "legacy", "kquants", "codebook"):
+for _mod in ("floats", "legacy", "kquants", "codebook", "vq"):
     _m = import_module(f"{__name__}.{_mod}")
     for _qt in _m.TYPES:
         register(_qt)

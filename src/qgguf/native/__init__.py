@@ -308,3 +308,135 @@ class AQTensor:
         if X.shape[0]:
             self._check(self._lib.qg_matmul(self._t, _fptr(X), X.shape[0], _fptr(Y), n), "matmul")
         return Y
+
+
+# ---------------------------------------------------------------- VQ
+_TYPE_VQ = 1
+
+
+class VQTensor:
+    """A VQ (VPTQ-style vector-quantized) weight of R output rows and C input columns, kept packed
+    (qgguf.gguf_types.vq, docs/FORMAT.md "VQ tensors"): the kernels decode the bit-packed index streams
+    on the fly. ``idx``/``ridx``: the packed uint8 streams (with their 3 padding bytes), kept by reference;
+    ``books`` [G, k, v], ``rbooks`` [G, kr, v] (or None), ``obook`` [k, v] (or None when n_out = 0), float16
+    or float32, converted to float32 copies; ``perm`` integer [C] (a permutation); ``colscale``/``colbias``
+    float [C]."""
+
+    def __init__(self, idx, books, perm, colscale, colbias, *, v, k, R, C, ridx=None, rbooks=None, kr=0,
+                 obook=None, n_out=0, groups=1):
+        lib = _require()
+        v = _int("v", v, 2, 16)
+        if v not in (2, 4, 8, 16):
+            raise QggufError(f"vector length v must be 2, 4, 8 or 16, got {v}")
+        k = _int("k", k, 4, 65536)
+        kr = _int("kr", kr, 0, 65536)
+        if k & (k - 1) or (kr and kr & (kr - 1)) or kr == 1:
+            raise QggufError(f"k={k} and kr={kr} must be powers of two (kr=0: no residual)")
+        R = _int("R", R, 1, 1 << 40)
+        C = _int("C", C, 1, 1 << 31)
+        if R % v:
+            raise QggufError(f"R={R} is not a multiple of v={v}")
+        if R * C >= _MAX_ELEMS:
+            raise QggufError(f"tensor too large: R={R}, C={C}")
+        n_out = _int("n_out", n_out, 0, C - 1)
+        G = _int("groups", groups, 1, max(1, C - n_out))
+        nc = C - n_out
+        gs = -(-nc // G)
+        nb = R // v
+        kbits, rbits = k.bit_length() - 1, (kr.bit_length() - 1 if kr else 0)
+
+        def stream(name, a, n, bits):
+            a = _array(name, a)
+            if a.dtype != np.uint8 or a.ndim != 1 or not a.flags.c_contiguous:
+                raise QggufError(f"{name} must be a flat C-contiguous uint8 array (the packed stream)")
+            need = (n * bits + 7) // 8 + 3
+            if a.size != need:
+                raise QggufError(f"{name} must have {need} bytes ({n} indices of {bits} bits + 3 padding), "
+                                 f"got {a.size}")
+            return a
+
+        def floats(name, a, shape):
+            a = _array(name, a)
+            if a.dtype not in (np.float16, np.float32):
+                raise QggufError(f"{name} must be float16 or float32, got {a.dtype}")
+            if a.shape != shape:
+                raise QggufError(f"{name} must have shape {shape}, got {a.shape}")
+            a32 = np.ascontiguousarray(a, dtype=np.float32)
+            if not np.isfinite(a32).all():
+                raise QggufError(f"{name} contains NaN or infinite values")
+            return a32
+
+        idx = stream("idx", idx, nb * C, kbits)
+        if kr:
+            if ridx is None or rbooks is None:
+                raise QggufError("kr > 0 needs ridx and rbooks")
+            ridx = stream("ridx", ridx, nb * nc, rbits)
+            rb32 = floats("rbooks", rbooks, (G, kr, v))
+        else:
+            if ridx is not None or rbooks is not None:
+                raise QggufError("ridx/rbooks given but kr=0")
+            rb32 = None
+        b32 = floats("books", books, (G, k, v))
+        if n_out:
+            if obook is None:
+                raise QggufError("n_out > 0 needs obook")
+            ob32 = floats("obook", obook, (k, v))
+        else:
+            ob32 = None
+        perm = _array("perm", perm)
+        if perm.dtype.kind not in "iu" or perm.shape != (C,):
+            raise QggufError(f"perm must be an integer array of shape ({C},)")
+        p32 = np.ascontiguousarray(perm, dtype=np.int32)
+        seen = np.zeros(C, bool)
+        if perm.size and (int(perm.min()) < 0 or int(perm.max()) >= C):
+            raise QggufError(f"perm must be a permutation of 0..{C - 1}")
+        seen[p32] = True
+        if not seen.all():
+            raise QggufError(f"perm must be a permutation of 0..{C - 1}")
+        s32 = floats("colscale", colscale, (C,))
+        bi32 = floats("colbias", colbias, (C,))
+        self.v, self.k, self.kr, self.R, self.C, self.n_out, self.groups = v, k, kr, R, C, n_out, G
+        self.shape = (R, C)
+        self._arrays = [a for a in (idx, ridx, b32, rb32, ob32, p32, s32, bi32) if a is not None]
+        keep = {}
+
+        def ptr(a, ctype):
+            keep[id(a)] = _ffi.from_buffer(a)
+            return _ffi.cast(ctype, keep[id(a)])
+
+        side = _ffi.new("qg_vq_side *")
+        side.rbooks = ptr(rb32, "const float *") if rb32 is not None else _ffi.NULL
+        side.obook = ptr(ob32, "const float *") if ob32 is not None else _ffi.NULL
+        side.perm = ptr(p32, "const int32_t *")
+        side.colbias = ptr(bi32, "const float *")
+        t = _ffi.new("qg_tensor *")
+        t.type = _TYPE_VQ
+        t.M, t.B, t.R, t.C = v, kbits, R, C
+        t.g = next(u for u in (64, 32, 16, 8, 4, 2, 1) if C % u == 0)
+        t.codes = ptr(idx, "const void *")
+        t.codebooks = ptr(b32, "const float *")
+        t.scales = ptr(s32, "const float *")
+        t.aux0 = ptr(ridx, "const void *") if ridx is not None else _ffi.NULL
+        t.aux1 = side
+        for i, val in enumerate((k, rbits, kr, n_out, G, gs)):
+            t.iparam[i] = val
+        self._keep = (keep, side)
+        self._t = t
+        self._lib = lib
+
+    def __repr__(self) -> str:
+        return (f"VQTensor(v={self.v}, k={self.k}, kr={self.kr}, n_out={self.n_out}, groups={self.groups}, "
+                f"R={self.R}, C={self.C})")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kernels read (packed indices, float32 codebooks, permutation, norms)."""
+        return int(sum(a.nbytes for a in self._arrays))
+
+    _check = AQTensor._check
+    dequantize = AQTensor.dequantize
+    matvec = AQTensor.matvec
+    matmul = AQTensor.matmul
+
+
+__all__ += ["VQTensor"]

@@ -16,7 +16,8 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(HERE, "csrc")
-SOURCES = ["qg_core.c", "qg_aq_scalar.c", "qg_aq_avx2.c", "qg_aq_avx512.c", "qg_aq_neon.c"]
+SOURCES = ["qg_core.c", "qg_aq_scalar.c", "qg_aq_avx2.c", "qg_aq_avx512.c", "qg_aq_neon.c",
+           "qg_vq_scalar.c", "qg_vq_avx2.c", "qg_vq_avx512.c", "qg_vq_neon.c"]
 HEADERS = ["qg_native.h", "qg_target_begin.h", "qg_target_end.h"]
 
 CDEF = """
@@ -36,6 +37,13 @@ typedef struct qg_tensor {
     const void *aux1;
     int64_t iparam[8];
 } qg_tensor;
+
+typedef struct qg_vq_side {
+    const float *rbooks;
+    const float *obook;
+    const int32_t *perm;
+    const float *colbias;
+} qg_vq_side;
 
 int qg_isa_available(int isa);
 int qg_best_isa(void);

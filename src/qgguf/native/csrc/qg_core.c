@@ -254,6 +254,20 @@ static const qg_type_traits *check(const qg_tensor *t) {
         if (t->g < 1 || t->M < 1 || t->R < 1 || t->C < 1 || t->C % t->g)
             return fail("AQ: bad shape"), NULL;
         if (t->B == 8 && !t->cbT) return fail("AQ: B=8 needs the transposed codebooks"), NULL;
+    } else if (t->type == QG_TYPE_VQ) {
+        const qg_vq_side *sd = (const qg_vq_side *)t->aux1;
+        const int64_t v = t->M, k = t->iparam[0], kr = t->iparam[2], n_out = t->iparam[3];
+        if (v != 2 && v != 4 && v != 8 && v != 16) return fail("VQ: v must be 2, 4, 8 or 16"), NULL;
+        if (t->R < v || t->R % v || t->C < 1 || t->g < 1 || t->C % t->g) return fail("VQ: bad shape"), NULL;
+        if (t->B < 2 || t->B > 16 || k != ((int64_t)1 << t->B)) return fail("VQ: bad index width"), NULL;
+        if (t->iparam[1] < 0 || t->iparam[1] > 16 || kr != (t->iparam[1] ? (int64_t)1 << t->iparam[1] : 0))
+            return fail("VQ: bad residual index width"), NULL;
+        if (n_out < 0 || n_out >= t->C || t->iparam[4] < 1 || t->iparam[5] < 1 ||
+            t->iparam[4] * t->iparam[5] < t->C - n_out)
+            return fail("VQ: bad outlier/group layout"), NULL;
+        if (!sd || !sd->perm || !sd->colbias || (n_out && !sd->obook) ||
+            (t->iparam[1] && (!sd->rbooks || !t->aux0)))
+            return fail("VQ: null side pointer"), NULL;
     }
     const qg_type_traits *tr = traits_for(t->type, qg_get_isa());
     if (!tr || !tr->vec_rows) tr = traits_for(t->type, QG_ISA_SCALAR);
@@ -377,7 +391,7 @@ int qg_matmul_lut_max(void) {
 static int64_t lut_max_for(const qg_tensor *t) {
     const int v = qg_matmul_lut_max();
     if (v >= 0) return v;
-    return (qg_get_isa() == QG_ISA_AVX512 && t->B == 8) ? INT64_MAX : 4;
+    return (t->type == QG_TYPE_AQ && qg_get_isa() == QG_ISA_AVX512 && t->B == 8) ? INT64_MAX : 4;
 }
 
 typedef struct {

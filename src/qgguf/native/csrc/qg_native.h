@@ -19,6 +19,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 /* ---- public tensor descriptor (also declared for cffi in _build.py; keep in sync) ---- */
 typedef struct qg_tensor {
@@ -86,6 +87,52 @@ void qg_aq_vec_rows_scalar(const qg_tensor *t, const float *x, const float *lut,
                            int64_t r0, int64_t r1);
 void qg_gemm_tile_scalar(const float *X, int64_t N, int64_t C, const float *Wt, int64_t nr,
                          float *Y, int64_t ldy);
+
+/* ---- VQ (VPTQ-style vector quantization; qgguf.gguf_types.vq, docs/FORMAT.md "VQ tensors") ----
+ * Fields of qg_tensor for type QG_TYPE_VQ:
+ *   M = v (vector length: 2, 4, 8 or 16), B = bits of a main index, g = columns per prepare unit
+ *   (divides C), R (a multiple of v), C;
+ *   codes     the packed main-index stream: element e = b*C + p (vector row b, column position p)
+ *             at bits [e*B, (e+1)*B), little-endian bit order, + 3 readable padding bytes
+ *   codebooks float32 [G][k][v]            scales  float32 column scales [C] (position order)
+ *   aux0      the packed residual-index stream (e = b*(C-n_out) + p-n_out, iparam[1] bits) or NULL
+ *   aux1      a qg_vq_side (rbooks, obook, perm, colbias)
+ *   iparam    [0] k  [1] residual bits (0: none)  [2] kr  [3] n_out  [4] G  [5] columns per group
+ *   W[b*v+i, perm[p]] = (book(p)[idx][i] + rbook(p)[ridx][i]) * scale[p] + bias[p]   (float32,
+ *   no FMA); the matvec prepares xs[p] = x[perm[p]] * scale[p] and the bias term sum x[perm[p]]*bias[p]. */
+typedef struct qg_vq_side {
+    const float *rbooks;   /* [G][kr][v] or NULL */
+    const float *obook;    /* [k][v] or NULL (n_out = 0) */
+    const int32_t *perm;   /* [C] */
+    const float *colbias;  /* [C] */
+} qg_vq_side;
+
+static inline uint32_t qg_vq_get(const uint8_t *s, int64_t e, int bits) {
+    const uint64_t pos = (uint64_t)e * (uint64_t)bits;
+    uint32_t w;
+    memcpy(&w, s + (pos >> 3), 4);
+    return (w >> (pos & 7)) & ((1u << bits) - 1u);
+}
+void qg_vq_dequantize_rows_scalar(const qg_tensor *t, int64_t r0, int64_t r1, float *out);
+int64_t qg_vq_prep_size(const qg_tensor *t);
+void qg_vq_prepare_scalar(const qg_tensor *t, const float *x, float *prep, int64_t j0, int64_t j1);
+void qg_vq_vec_rows_scalar(const qg_tensor *t, const float *x, const float *prep, float *y,
+                           int64_t r0, int64_t r1);
+float qg_vq_bias_term(const qg_tensor *t, const float *prep);
+#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64)
+void qg_vq_dequantize_rows_avx2(const qg_tensor *t, int64_t r0, int64_t r1, float *out);
+void qg_vq_prepare_avx2(const qg_tensor *t, const float *x, float *prep, int64_t j0, int64_t j1);
+void qg_vq_vec_rows_avx2(const qg_tensor *t, const float *x, const float *prep, float *y,
+                         int64_t r0, int64_t r1);
+void qg_vq_dequantize_rows_avx512(const qg_tensor *t, int64_t r0, int64_t r1, float *out);
+void qg_vq_vec_rows_avx512(const qg_tensor *t, const float *x, const float *prep, float *y,
+                           int64_t r0, int64_t r1);
+#endif
+#if defined(__aarch64__)
+void qg_vq_dequantize_rows_neon(const qg_tensor *t, int64_t r0, int64_t r1, float *out);
+void qg_vq_vec_rows_neon(const qg_tensor *t, const float *x, const float *prep, float *y,
+                         int64_t r0, int64_t r1);
+#endif
 
 /* row-block size the kernels like their ranges aligned to */
 #define QG_ROW_ALIGN 64

@@ -1,0 +1,206 @@
+/* VQ kernels, AVX2 + FMA: dequantize-and-dot.  A vector row b (v output rows) accumulates
+ * xs[p] * centroid(p, idx[b][p]) over the column positions p with v-wide FMAs (v = 8, 16: 256-bit
+ * lanes; v = 4: 128-bit), the packed indices decoded on the fly (the bit width is a compile-time
+ * constant for the common widths, so that the decode folds to a few shifts).  Other v: scalar. */
+#include "qg_native.h"
+#if defined(QG_X86)
+#define QG_TARGET "avx2,fma,f16c"
+#include "qg_target_begin.h"
+#include <immintrin.h>
+#include <string.h>
+
+#define AI static inline __attribute__((always_inline))
+#define VQ_SIDE(t) ((const qg_vq_side *)(t)->aux1)
+
+AI uint32_t get_bits(const uint8_t *s, uint64_t pos, const int bits) {
+    uint32_t w;
+    memcpy(&w, s + (pos >> 3), 4);
+    return (w >> (pos & 7)) & ((1u << bits) - 1u);
+}
+
+/* ---- v = 8 or 16: NV 256-bit lanes per vector ---- */
+AI void rows_w(const qg_tensor *t, const float *prep, float *y, int64_t b0, int64_t b1, const int KB,
+               const int RB, const int NV) {
+    const int64_t V = 8 * NV, C = t->C, n_out = t->iparam[3], nc = C - n_out, k = t->iparam[0];
+    const int64_t kr = t->iparam[2], G = t->iparam[4], gs = t->iparam[5];
+    const qg_vq_side *sd = VQ_SIDE(t);
+    const uint8_t *s = (const uint8_t *)t->codes, *rs = (const uint8_t *)t->aux0;
+    const float beta = qg_vq_bias_term(t, prep);
+    for (int64_t b = b0; b < b1; b++) {
+        __m256 a[4][2];
+        for (int u = 0; u < 4; u++) a[u][0] = a[u][1] = _mm256_setzero_ps();
+        uint64_t pos = (uint64_t)(b * C) * KB;
+        int64_t p = 0;
+        /* outlier columns: their own codebook, no residual */
+        for (; p < n_out; p++, pos += KB) {
+            const float *e = sd->obook + (int64_t)get_bits(s, pos, KB) * V;
+            const __m256 xv = _mm256_broadcast_ss(prep + p);
+            for (int h = 0; h < NV; h++) a[0][h] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(e + 8 * h), a[0][h]);
+        }
+        uint64_t rpos = (uint64_t)(b * nc) * (RB ? RB : 1);
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t pe = n_out + (g + 1) * gs < C ? n_out + (g + 1) * gs : C;
+            const float *book = t->codebooks + g * k * V;
+            if (RB) {
+                const float *rbook = sd->rbooks + g * kr * V;
+                for (; p + 2 <= pe; p += 2, pos += 2 * KB, rpos += 2 * RB) {
+                    for (int u = 0; u < 2; u++) {
+                        const float *e = book + (int64_t)get_bits(s, pos + u * KB, KB) * V;
+                        const float *re = rbook + (int64_t)get_bits(rs, rpos + u * RB, RB) * V;
+                        const __m256 xv = _mm256_broadcast_ss(prep + p + u);
+                        for (int h = 0; h < NV; h++)
+                            a[u][h] = _mm256_fmadd_ps(xv, _mm256_add_ps(_mm256_loadu_ps(e + 8 * h),
+                                                                        _mm256_loadu_ps(re + 8 * h)), a[u][h]);
+                    }
+                }
+                for (; p < pe; p++, pos += KB, rpos += RB) {
+                    const float *e = book + (int64_t)get_bits(s, pos, KB) * V;
+                    const float *re = rbook + (int64_t)get_bits(rs, rpos, RB) * V;
+                    const __m256 xv = _mm256_broadcast_ss(prep + p);
+                    for (int h = 0; h < NV; h++)
+                        a[0][h] = _mm256_fmadd_ps(xv, _mm256_add_ps(_mm256_loadu_ps(e + 8 * h),
+                                                                    _mm256_loadu_ps(re + 8 * h)), a[0][h]);
+                }
+            } else {
+                for (; p + 4 <= pe; p += 4, pos += 4 * KB) {
+                    for (int u = 0; u < 4; u++) {
+                        const float *e = book + (int64_t)get_bits(s, pos + u * KB, KB) * V;
+                        const __m256 xv = _mm256_broadcast_ss(prep + p + u);
+                        for (int h = 0; h < NV; h++)
+                            a[u][h] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(e + 8 * h), a[u][h]);
+                    }
+                }
+                for (; p < pe; p++, pos += KB) {
+                    const float *e = book + (int64_t)get_bits(s, pos, KB) * V;
+                    const __m256 xv = _mm256_broadcast_ss(prep + p);
+                    for (int h = 0; h < NV; h++) a[0][h] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(e + 8 * h), a[0][h]);
+                }
+            }
+        }
+        const __m256 bv = _mm256_set1_ps(beta);
+        for (int h = 0; h < NV; h++) {
+            const __m256 sum = _mm256_add_ps(_mm256_add_ps(a[0][h], a[1][h]), _mm256_add_ps(a[2][h], a[3][h]));
+            _mm256_storeu_ps(y + b * V + 8 * h, _mm256_add_ps(sum, bv));
+        }
+    }
+}
+
+/* ---- v = 4: 128-bit lanes ---- */
+AI void rows_4(const qg_tensor *t, const float *prep, float *y, int64_t b0, int64_t b1, const int KB,
+               const int RB) {
+    const int64_t V = 4, C = t->C, n_out = t->iparam[3], nc = C - n_out, k = t->iparam[0];
+    const int64_t kr = t->iparam[2], G = t->iparam[4], gs = t->iparam[5];
+    const qg_vq_side *sd = VQ_SIDE(t);
+    const uint8_t *s = (const uint8_t *)t->codes, *rs = (const uint8_t *)t->aux0;
+    const float beta = qg_vq_bias_term(t, prep);
+    for (int64_t b = b0; b < b1; b++) {
+        __m128 a[4] = {_mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps()};
+        uint64_t pos = (uint64_t)(b * C) * KB;
+        int64_t p = 0;
+        for (; p < n_out; p++, pos += KB) {
+            const float *e = sd->obook + (int64_t)get_bits(s, pos, KB) * V;
+            a[0] = _mm_fmadd_ps(_mm_broadcast_ss(prep + p), _mm_loadu_ps(e), a[0]);
+        }
+        uint64_t rpos = (uint64_t)(b * nc) * (RB ? RB : 1);
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t pe = n_out + (g + 1) * gs < C ? n_out + (g + 1) * gs : C;
+            const float *book = t->codebooks + g * k * V;
+            const float *rbook = RB ? sd->rbooks + g * kr * V : NULL;
+            for (; p < pe; p++, pos += KB) {
+                __m128 c = _mm_loadu_ps(book + (int64_t)get_bits(s, pos, KB) * V);
+                if (RB) {
+                    c = _mm_add_ps(c, _mm_loadu_ps(rbook + (int64_t)get_bits(rs, rpos, RB) * V));
+                    rpos += RB;
+                }
+                a[1] = _mm_fmadd_ps(_mm_broadcast_ss(prep + p), c, a[1]);
+            }
+        }
+        const __m128 sum = _mm_add_ps(_mm_add_ps(a[0], a[1]), _mm_add_ps(a[2], a[3]));
+        _mm_storeu_ps(y + b * V, _mm_add_ps(sum, _mm_set1_ps(beta)));
+    }
+}
+
+/* dispatch on (v, index bits, residual bits) to compile-time constants for the common cases */
+#define VQ_RB_CASES(CALL, KB)                                            \
+    switch (rb) {                                                        \
+    case 0: CALL(KB, 0); break;                                          \
+    case 8: CALL(KB, 8); break;                                          \
+    case 4: CALL(KB, 4); break;                                          \
+    case 6: CALL(KB, 6); break;                                          \
+    case 10: CALL(KB, 10); break;                                        \
+    case 12: CALL(KB, 12); break;                                        \
+    default: done = 0;                                                   \
+    }
+#define VQ_KB_CASES(CALL)                                                \
+    switch (kb) {                                                        \
+    case 8: VQ_RB_CASES(CALL, 8); break;                                 \
+    case 10: VQ_RB_CASES(CALL, 10); break;                               \
+    case 12: VQ_RB_CASES(CALL, 12); break;                               \
+    case 16: VQ_RB_CASES(CALL, 16); break;                               \
+    case 6: VQ_RB_CASES(CALL, 6); break;                                 \
+    case 4: VQ_RB_CASES(CALL, 4); break;                                 \
+    default: done = 0;                                                   \
+    }
+
+void qg_vq_vec_rows_avx2(const qg_tensor *t, const float *x, const float *prep, float *y,
+                         int64_t r0, int64_t r1) {
+    const int64_t v = t->M;
+    const int kb = t->B, rb = (int)t->iparam[1];
+    const int64_t b0 = r0 / v, b1 = r1 / v;
+    int done = 1;
+    if (r0 % v || r1 % v) done = 0;
+    else if (v == 8) {
+#define CALL8(K, R) rows_w(t, prep, y, b0, b1, K, R, 1)
+        VQ_KB_CASES(CALL8)
+    } else if (v == 16) {
+#define CALL16(K, R) rows_w(t, prep, y, b0, b1, K, R, 2)
+        VQ_KB_CASES(CALL16)
+    } else if (v == 4) {
+#define CALL4(K, R) rows_4(t, prep, y, b0, b1, K, R)
+        VQ_KB_CASES(CALL4)
+    } else done = 0;
+    if (!done) qg_vq_vec_rows_scalar(t, x, prep, y, r0, r1);
+}
+
+void qg_vq_prepare_avx2(const qg_tensor *t, const float *x, float *prep, int64_t j0, int64_t j1) {
+    /* a permuted gather: the scalar loop is as fast as anything here */
+    qg_vq_prepare_scalar(t, x, prep, j0, j1);
+}
+
+/* ---- dequantize: the vector of position p computed v-wide (add, multiply, add: exact),
+ * then written to its v rows of column perm[p] ---- */
+void qg_vq_dequantize_rows_avx2(const qg_tensor *t, int64_t r0, int64_t r1, float *out) {
+    const int64_t v = t->M, C = t->C, n_out = t->iparam[3], nc = C - n_out, k = t->iparam[0];
+    const int64_t kr = t->iparam[2], gs = t->iparam[5];
+    const int rbits = (int)t->iparam[1];
+    if (v != 8 && v != 16) { qg_vq_dequantize_rows_scalar(t, r0, r1, out); return; }
+    const qg_vq_side *sd = VQ_SIDE(t);
+    const uint8_t *s = (const uint8_t *)t->codes, *rs = (const uint8_t *)t->aux0;
+    float q[16] __attribute__((aligned(32)));
+    for (int64_t b = r0 / v; b * v < r1; b++) {
+        const int64_t i0 = b * v < r0 ? r0 - b * v : 0;
+        const int64_t i1 = b * v + v > r1 ? r1 - b * v : v;
+        for (int64_t p = 0; p < C; p++) {
+            const uint32_t ix = qg_vq_get(s, b * C + p, t->B);
+            const float *e;
+            const float *re = NULL;
+            if (p < n_out) e = sd->obook + (int64_t)ix * v;
+            else {
+                const int64_t g = (p - n_out) / gs;
+                e = t->codebooks + (g * k + ix) * v;
+                if (rbits) re = sd->rbooks + (g * kr + qg_vq_get(rs, b * nc + p - n_out, rbits)) * v;
+            }
+            const __m256 sc = _mm256_set1_ps(t->scales[p]), bi = _mm256_set1_ps(sd->colbias[p]);
+            for (int64_t h = 0; h < v; h += 8) {
+                __m256 c = _mm256_loadu_ps(e + h);
+                if (re) c = _mm256_add_ps(c, _mm256_loadu_ps(re + h));
+                _mm256_store_ps(q + h, _mm256_add_ps(_mm256_mul_ps(c, sc), bi));
+            }
+            float *o = out + (b * v - r0) * C + sd->perm[p];
+            for (int64_t i = i0; i < i1; i++) o[i * C] = q[i];
+        }
+    }
+}
+
+#include "qg_target_end.h"
+#endif
