@@ -89,23 +89,39 @@ def _scalar(md: dict, key: str, default=None, *, path=None, required=False):
 
 
 def hparams_from_metadata(md: dict, n_vocab: int, path=None) -> LlamaHParams:
+    try:
+        return _hparams(md, n_vocab, path)
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError) as e:   # a number of the wrong kind
+        raise UnsupportedModelError(f"invalid hyper-parameter in the metadata: {e}", path) from None
+
+
+def _positive(md: dict, key: str, v, path, limit: int = 1 << 24) -> int:
+    if isinstance(v, (str, bytes, bool)) or not 0 < int(v) <= limit or int(v) != v:
+        raise UnsupportedModelError(f"metadata {key} = {v!r} is not a positive integer up to {limit}", path)
+    return int(v)
+
+
+def _hparams(md: dict, n_vocab: int, path=None) -> LlamaHParams:
     arch = md.get("general.architecture")
     if arch != "llama":
         raise UnsupportedModelError(f"architecture {arch!r} is not supported (only 'llama')", path)
     a = "llama"
     if int(_scalar(md, f"{a}.expert_count", 0, path=path) or 0) > 0:
         raise UnsupportedModelError("mixture-of-experts llama models are not supported", path)
-    n_embd = int(_scalar(md, f"{a}.embedding_length", path=path, required=True))
-    n_layer = int(_scalar(md, f"{a}.block_count", path=path, required=True))
-    n_head = int(_scalar(md, f"{a}.attention.head_count", path=path, required=True))
-    n_ff = int(_scalar(md, f"{a}.feed_forward_length", path=path, required=True))
-    n_head_kv = int(_scalar(md, f"{a}.attention.head_count_kv", n_head, path=path))
+    def pos(key, default=None, required=False, limit=1 << 24):
+        k = f"{a}.{key}"
+        return _positive(md, k, _scalar(md, k, default, path=path, required=required), path, limit)
+    n_embd = pos("embedding_length", required=True)
+    n_layer = pos("block_count", required=True, limit=4096)
+    n_head = pos("attention.head_count", required=True, limit=4096)
+    n_ff = pos("feed_forward_length", required=True)
+    n_head_kv = pos("attention.head_count_kv", n_head, limit=4096)
     if n_head <= 0 or n_head_kv <= 0 or n_head % n_head_kv:
         raise UnsupportedModelError(f"{n_head} attention heads do not share {n_head_kv} kv heads evenly", path)
-    hd_k = int(_scalar(md, f"{a}.attention.key_length", n_embd // n_head, path=path))
-    hd_v = int(_scalar(md, f"{a}.attention.value_length", n_embd // n_head, path=path))
+    hd_k = pos("attention.key_length", max(1, n_embd // n_head))
+    hd_v = pos("attention.value_length", max(1, n_embd // n_head))
     n_rot = int(_scalar(md, f"{a}.rope.dimension_count", hd_k, path=path))
-    if n_rot % 2 or n_rot > hd_k:
+    if n_rot < 0 or n_rot % 2 or n_rot > hd_k:
         raise UnsupportedModelError(f"rope dimension count {n_rot} does not fit heads of {hd_k}", path)
     base = float(_scalar(md, f"{a}.rope.freq_base", 10000.0, path=path))
     scaling = _scalar(md, f"{a}.rope.scaling.type", "none", path=path) or "none"
@@ -117,7 +133,10 @@ def hparams_from_metadata(md: dict, n_vocab: int, path=None) -> LlamaHParams:
     # as llama.cpp: freq_scale = 1/factor whenever a factor is given
     freq_scale = 1.0 / float(factor) if factor is not None and float(factor) > 0 else 1.0
     eps = float(_scalar(md, f"{a}.attention.layer_norm_rms_epsilon", 1e-5, path=path))
-    n_ctx = int(_scalar(md, f"{a}.context_length", 4096, path=path))
+    n_ctx = pos("context_length", 4096, limit=1 << 30)
+    if not (math.isfinite(base) and base > 0 and math.isfinite(eps) and eps >= 0
+            and math.isfinite(freq_scale) and freq_scale > 0):
+        raise UnsupportedModelError(f"invalid rope base {base}, rope scale {freq_scale} or norm epsilon {eps}", path)
     return LlamaHParams(n_vocab=n_vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_head_kv=n_head_kv,
                         n_ff=n_ff, head_dim_k=hd_k, head_dim_v=hd_v, n_rot=n_rot, rope_freq_base=base,
                         rope_freq_scale=freq_scale, norm_eps=eps, n_ctx_train=n_ctx)
@@ -458,6 +477,8 @@ class LlamaModel(torch.nn.Module):
             torch.set_num_threads(int(threads))
         if not path.is_file():
             raise InputFileError("no such model file", path)
+        from ..convert.ggufread import GGUFFile
+        GGUFFile(path).close()   # strict structure checks first: any malformed file is one InputFileError
         try:
             reader = gguf.GGUFReader(str(path), "r")
         except Exception as e:
