@@ -300,6 +300,8 @@ def read_tokenizer_metadata(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise InputFileError("no such file", p)
+    from ..convert.ggufread import GGUFFile  # noqa: PLC0415
+    GGUFFile(p).close()   # strict structure checks first: any malformed file is one InputFileError
     try:
         reader = gguf.GGUFReader(str(p))
     except Exception as exc:  # the reader raises ValueError/struct errors on corrupt files
@@ -318,6 +320,10 @@ def metadata_from_reader(reader: Any) -> dict[str, Any]:
     """Like :func:`read_tokenizer_metadata`, from an open ``gguf.GGUFReader``."""
     return {name: _field_value(field) for name, field in reader.fields.items()
             if name.startswith("tokenizer.") or name in ("general.name", "general.architecture")}
+
+
+def _is_list(v: Any) -> bool:
+    return isinstance(v, (list, tuple))
 
 
 def _as_str(v: Any) -> str:
@@ -347,8 +353,24 @@ class Tokenizer:
         self.model = model
 
         tokens = md.get("tokenizer.ggml.tokens")
-        if tokens is None or len(tokens) == 0:
-            raise InputFileError("tokenizer.ggml.tokens missing or empty", source)
+        if tokens is None or not _is_list(tokens) or len(tokens) == 0:
+            raise InputFileError("tokenizer.ggml.tokens missing or empty (an array of strings is needed)", source)
+        strs = (str, bytes, bytearray)
+        for key, kind in (("tokenizer.ggml.tokens", strs), ("tokenizer.ggml.merges", strs),
+                          ("tokenizer.ggml.scores", (int, float)), ("tokenizer.ggml.token_type", int)):
+            v = md.get(key)
+            if v is not None and (not _is_list(v) or not all(isinstance(x, kind) for x in v)):
+                raise InputFileError(f"{key} must be an array of {'strings' if kind is strs else 'numbers'}"
+                                     f" values", source)
+        for key in ("bos_token_id", "eos_token_id", "eot_token_id", "eom_token_id", "unknown_token_id",
+                    "seperator_token_id", "padding_token_id", "mask_token_id"):
+            v = md.get("tokenizer.ggml." + key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                raise InputFileError(f"tokenizer.ggml.{key} must be an integer, got {v!r}", source)
+        for key in ("tokenizer.ggml.pre", "tokenizer.chat_template", "general.name"):
+            v = md.get(key)
+            if v is not None and not isinstance(v, (str, bytes, bytearray)):
+                raise InputFileError(f"{key} must be a string, got {type(v).__name__}", source)
         self.tokens: list[str] = [_as_str(t) for t in tokens]
         n = len(self.tokens)
         for i, t in enumerate(self.tokens):
