@@ -80,7 +80,16 @@ class IMatrixData:
         if magic == b"GGUF":
             from ..convert.ggufread import GGUFFile
             with GGUFFile(path) as g:
-                d.datasets = list(g.get("imatrix.datasets", []) or [])
+                ds = g.get("imatrix.datasets", []) or []
+                if isinstance(ds, str):
+                    ds = [ds]
+                if not isinstance(ds, list) or not all(isinstance(x, str) for x in ds):
+                    raise InputFileError("imatrix.datasets must be an array of strings", path)
+                d.datasets = list(ds)
+                for key in ("imatrix.chunk_count", "imatrix.chunk_size"):
+                    v = g.get(key, 0) or 0
+                    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                        raise InputFileError(f"{key} must be a non-negative integer, got {v!r}", path)
                 d.chunk_count = int(g.get("imatrix.chunk_count", 0) or 0)
                 d.chunk_size = int(g.get("imatrix.chunk_size", 0) or 0)
                 by = {t.name: t for t in g.tensors}
@@ -93,8 +102,11 @@ class IMatrixData:
                         raise InputFileError(f"imatrix entry {base!r} lacks F32 counts", path)
                     sums = g.raw(t).view(np.float32).reshape(t.shape)
                     counts = g.raw(ct).view(np.float32).reshape(-1)
-                    if sums.ndim == 2 and sums.shape[0] > 1:
+                    if sums.ndim > 2 or (sums.ndim == 2 and sums.shape[0] > 1):
                         raise UnsupportedModelError(f"imatrix entry {base!r} has per-expert rows", path)
+                    if counts.size < 1 or not np.isfinite(counts[0]) or not 0 <= counts[0] < 2 ** 53:
+                        raise InputFileError(f"imatrix entry {base!r} has an invalid count "
+                                             f"{counts[:1].tolist()}", path)
                     d.sums[base] = sums.reshape(-1).astype(np.float64)
                     d.counts[base] = int(counts[0])
             return d
@@ -107,8 +119,14 @@ class IMatrixData:
                 raise ValueError(f"bad entry count {n}")
             for _ in range(n):
                 ln = struct.unpack_from("<i", raw, pos)[0]; pos += 4
+                if not 0 < ln <= len(raw) - pos:
+                    raise ValueError(f"bad name length {ln} at byte {pos - 4}")
                 name = raw[pos:pos + ln].decode("utf-8"); pos += ln
                 ncall, nval = struct.unpack_from("<ii", raw, pos); pos += 8
+                if not 0 < nval <= (len(raw) - pos) // 4 or ncall < 0:
+                    raise ValueError(f"entry {name!r}: bad value count {nval} or call count {ncall}")
+                if name in d.sums:
+                    raise ValueError(f"entry {name!r} appears twice")
                 vals = np.frombuffer(raw, dtype="<f4", count=nval, offset=pos).astype(np.float64); pos += 4 * nval
                 # store as sums/counts so that importance() = values / ncall
                 d.sums[name] = vals
@@ -117,6 +135,8 @@ class IMatrixData:
                 d.chunk_count = struct.unpack_from("<i", raw, pos)[0]; pos += 4
                 if pos + 4 <= len(raw):
                     ln = struct.unpack_from("<i", raw, pos)[0]; pos += 4
+                    if not 0 <= ln <= len(raw) - pos:
+                        raise ValueError(f"bad dataset name length {ln}")
                     d.datasets = [raw[pos:pos + ln].decode("utf-8", "replace")]
         except (struct.error, ValueError, UnicodeDecodeError) as e:
             raise InputFileError(f"not an imatrix file (GGUF or legacy .dat): {e}", path) from None
@@ -142,7 +162,7 @@ def collect(source, calib=None, nsamples: int = 128, seqlen: int = 512, seed: in
 
     model = model_for_source(source, threads)
     md = {k: v.value for k, v in source.metadata.items()}
-    tok = Tokenizer.from_metadata(md) if calib not in (None, "self") else None
+    tok = Tokenizer(md, source=source.path) if calib not in (None, "self") else None
     seqs, dataset = calibration_sequences(calib, model, tok, md, nsamples, seqlen, seed, progress)
     d = IMatrixData()
     d.datasets = [dataset]
@@ -186,6 +206,8 @@ class IMatrix(Method):
             raise OptionError("the importance matrix is empty")
         for k, v in self.data.sums.items():
             if not np.all(np.isfinite(v)):
+                if self.imatrix_file:
+                    raise InputFileError(f"importance matrix entry {k!r} has non-finite values", self.imatrix_file)
                 raise OptionError(f"importance matrix entry {k!r} has non-finite values")
         if self.imatrix_out:
             self.data.save(self.imatrix_out)
