@@ -51,6 +51,10 @@ def add_parsers(sub) -> None:
     a.add_argument("--bits", type=float, metavar="B",
                    help="aq: the most accurate configuration whose bits per weight of the AQ tensors, every byte "
                         "counted (codes, codebooks, scales), is at most B")
+    a.add_argument("--vq-config", metavar="vq-vV-kK[-KR][-oP][-gG]",
+                   help="VQ configuration (--method vq; VPTQ-style vectors of V rows, K centroids, KR residual "
+                        "centroids, P%% outlier columns, G codebook groups; default vq-v8-k256-256); --bits B with "
+                        "--method vq picks the best VQ configuration within B bits per weight, every byte counted")
     a.add_argument("--tensor-method", action="append", default=[], metavar="PATTERN=METHOD",
                    help="per-tensor method by regex (repeatable), e.g. 'ffn_down=aq': AQ only on the matching block "
                         "linears, --type elsewhere")
@@ -72,6 +76,8 @@ def add_parsers(sub) -> None:
     x.add_argument("--save-recipe", metavar="FILE.json", help="write the chosen recipe (types, budget, sensitivities)")
     x.add_argument("--sens-nsamples", type=int, metavar="N",
                    help="calibration sequences of the sensitivity measurement (32, of --seqlen or 512 tokens)")
+    x.add_argument("--sens-from", metavar="RECIPE.json",
+                   help="reuse the sensitivities saved in a recipe (another budget without a new measurement)")
     x.add_argument("--proxy-check", type=int, default=0, metavar="N",
                    help="also measure N single-tensor KL divergences with other types and report the rank "
                         "correlation of the prediction with them")
@@ -136,6 +142,8 @@ def _convert(args: argparse.Namespace) -> int:
     from .pipeline import convert
     recipe_file = _split_recipe(args)
     sens = {"check": args.proxy_check}
+    if args.sens_from:
+        sens["from"] = args.sens_from
     if args.sens_nsamples:
         sens["nsamples"] = args.sens_nsamples
     if args.seqlen:
@@ -149,7 +157,7 @@ def _convert(args: argparse.Namespace) -> int:
                   bits=args.bits, tensor_methods=args.tensor_method, target_size=args.target_size,
                   target_bpw=args.target_bpw, compat=args.compat, dynamic=args.dynamic,
                   dynamic_extra=args.dynamic_extra, recipe_file=recipe_file, save_recipe=args.save_recipe,
-                  sensitivity=sens)
+                  sensitivity=sens, vq_config=args.vq_config)
     if args.json:
         import json
         print(json.dumps(rep.to_dict(), indent=1))

@@ -74,6 +74,30 @@ def check_recipe(recipe: Recipe, source, path) -> None:
                                  f"{shapes[name][-1]}", path)
 
 
+def sensitivity_from(path, free: dict, types_for):
+    """The sensitivities saved in a recipe file (``--sens-from``): a new budget without a new measurement."""
+    from ..quantize.sensitivity import Sensitivity, TensorSensitivity
+    r = load_recipe(path)
+    if not r.sensitivity:
+        raise InputFileError("the recipe has no sensitivities (it was not made by a measurement)", path)
+    cal = r.sensitivity.get("_calibration", {})
+    out = {}
+    for name, c in free.items():
+        d = r.sensitivity.get(name)
+        if d is None:
+            raise InputFileError(f"the recipe has no sensitivity for {name}", path)
+        keep = set(types_for(name, tuple(c.shape)))
+        cand = {q: v for q, v in d["candidates"].items() if q in keep}
+        if not cand:
+            raise InputFileError(f"the recipe has none of the candidate types of {name}", path)
+        ts = TensorSensitivity(name, tuple(c.shape), {q: int(v[0]) for q, v in cand.items()},
+                               {q: float(v[1]) for q, v in cand.items()}, d.get("ref", ""),
+                               float(d.get("ref_kld", 0.0)), float(d.get("alpha", 0.0)))
+        out[name] = ts
+    return Sensitivity(out, cal.get("dataset", ""), int(cal.get("tokens", 0)), int(cal.get("kld_tokens", 0)),
+                       proxy_check=r.proxy_check)
+
+
 def plan_mixed(source, out: Path, *, type: str, method: str, pure: bool = False, token_embedding_type=None,
                output_tensor_type=None, tensor_types=(), has_imatrix: bool = False, target_size=None,
                target_bpw: float | None = None, compat: str | None = None, dynamic: bool = False,
@@ -129,10 +153,13 @@ def plan_mixed(source, out: Path, *, type: str, method: str, pure: bool = False,
         imp = IMatrixData.load(imatrix).importance()
     so = dict(sensitivity or {})
     log = (lambda s: print(s, file=sys.stderr)) if progress else None
-    sens = measure(source, types_for=types_for, calib=calib, nsamples=int(so.get("nsamples", 32)),
-                   seqlen=int(so.get("seqlen", 512)), seed=seed, imatrix=imp,
-                   kld_samples=int(so.get("kld_samples", 4)), kld_seqlen=int(so.get("kld_seqlen", 256)),
-                   check=int(so.get("check", 0)), progress=progress, threads=threads, log=log)
+    if so.get("from"):
+        sens = sensitivity_from(so["from"], free, types_for)
+    else:
+        sens = measure(source, types_for=types_for, calib=calib, nsamples=int(so.get("nsamples", 32)),
+                       seqlen=int(so.get("seqlen", 512)), seed=seed, imatrix=imp,
+                       kld_samples=int(so.get("kld_samples", 4)), kld_seqlen=int(so.get("kld_seqlen", 256)),
+                       check=int(so.get("check", 0)), progress=progress, threads=threads, log=log)
     missing = set(free) - set(sens.tensors)
     if missing:
         raise OptionError(f"no candidate type fits {sorted(missing)[0]} (and {len(missing) - 1} more)")
