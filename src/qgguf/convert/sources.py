@@ -27,6 +27,7 @@ from ..errors import InputFileError, QggufError, UnsupportedModelError
 from .ggufread import GGUFFile, MetaValue
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
+MAX_VOCAB = 1 << 24            # token ids beyond this are corrupt (allocations follow the largest id)
 
 # Metadata the output rewrites (never copied from a GGUF input).
 _REWRITTEN_PREFIXES = ("GGUF.", "split.", "quantize.imatrix.", "qgguf.")
@@ -141,10 +142,37 @@ class GGUFSource(ModelSource):
         self.tensors = []
         for t in self.file.tensors:
             self.tensors.append(TensorSpec(t.name, t.shape, GGMLQuantizationType(t.ggml_type).name))
+        try:
+            self._check_layout()
+        except QggufError:
+            self.file.close()
+            raise
+
+    def _check_layout(self) -> None:
+        """Hyper-parameters are positive integers and the tensors fit them (rows of the embedding width,
+        layers within the block count), before anything is converted."""
         for key in ("block_count", "embedding_length", "attention.head_count"):
-            if self.hp(key) is None:
-                self.file.close()
+            v = self.hp(key)
+            if v is None:
                 raise InputFileError(f"GGUF file lacks {self.arch}.{key}", self.path)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= 1 << 24:
+                raise InputFileError(f"{self.arch}.{key} = {v!r} is not a positive integer", self.path)
+        kv = self.hp("attention.head_count_kv")
+        if kv is not None and (isinstance(kv, bool) or not isinstance(kv, int) or kv <= 0 or self.n_head % kv):
+            raise InputFileError(f"{self.arch}.attention.head_count_kv = {kv!r} does not divide "
+                                 f"{self.n_head} attention heads", self.path)
+        n_layer, E = self.n_layer, self.n_embd
+        for t in self.tensors:
+            if t.name.startswith("blk."):
+                i = t.name.split(".")[1]
+                if not i.isdigit() or int(i) >= n_layer:
+                    raise InputFileError(f"tensor {t.name!r} is outside the {n_layer} blocks of "
+                                         f"{self.arch}.block_count", self.path)
+            if t.name in ("token_embd.weight", "output.weight") and (len(t.shape) != 2 or t.shape[1] != E):
+                raise InputFileError(f"tensor {t.name!r} has shape {list(t.ne)}, expected [{E}, n_vocab]",
+                                     self.path)
+        if not any(t.name == "token_embd.weight" for t in self.tensors):
+            raise InputFileError("GGUF file has no token_embd.weight", self.path)
 
     def load(self, name: str) -> np.ndarray:
         from .. import gguf_types
@@ -214,28 +242,83 @@ def detect_bpe_pre(tokenizer_json: dict, path) -> str:
 
 
 class _SafetensorsIndex:
-    """Header-only reader for .safetensors files; tensors are memory-mapped on demand (no torch)."""
+    """Header-only reader for .safetensors files; tensors are memory-mapped on demand (no torch). The header is
+    checked whole before use: its length, JSON, every entry's dtype, shape and offsets (inside the data, the
+    size the dtype and shape give, no overlaps), and names unique across the files."""
 
     _DT = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+    _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+                 "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+    MAX_HEADER = 100 << 20          # the format's own limit (100 MB)
 
     def __init__(self, files: list[Path]):
         self.entries: dict[str, tuple[Path, str, tuple[int, ...], int, int]] = {}
-        self._maps: dict[Path, np.memmap] = {}
+        self._maps: dict = {}
         for f in files:
-            try:
-                with open(f, "rb") as fh:
-                    n = struct.unpack("<Q", fh.read(8))[0]
-                    header = json.loads(fh.read(n))
-            except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise InputFileError(f"not a valid safetensors file: {e}", f) from None
+            self._read_header(f)
+
+    def _read_header(self, f: Path) -> None:
+        def bad(problem: str):
+            return InputFileError(f"not a valid safetensors file: {problem}", f)
+
+        try:
             size = f.stat().st_size
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                b, e = info["data_offsets"]
-                if 8 + n + e > size:
-                    raise InputFileError(f"truncated: tensor {name!r} ends past the end of the file", f)
-                self.entries[name] = (f, info["dtype"], tuple(info["shape"]), 8 + n + b, e - b)
+            with open(f, "rb") as fh:
+                head = fh.read(8)
+                if len(head) < 8:
+                    raise bad(f"only {len(head)} bytes")
+                n = struct.unpack("<Q", head)[0]
+                if n < 2 or n > self.MAX_HEADER or 8 + n > size:
+                    raise bad(f"header length {n} does not fit a file of {size} bytes")
+                text = fh.read(n)
+        except OSError as e:
+            raise InputFileError(f"cannot read: {e.strerror}", f) from None
+
+        def no_duplicates(pairs):
+            d = {}
+            for k, v in pairs:
+                if k in d:
+                    raise bad(f"key {k!r} appears twice in the header")
+                d[k] = v
+            return d
+        try:
+            header = json.loads(text.decode("utf-8"), object_pairs_hook=no_duplicates)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise bad(f"header is not JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise bad("header is not a JSON object")
+        data_size = size - 8 - n
+        spans = []
+        for name, info in header.items():
+            if name == "__metadata__":
+                if info is not None and not isinstance(info, dict):
+                    raise bad("__metadata__ is not an object")
+                continue
+            if not isinstance(info, dict):
+                raise bad(f"entry {name!r} is not an object")
+            dt, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+            if not isinstance(dt, str) or dt not in self._ITEMSIZE:
+                raise bad(f"tensor {name!r} has unknown dtype {dt!r}")
+            if not isinstance(shape, list) or len(shape) > 8 or \
+                    not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape):
+                raise bad(f"tensor {name!r} has invalid shape {shape!r}")
+            if not isinstance(offs, list) or len(offs) != 2 or not all(
+                    isinstance(o, int) and not isinstance(o, bool) for o in offs) or not 0 <= offs[0] <= offs[1]:
+                raise bad(f"tensor {name!r} has invalid data_offsets {offs!r}")
+            b, e = offs
+            if e > data_size:
+                raise InputFileError(f"truncated: tensor {name!r} ends past the end of the file", f)
+            want = math.prod(shape) * self._ITEMSIZE[dt]
+            if e - b != want:
+                raise bad(f"tensor {name!r} has {e - b} bytes of data, but {dt} {shape} needs {want}")
+            if name in self.entries:
+                raise InputFileError(f"tensor {name!r} is also in {self.entries[name][0].name}", f)
+            spans.append((b, e, name))
+            self.entries[name] = (f, dt, tuple(shape), 8 + n + b, e - b)
+        spans.sort()
+        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                raise bad(f"data of tensors {n0!r} and {n1!r} overlap")
 
     #: bytes of the file converted (and its pages released) at a time
     CHUNK_BYTES = 64 << 20
@@ -309,6 +392,62 @@ _HF_LAYER_MAP = {
 }
 
 
+def _num(v, integer: bool) -> bool:
+    if isinstance(v, bool):
+        return False
+    if integer:
+        return isinstance(v, int)
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def check_config(cfg: dict, path) -> None:
+    """config.json's values have the types and ranges the conversion relies on (InputFileError otherwise)."""
+    def bad(key, v, what):
+        return InputFileError(f"config.json: {key} = {json.dumps(v)[:80]} is not {what}", path)
+
+    for key, lim, required in (("num_attention_heads", 4096, True), ("hidden_size", 1 << 20, True),
+                               ("num_hidden_layers", 4096, True), ("intermediate_size", 1 << 22, True),
+                               ("num_key_value_heads", 4096, False), ("head_dim", 1 << 16, False),
+                               ("max_position_embeddings", 1 << 30, False), ("vocab_size", 1 << 24, False)):
+        if key not in cfg or cfg[key] is None:
+            if required:
+                raise InputFileError(f"config.json lacks {key}", path)
+            continue
+        v = cfg[key]
+        if not _num(v, True) or not (0 if key == "vocab_size" else 1) <= v <= lim:
+            raise bad(key, v, f"a positive integer up to {lim}")
+    H = cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads") or H
+    if H % kv:
+        raise InputFileError(f"config.json: {H} attention heads do not share {kv} key/value heads evenly", path)
+    if not cfg.get("head_dim") and cfg["hidden_size"] % H:
+        raise InputFileError(f"config.json: hidden_size {cfg['hidden_size']} is not a multiple of "
+                             f"num_attention_heads {H}", path)
+    for key in ("rope_theta", "rms_norm_eps"):
+        v = cfg.get(key)
+        if v is not None and (not _num(v, False) or v < 0 or (key == "rope_theta" and v == 0)):
+            raise bad(key, v, "a finite positive number")
+    if "tie_word_embeddings" in cfg and not isinstance(cfg["tie_word_embeddings"], bool):
+        raise bad("tie_word_embeddings", cfg["tie_word_embeddings"], "true or false")
+    rs = cfg.get("rope_scaling")
+    if rs is not None:
+        if not isinstance(rs, dict):
+            raise bad("rope_scaling", rs, "an object")
+        for key in ("factor", "low_freq_factor", "high_freq_factor"):
+            if key in rs and (not _num(rs[key], False) or rs[key] <= 0):
+                raise bad(f"rope_scaling.{key}", rs[key], "a finite positive number")
+        if "original_max_position_embeddings" in rs and (not _num(rs["original_max_position_embeddings"], True)
+                                                          or rs["original_max_position_embeddings"] <= 0):
+            raise bad("rope_scaling.original_max_position_embeddings", rs["original_max_position_embeddings"],
+                      "a positive integer")
+        for key in ("rope_type", "type"):
+            if key in rs and not isinstance(rs[key], str):
+                raise bad(f"rope_scaling.{key}", rs[key], "a string")
+        if rs.get("rope_type", rs.get("type")) == "llama3" and \
+                rs.get("high_freq_factor", 4.0) <= rs.get("low_freq_factor", 1.0):
+            raise InputFileError("config.json: rope_scaling.high_freq_factor must exceed low_freq_factor", path)
+
+
 class HFSource(ModelSource):
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -319,8 +458,12 @@ class HFSource(ModelSource):
             cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InputFileError(f"cannot parse: {e}", cfg_path) from None
+        if not isinstance(cfg, dict):
+            raise InputFileError("config.json is not a JSON object", cfg_path)
         self.config = cfg
         archs = cfg.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(x, str) for x in archs):
+            raise InputFileError(f"config.json: architectures must be a list of names, got {archs!r}"[:300], cfg_path)
         hf_arch = archs[0] if archs else cfg.get("model_type", "?")
         if hf_arch not in _HF_ARCHS:
             raise UnsupportedModelError(
@@ -331,9 +474,11 @@ class HFSource(ModelSource):
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise InputFileError("folder has no *.safetensors weights (.bin checkpoints are not supported)", self.path)
+        check_config(cfg, cfg_path)
         self.st = _SafetensorsIndex(files)
         self._hparams(cfg)
         self._tensors(cfg)
+        self._check_shapes(cfg)
         self._vocab(cfg)
 
     # --- hyper-parameters, as convert_hf_to_gguf's TextModel/LlamaModel ------------------------
@@ -444,6 +589,41 @@ class HFSource(ModelSource):
             specs.append(TensorSpec(g, tuple(shape), dt))
         self.tensors = specs
 
+    def _check_shapes(self, cfg: dict) -> None:
+        """Every tensor has the shape config.json implies, every layer below num_hidden_layers is complete."""
+        E, F, L = int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["num_hidden_layers"])
+        H, KV = self.n_head_hf, self.n_head_kv_hf
+        hd = int(cfg.get("head_dim") or E // H)
+        V = self.tensor("token_embd.weight").shape[0] if self.tensor("token_embd.weight").shape else 0
+        want = {"token_embd.weight": (V, E), "output.weight": (V, E), "output_norm.weight": (E,),
+                "attn_norm.weight": (E,), "ffn_norm.weight": (E,), "attn_q.weight": (H * hd, E),
+                "attn_k.weight": (KV * hd, E), "attn_v.weight": (KV * hd, E), "attn_output.weight": (E, H * hd),
+                "attn_q.bias": (H * hd,), "attn_k.bias": (KV * hd,), "attn_v.bias": (KV * hd,),
+                "attn_output.bias": (E,), "ffn_gate.weight": (F, E), "ffn_up.weight": (F, E),
+                "ffn_down.weight": (E, F)}
+        have: dict[int, set[str]] = {}
+        for t in self.tensors:
+            if t.name == "rope_freqs.weight":
+                continue
+            key = t.name
+            if t.name.startswith("blk."):
+                _, i, key = t.name.split(".", 2)
+                if int(i) >= L:
+                    raise InputFileError(f"tensor {self._map[t.name][0]!r} is beyond num_hidden_layers = {L}",
+                                         self.path)
+                have.setdefault(int(i), set()).add(key)
+            if tuple(t.shape) != want[key] or V == 0:
+                raise InputFileError(f"tensor {self._map[t.name][0]!r} has shape {list(t.shape)}, but config.json "
+                                     f"implies {list(want[key])}", self.path)
+        required = {"attn_norm.weight", "ffn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
+                    "attn_output.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"}
+        for i in range(L):
+            missing = required - have.get(i, set())
+            if missing:
+                raise InputFileError(f"layer {i} of {L} lacks {', '.join(sorted(missing))}", self.path)
+        if "output_norm.weight" not in self._map:
+            raise InputFileError("weights lack model.norm.weight", self.path)
+
     def load(self, name: str) -> np.ndarray:
         if name == "rope_freqs.weight" and self._rope_freqs is not None:
             return self._rope_freqs
@@ -492,14 +672,34 @@ class HFSource(ModelSource):
             tj = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InputFileError(f"cannot parse: {e}", p) from None
+        if not isinstance(tj, dict) or not isinstance(tj.get("model") or {}, dict):
+            raise InputFileError("tokenizer.json is not an object with a \"model\" object", p)
         model = tj.get("model") or {}
         if model.get("type") != "BPE":
             raise UnsupportedModelError(f"tokenizer model {model.get('type')!r} is not supported without tokenizer.model", p)
-        pre = detect_bpe_pre(tj, p)
-        vocab: dict[str, int] = dict(model.get("vocab") or {})
-        added = {a["content"]: a for a in tj.get("added_tokens") or []}
+        try:
+            pre = detect_bpe_pre(tj, p)
+        except (AttributeError, TypeError):
+            raise InputFileError("tokenizer.json: malformed pre_tokenizer", p) from None
+        vocab = model.get("vocab") or {}
+        if not isinstance(vocab, dict) or not vocab or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < MAX_VOCAB for i in vocab.values()):
+            raise InputFileError(f"tokenizer.json: model.vocab must map tokens to ids in 0..{MAX_VOCAB - 1}", p)
+        vocab = dict(vocab)
+        added_list = tj.get("added_tokens") or []
+        if not isinstance(added_list, list) or not all(
+                isinstance(a, dict) and isinstance(a.get("content"), str) and isinstance(a.get("id"), int)
+                and not isinstance(a.get("id"), bool) and 0 <= a["id"] < MAX_VOCAB for a in added_list):
+            raise InputFileError("tokenizer.json: added_tokens must be a list of {\"content\": text, \"id\": id} "
+                                 f"with ids in 0..{MAX_VOCAB - 1}", p)
+        added = {a["content"]: a for a in added_list}
         for a in added.values():
             vocab[a["content"]] = int(a["id"])
+        raw_merges = model.get("merges") or []
+        if not isinstance(raw_merges, list) or not all(
+                isinstance(m, str) or (isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m))
+                for m in raw_merges):
+            raise InputFileError("tokenizer.json: model.merges must be a list of \"a b\" strings or [a, b] pairs", p)
         n_vocab = max(n_vocab, max(vocab.values()) + 1)
         rev = {i: t for t, i in vocab.items()}
         tokens, types = [], []
@@ -523,10 +723,17 @@ class HFSource(ModelSource):
         p = self.path / "tokenizer.model"
         try:
             import sentencepiece as spm
+        except ImportError:
+            raise InputFileError("reading tokenizer.model needs the sentencepiece package "
+                                 "(pip install sentencepiece)", p) from None
+        try:
             sp = spm.SentencePieceProcessor()
             sp.LoadFromFile(str(p))
-        except (OSError, RuntimeError) as e:
-            raise InputFileError(f"cannot load SentencePiece model: {e}", p) from None
+        except Exception as e:  # noqa: BLE001 - the C++ parser's errors come as several types
+            raise InputFileError(f"cannot load SentencePiece model: {str(e).splitlines()[0] if str(e) else e!r}",
+                                 p) from None
+        if not 0 < sp.vocab_size() <= MAX_VOCAB:
+            raise InputFileError(f"SentencePiece model has {sp.vocab_size()} pieces", p)
         vs = sp.vocab_size()
         n_vocab = max(n_vocab, vs)
         tokens = [f"[PAD{i}]" for i in range(n_vocab)]
@@ -547,7 +754,14 @@ class HFSource(ModelSource):
             types[i] = t
         added_p = self.path / "added_tokens.json"
         if added_p.is_file():
-            for tok, i in json.loads(added_p.read_text(encoding="utf-8")).items():
+            try:
+                added = json.loads(added_p.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise InputFileError(f"cannot parse: {e}", added_p) from None
+            if not isinstance(added, dict) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                      for i in added.values()):
+                raise InputFileError("added_tokens.json must map token texts to integer ids", added_p)
+            for tok, i in added.items():
                 if 0 <= i < n_vocab:
                     tokens[i], scores[i], types[i] = tok, -1000.0, TT_USER_DEFINED
         self._set_vocab("llama", tokens, types, scores=scores)
@@ -556,8 +770,12 @@ class HFSource(ModelSource):
         from gguf import SpecialVocab
         import logging
         logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
-        sv = SpecialVocab(self.path, load_merges=merges and "tokenizer.ggml.merges" not in self.metadata,
-                          n_vocab=n_vocab)
+        try:
+            sv = SpecialVocab(self.path, load_merges=merges and "tokenizer.ggml.merges" not in self.metadata,
+                              n_vocab=n_vocab)
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError, UnicodeDecodeError, OSError) as e:
+            raise InputFileError(f"cannot read the tokenizer configuration (tokenizer_config.json, "
+                                 f"special_tokens_map.json): {type(e).__name__}: {e}"[:300], self.path) from None
         U32, BOOL, STR = GGUFValueType.UINT32, GGUFValueType.BOOL, GGUFValueType.STRING
         keys = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id",
                 "sep": "seperator_token_id", "pad": "padding_token_id", "cls": "cls_token_id",
@@ -571,6 +789,9 @@ class HFSource(ModelSource):
             if typ in ("bos", "eos", "sep"):
                 self.metadata[f"tokenizer.ggml.add_{typ}_token"] = MetaValue(bool(val), BOOL)
         tmpl = sv.chat_template
+        if tmpl is not None and not isinstance(tmpl, str) and not (isinstance(tmpl, list) and all(
+                isinstance(t, dict) and isinstance(t.get("template"), str) for t in tmpl)):
+            raise InputFileError("chat_template must be a string or a list of {name, template}", self.path)
         if isinstance(tmpl, list):  # [{"name":..., "template":...}]
             for t in tmpl:
                 name = t.get("name")
