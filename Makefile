@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 SHARED  ?= ../shared
 DEMO_OUT := out/smollm2-135m-Q4_K_M.gguf
 
-.PHONY: demo test test-slow venv llamacpp clean
+.PHONY: demo test test-slow venv llamacpp clean sanitize
 
 # One virtual environment for everything. torch is pinned to the CPU build on disk (2.13.0).
 $(STAMP): pyproject.toml
@@ -37,6 +37,11 @@ test: $(STAMP) $(VENV)/.llamacpp
 
 test-slow: $(STAMP) $(VENV)/.llamacpp
 	$(BIN)/python -m pytest -q -m slow
+
+# The native kernels built with AddressSanitizer + UndefinedBehaviorSanitizer (build/sanitize/), the kernel tests
+# (tests/test_native*.py) run against that build on every ISA path of this CPU; fails on any sanitizer report.
+sanitize: $(STAMP)
+	PY=$(BIN)/python bash tools/sanitize.sh
 
 clean:
 	rm -rf $(VENV) out build src/*.egg-info

@@ -46,8 +46,28 @@ class NativeUnavailableError(QggufError):
     """The native module is not built or cannot be loaded."""
 
 
+def _load_module_from(folder: str):
+    """The module built into ``folder`` (QGGUF_NATIVE_MODULE_DIR: the sanitizer build of ``make sanitize``)."""
+    import importlib.machinery
+    import importlib.util
+    found = sorted(Path(folder).glob("**/_qgguf_native*.so")) + sorted(Path(folder).glob("**/_qgguf_native*.pyd"))
+    if not found:
+        raise ImportError(f"QGGUF_NATIVE_MODULE_DIR={folder}: no _qgguf_native module there")
+    name = __name__ + "._qgguf_native"
+    spec = importlib.util.spec_from_file_location(name, found[0],
+                                                  loader=importlib.machinery.ExtensionFileLoader(name, str(found[0])))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_MODULE_FILE: str | None = None
 try:
-    from ._qgguf_native import ffi as _ffi, lib as _lib  # type: ignore[import-not-found]
+    if os.environ.get("QGGUF_NATIVE_MODULE_DIR"):
+        _mod = _load_module_from(os.environ["QGGUF_NATIVE_MODULE_DIR"])
+    else:
+        from . import _qgguf_native as _mod  # type: ignore[attr-defined]
+    _ffi, _lib, _MODULE_FILE = _mod.ffi, _mod.lib, _mod.__file__
     _IMPORT_ERROR: str | None = None
 except Exception as _e:  # noqa: BLE001 - ImportError, OSError (bad .so), ...
     _ffi = _lib = None
@@ -64,6 +84,11 @@ def build_error() -> str | None:
     return (f"the native module qgguf.native._qgguf_native is not built ({_IMPORT_ERROR}); "
             "reinstall qgguf with a working C compiler (pip install -e . or pip install .), or "
             "run python src/qgguf/native/_build.py in a source checkout")
+
+
+def module_file() -> str | None:
+    """Path of the loaded C module (QGGUF_NATIVE_MODULE_DIR picks another build, e.g. the sanitizer one)."""
+    return _MODULE_FILE
 
 
 def available() -> bool:
@@ -154,16 +179,19 @@ def _float_input(name: str, a, shape: tuple) -> np.ndarray:
         raise QggufError(f"{name} must be a float array, got dtype {a.dtype}")
     if a.shape != shape:
         raise QggufError(f"{name} must have shape {shape}, got {a.shape}")
-    return np.ascontiguousarray(a, dtype=np.float32)
+    return np.require(a, np.float32, ["C", "A"])   # a copy unless already C-contiguous, aligned float32
 
 
-def _out(name: str, out, shape: tuple) -> np.ndarray:
+def _out(name: str, out, shape: tuple, inputs: tuple = ()) -> np.ndarray:
     if out is None:
         return np.empty(shape, np.float32)
     out = _array(name, out)
     if out.dtype != np.float32 or out.shape != shape or not out.flags.c_contiguous \
-            or not out.flags.writeable:
-        raise QggufError(f"{name} must be a writable C-contiguous float32 array of shape {shape}")
+            or not out.flags.writeable or not out.flags.aligned:
+        raise QggufError(f"{name} must be a writable, aligned, C-contiguous float32 array of shape {shape}")
+    for a in inputs:
+        if np.may_share_memory(out, a):
+            raise QggufError(f"{name} must not overlap the input")
     return out
 
 
@@ -219,18 +247,20 @@ class AQTensor:
             raise QggufError(f"codes must have shape {cshape} (or be flat), got {codes.shape}")
         if not codes.flags.c_contiguous:
             raise QggufError("codes must be C-contiguous")
+        if not codes.flags.aligned:
+            raise QggufError(f"codes must be aligned to {codes.dtype.itemsize} bytes (a misaligned buffer view)")
         codebooks = _array("codebooks", codebooks)
-        if codebooks.dtype not in (np.float16, np.float32):
+        if codebooks.dtype.newbyteorder("=") not in (np.float16, np.float32):   # copied: any byte order
             raise QggufError(f"codebooks must be float16 or float32, got {codebooks.dtype}")
         if codebooks.shape != (M, K, g):
             raise QggufError(f"codebooks must have shape {(M, K, g)}, got {codebooks.shape}")
         scales = _array("scales", scales)
-        if scales.dtype not in (np.float16, np.float32):
+        if scales.dtype.newbyteorder("=") not in (np.float16, np.float32):
             raise QggufError(f"scales must be float32 or float16, got {scales.dtype}")
         if scales.shape != (R,):
             raise QggufError(f"scales must have shape {(R,)}, got {scales.shape}")
-        cb32 = np.ascontiguousarray(codebooks, dtype=np.float32)
-        s32 = np.ascontiguousarray(scales, dtype=np.float32)
+        cb32 = np.array(codebooks, dtype=np.float32, order="C")   # own aligned copies, checked once
+        s32 = np.array(scales, dtype=np.float32, order="C")
         if not np.isfinite(cb32).all():
             raise QggufError("codebooks contain NaN or infinite values")
         if not np.isfinite(s32).all():
@@ -292,7 +322,7 @@ class AQTensor:
         _require()
         x = _float_input("x", x, (self.C,))
         n = _threads(threads)
-        y = _out("out", out, (self.R,))
+        y = _out("out", out, (self.R,), (x,))
         self._check(self._lib.qg_matvec(self._t, _fptr(x), _fptr(y), n), "matvec")
         return y
 
@@ -304,7 +334,7 @@ class AQTensor:
             raise QggufError(f"X must be 2-D [N, C], got shape {X.shape}")
         X = _float_input("X", X, (X.shape[0], self.C))
         n = _threads(threads)
-        Y = _out("out", out, (X.shape[0], self.R))
+        Y = _out("out", out, (X.shape[0], self.R), (X,))
         if X.shape[0]:
             self._check(self._lib.qg_matmul(self._t, _fptr(X), X.shape[0], _fptr(Y), n), "matmul")
         return Y

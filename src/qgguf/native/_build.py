@@ -5,7 +5,8 @@ Used by setup.py (``cffi_modules=["src/qgguf/native/_build.py:ffibuilder"]``), s
 global flags; each one switches its own target ISA with a pragma (csrc/qg_target_begin.h), and
 the core picks a path at run time by CPU feature detection, so one binary runs on every CPU.
 
-For development, ``python src/qgguf/native/_build.py`` builds the module in place.
+For development, ``python src/qgguf/native/_build.py`` builds the module in place;
+``python src/qgguf/native/_build.py --sanitize DIR`` builds it with ASan + UBSan into DIR (``make sanitize``).
 """
 from __future__ import annotations
 
@@ -75,19 +76,49 @@ def _compile_args() -> list[str]:
             "-Wno-unused-function", "-Wno-unknown-pragmas"]
 
 
-ffibuilder = FFI()
-ffibuilder.cdef(CDEF)
-ffibuilder.set_source(
-    "qgguf.native._qgguf_native",
-    '#include "qg_native.h"\n',
-    sources=[_rel(os.path.join(CSRC, s)) for s in SOURCES],
-    include_dirs=[_rel(CSRC)],
-    depends=[_rel(os.path.join(CSRC, h)) for h in HEADERS],
-    extra_compile_args=_compile_args(),
-    libraries=[] if sys.platform == "win32" else ["pthread"],
-)
+#: ``make sanitize`` (tools/sanitize.sh): AddressSanitizer + UndefinedBehaviorSanitizer, first finding fatal
+SANITIZE_FLAGS = ["-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+                  "-fno-sanitize-recover=all"]
+
+
+def make_ffibuilder(extra_compile_args=(), extra_link_args=(), path=_rel) -> FFI:
+    """The module's builder: every file of SOURCES, the global flags plus ``extra_compile_args``;
+    ``path`` maps the absolute source paths (setup.py: relative ones)."""
+    b = FFI()
+    b.cdef(CDEF)
+    b.set_source(
+        "qgguf.native._qgguf_native",
+        '#include "qg_native.h"\n',
+        sources=[path(os.path.join(CSRC, s)) for s in SOURCES],
+        include_dirs=[path(CSRC)],
+        depends=[path(os.path.join(CSRC, h)) for h in HEADERS],
+        extra_compile_args=_compile_args() + list(extra_compile_args),
+        extra_link_args=list(extra_link_args),
+        libraries=[] if sys.platform == "win32" else ["pthread"],
+    )
+    return b
+
+
+ffibuilder = make_ffibuilder()
+
+
+def build_sanitized(outdir: str) -> str:
+    """Build the module with SANITIZE_FLAGS into ``outdir`` (not into the package); returns the .so path.
+    Load it with QGGUF_NATIVE_MODULE_DIR=outdir and the sanitizer runtime preloaded (tools/sanitize.sh)."""
+    unlisted = sorted(f for f in os.listdir(CSRC) if f.endswith(".c") and f not in SOURCES
+                      and f != "qg_selftest.c")
+    if unlisted:
+        print(f"warning: csrc files not in SOURCES (not built): {', '.join(unlisted)}", file=sys.stderr)
+    outdir = os.path.abspath(outdir)
+    os.makedirs(outdir, exist_ok=True)
+    b = make_ffibuilder(SANITIZE_FLAGS, SANITIZE_FLAGS[2:], path=os.path.abspath)
+    return b.compile(tmpdir=outdir, verbose=False)
+
 
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--sanitize":
+        print(build_sanitized(sys.argv[2]))
+        sys.exit(0)
     # in-place development build: writes _qgguf_native*.so next to this file
     os.chdir(os.path.dirname(os.path.dirname(HERE)))  # src/
     ffibuilder.compile(tmpdir=".", verbose=True)
