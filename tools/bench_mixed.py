@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""Issue 6's measurements: llama.cpp's file-type presets (with an importance matrix) against qgguf's
+measured mixed precision at the same file sizes, every file evaluated by qgguf's evaluator.
+
+For every preset P in ``--presets``: ``llama-quantize --imatrix I F32 OUT P`` (llama.cpp's own tool, built by
+tools/build_llamacpp_tools.sh). For every preset P in ``--match``: ``qgguf convert F32 --method M --calib C
+--target-size <bytes of llama.cpp's P file> --compat llama.cpp --sens-from SENS`` (the sensitivities measured
+once, saved in a recipe; ``--measure`` makes that recipe first and records its time). ``--size NAME=BYTES``
+adds a qgguf budget of any size (e.g. the AQ 2-bit file's). Every file: ``qgguf eval FILE --text T --ctx 512
+--chunks 40 --base F32 --json``, and a load by llama.cpp (llama-cpp-python) for the standard files.
+
+Results are merged into ``OUT/results.json`` (one entry per file; a finished entry is not redone unless
+``--force``); tools/plot_kld_size.py draws them. Run it under the shared lock:
+
+    flock /tmp/qgguf-heavy.lock nice -n 10 .venv/bin/python tools/bench_mixed.py --measure \\
+        --presets Q4_K_M,Q3_K_M --match Q4_K_M,Q3_K_M --method gptq
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ROOT / ".llamacpp-tools" / "bin"
+SHARED = ROOT.parent / "shared"
+QG = [sys.executable, "-m", "qgguf"]
+
+
+def run(cmd: list[str], log: Path) -> float:
+    t0 = time.perf_counter()
+    with open(log, "ab") as f:
+        f.write(("$ " + " ".join(map(str, cmd)) + "\n").encode())
+        f.flush()
+        r = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    if r.returncode:
+        raise SystemExit(f"failed ({r.returncode}): {' '.join(map(str, cmd))}; see {log}")
+    return time.perf_counter() - t0
+
+
+def evaluate(path: Path, args, log: Path) -> dict:
+    out = path.with_suffix(".eval.json")
+    cmd = QG + ["eval", path, "--text", args.text, "--ctx", str(args.ctx), "--chunks", str(args.chunks),
+                "--base", args.f32, "--json", "-t", str(args.threads)]
+    t0 = time.perf_counter()
+    with open(log, "ab") as f, open(out, "wb") as o:
+        f.write(("$ " + " ".join(map(str, cmd)) + "\n").encode())
+        r = subprocess.run([str(c) for c in cmd], stdout=o, stderr=f, cwd=ROOT)
+    if r.returncode:
+        raise SystemExit(f"eval failed: {path}; see {log}")
+    res = json.loads(out.read_text())
+    res["eval_s"] = time.perf_counter() - t0
+    return res
+
+
+def loads_in_llamacpp(path: Path) -> bool | None:
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    try:
+        llm = llama_cpp.Llama(str(path), verbose=False, n_ctx=64, n_threads=1)
+        llm.tokenize(b"hello")
+        del llm
+        return True
+    except Exception:
+        return False
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--f32", default=str(ROOT / "out" / "smollm2-f32.gguf"))
+    ap.add_argument("--imatrix", default=None, help="llama.cpp importance matrix (default: out/llamacpp-imatrix-c4.gguf, "
+                                                   "else bench-out/methods/llamacpp-imatrix.gguf)")
+    ap.add_argument("--calib", default=str(SHARED / "data" / "c4-sample-1000.jsonl"))
+    ap.add_argument("--text", default=str(SHARED / "data" / "wikitext-2-raw-test.txt"))
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--chunks", type=int, default=40)
+    ap.add_argument("--presets", default="Q4_K_M,Q3_K_M", help="llama.cpp presets to make and evaluate")
+    ap.add_argument("--match", default="Q4_K_M,Q3_K_M", help="qgguf budgets at these presets' file sizes")
+    ap.add_argument("--size", action="append", default=[], metavar="NAME=BYTES", help="more qgguf budgets")
+    ap.add_argument("--method", default="gptq")
+    ap.add_argument("--nsamples", type=int, default=None, help="calibration samples of the qgguf method")
+    ap.add_argument("--compat", default="llama.cpp")
+    ap.add_argument("--sens", default=None, help="recipe with measured sensitivities (default OUT/sensitivity.json)")
+    ap.add_argument("--measure", action="store_true", help="measure the sensitivities first (if SENS is missing)")
+    ap.add_argument("--proxy-check", type=int, default=24)
+    ap.add_argument("--out", default=str(ROOT / "bench-out" / "mixed"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--no-eval", action="store_true", help="make the files only")
+    args = ap.parse_args()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "bench.log"
+    res_path = out / "results.json"
+    results = json.loads(res_path.read_text()) if res_path.is_file() else {}
+
+    def save():
+        tmp = res_path.with_name(".results.json.tmp")
+        tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
+        os.replace(tmp, res_path)
+
+    imatrix = args.imatrix or next((str(p) for p in (ROOT / "out" / "llamacpp-imatrix-c4.gguf",
+                                                     ROOT / "bench-out" / "methods" / "llamacpp-imatrix.gguf")
+                                    if p.is_file()), None)
+    presets = [p for p in args.presets.split(",") if p]
+    if presets and imatrix is None:
+        raise SystemExit("no llama.cpp importance matrix: give --imatrix")
+    sizes: dict[str, int] = {}
+    for p in presets:
+        key = f"llama.cpp {p}"
+        dest = out / f"llamacpp-{p}.gguf"
+        if not dest.is_file() or args.force:
+            dt = run([TOOLS / "llama-quantize", "--imatrix", imatrix, args.f32, dest, p, str(args.threads)], log)
+            results.setdefault(key, {})["quantize_s"] = dt
+        e = results.setdefault(key, {})
+        e.update({"kind": "llama.cpp", "preset": p, "file": str(dest), "file_bytes": dest.stat().st_size,
+                  "imatrix": imatrix})
+        sizes[p] = dest.stat().st_size
+        save()
+
+    sens = Path(args.sens) if args.sens else out / "sensitivity.json"
+    if not sens.is_file():
+        if not args.measure:
+            raise SystemExit(f"no sensitivities at {sens}: run with --measure")
+        dest = out / "measure.gguf"
+        target = sizes.get("Q4_K_M") or max(sizes.values(), default=100_000_000)
+        cmd = QG + ["convert", args.f32, "-o", dest, "--method", "imatrix", "--calib", args.calib,
+                    "--target-size", str(target), "--compat", args.compat, "--save-recipe", sens,
+                    "--proxy-check", str(args.proxy_check), "-t", str(args.threads), "-q", "--json"]
+        dt = run(cmd, log)
+        r = json.loads(sens.read_text())
+        results["_measure"] = {"wall_s": dt, "search_s": r.get("search_seconds"), "proxy_check": r.get("proxy_check"),
+                               "command": " ".join(map(str, cmd))}
+        save()
+
+    budgets = {f"qgguf@{p}": sizes[p] for p in args.match.split(",") if p}
+    for item in args.size:
+        name, _, b = item.partition("=")
+        budgets[f"qgguf@{name}"] = int(b)
+    for key, nbytes in budgets.items():
+        dest = out / (key.replace("@", "-") + f"-{args.method}.gguf")
+        e = results.setdefault(key, {})
+        if not dest.is_file() or args.force or e.get("target_bytes") != nbytes:
+            rjson = dest.with_suffix(".recipe.json")
+            cmd = QG + ["convert", args.f32, "-o", dest, "--method", args.method, "--calib", args.calib,
+                        "--target-size", str(nbytes), "--compat", args.compat, "--sens-from", sens,
+                        "--save-recipe", rjson, "-t", str(args.threads), "-q", "--json"]
+            if args.nsamples:
+                cmd += ["--nsamples", str(args.nsamples)]
+            dt = run(cmd, log)
+            r = json.loads(rjson.read_text())
+            e.clear()
+            e.update({"convert_s": dt, "predicted_kld": r.get("predicted_kld"), "types": _count(r["types"]),
+                      "command": " ".join(map(str, cmd))})
+        e.update({"kind": "qgguf", "method": args.method, "file": str(dest), "file_bytes": dest.stat().st_size,
+                  "target_bytes": nbytes})
+        save()
+
+    if not args.no_eval:
+        for key, e in sorted(results.items()):
+            if key.startswith("_") or "kld" in e and not args.force:
+                continue
+            p = Path(e["file"])
+            r = evaluate(p, args, log)
+            e.update({k: r.get(k) for k in ("ppl", "ppl_err", "kld", "kld_err", "kld_p99", "same_top", "eval_s")})
+            e["llama_cpp_loads"] = loads_in_llamacpp(p)
+            save()
+            print(f"{key}: {e['file_bytes']:,} bytes, KLD {e['kld']:.4f} ± {e['kld_err']:.4f}, PPL {e['ppl']:.3f}",
+                  file=sys.stderr)
+    print(json.dumps(results, indent=1, sort_keys=True))
+    return 0
+
+
+def _count(types: dict) -> dict:
+    out: dict[str, int] = {}
+    for t in types.values():
+        out[t] = out.get(t, 0) + 1
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Draw KL divergence against file size from tools/bench_mixed.py's measured results (docs/kld_vs_size.png).
+
+    .venv/bin/python tools/plot_kld_size.py bench-out/mixed/results.json -o docs/kld_vs_size.png \\
+        [--point 'AQ 2-bit=60606752:2.78']
+
+Every point is a measured file: llama.cpp's presets (with importance matrix) and qgguf's budgets; ``--point``
+adds a measured figure from elsewhere (NAME=BYTES:KLD, e.g. the AQ 2-bit file of docs/BENCHMARKS.md).
+Entries without a KLD (not evaluated yet) are skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", nargs="+", help="results.json of tools/bench_mixed.py")
+    ap.add_argument("-o", "--out", default="docs/kld_vs_size.png")
+    ap.add_argument("--point", action="append", default=[], metavar="NAME=BYTES:KLD")
+    ap.add_argument("--title", default="SmolLM2-135M, WikiText-2 40 x 512: KL divergence to F32 vs file size")
+    args = ap.parse_args()
+
+    series: dict[str, list[tuple[float, float, str]]] = {}
+    for path in args.results:
+        for key, e in json.loads(Path(path).read_text()).items():
+            if key.startswith("_") or e.get("kld") is None:
+                continue
+            if e.get("kind") == "llama.cpp":
+                label, name = "llama.cpp presets (imatrix)", e["preset"]
+            else:
+                label, name = f"qgguf measured mix ({e.get('method', '?')})", key.split("@", 1)[-1]
+            series.setdefault(label, []).append((e["file_bytes"] / 1e6, float(e["kld"]), name))
+    for item in args.point:
+        name, _, rest = item.partition("=")
+        b, _, k = rest.partition(":")
+        series.setdefault(name, []).append((int(b) / 1e6, float(k), name))
+    if not series:
+        raise SystemExit("no evaluated entries")
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    styles = {"llama.cpp": ("o", "-", "tab:blue"), "qgguf": ("s", "-", "tab:red")}
+    for label, pts in series.items():
+        pts.sort()
+        m, ls, c = next((v for k, v in styles.items() if label.startswith(k)), ("D", "", "tab:green"))
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(xs, ys, marker=m, linestyle=ls if len(pts) > 1 else "", color=c, label=label)
+        for x, y, n in pts:
+            ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=c)
+    ax.set_xlabel("file size (MB, 10^6 bytes)")
+    ax.set_ylabel("mean KL divergence to F32 (log scale)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(args.title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(args.out)
+    tmp = out.with_name("." + out.name + ".tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
