@@ -68,7 +68,8 @@ def add_parsers(sub) -> None:
     x.add_argument("--target-bpw", type=float, metavar="X", help="at most X bits per weight over all tensors")
     x.add_argument("--compat", choices=["llama.cpp", "any"], default=None,
                    help="candidate types: llama.cpp-loadable only (default; F16 Q8_0 Q6_K Q5_1 Q5_K Q5_0 Q4_1 Q4_K "
-                        "IQ4_NL Q4_0 Q3_K Q2_K where the row length allows) or any qgguf type")
+                        "IQ4_NL Q4_0 Q3_K Q2_K where the row length allows) or any qgguf type (for now the same list: AQ/VQ "
+                        "candidates are not measured yet)")
     x.add_argument("--dynamic", action="store_true",
                    help="with --type: keep the tensors whose quantization hurts most at higher precision, for at "
                         "most --dynamic-extra more bytes of the quantized tensors")
