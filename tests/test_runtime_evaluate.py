@@ -130,3 +130,31 @@ def test_evaluate_stories_end_to_end(tmp_path):
             nll.append(-float(lp[j, chunk[j + 1]]))
     assert res["ppl"] == pytest.approx(math.exp(np.mean(nll)), rel=1e-5)
     assert json.dumps(res)  # serializable
+
+
+@pytest.mark.skipif(not (STORIES.exists() and WIKI.exists()), reason="shared data missing")
+def test_base_logit_cache_gives_the_same_result_without_the_base_model(tmp_path, monkeypatch):
+    from qgguf.convert.pipeline import convert
+    from qgguf.runtime import model as model_mod
+    from qgguf.runtime.evaluate import evaluate
+
+    tp = tmp_path / "wiki.txt"
+    tp.write_text(WIKI.read_text(encoding="utf-8")[:6000], encoding="utf-8")
+    q = tmp_path / "q4_0.gguf"
+    convert(STORIES, q, type="Q4_0", pure=True, progress=False)
+    cache = tmp_path / "base.npy"
+    kw = dict(ctx=64, chunks=3, base=STORIES, progress=False)
+    plain = evaluate(q, tp, **kw)
+    first = evaluate(q, tp, base_cache=cache, **kw)          # makes the cache
+    assert cache.is_file() and (tmp_path / "base.npy.json").is_file()
+    assert not list(tmp_path.glob("base.npy.tmp*"))
+    assert first == plain and 0 < plain["kld"]
+    loads = []
+    real = model_mod.LlamaModel.from_gguf
+    monkeypatch.setattr(model_mod.LlamaModel, "from_gguf",
+                        classmethod(lambda cls, p, **k: (loads.append(str(p)), real(p, **k))[1]))
+    again = evaluate(q, tp, base_cache=cache, **kw)          # reads it: the base model is not loaded
+    assert again == plain and loads == [str(q)]
+    other = evaluate(q, tp, base_cache=cache, **dict(kw, chunks=2))   # another key: made again
+    assert other["chunks"] == 2 and len(loads) == 3
+    assert np.load(cache, mmap_mode="r").shape[0] == 2

@@ -73,7 +73,7 @@ def cmd_eval(args) -> int:
     if args.ctx is None or args.ctx < 4:
         raise OptionError("--ctx must be at least 4")
     res = evaluate(args.model, args.text, ctx=args.ctx, chunks=args.chunks, base=args.base,
-                   threads=_threads(args), progress=not args.no_progress)
+                   threads=_threads(args), progress=not args.no_progress, base_cache=args.base_cache)
     if args.json:
         print(json.dumps(res))
     else:
@@ -149,6 +149,10 @@ def add_parsers(sub) -> None:
     p.add_argument("-c", "--ctx", type=int, default=512, help="tokens per chunk (default 512)")
     p.add_argument("--chunks", type=int, default=None, help="number of chunks (default: all)")
     p.add_argument("--base", default=None, metavar="REF.gguf", help="reference model for KL divergence")
+    p.add_argument("--base-cache", default=None, metavar="FILE.npy",
+                   help="keep the base model's logits in FILE (made on the first run, reused while the base "
+                        "file, text, --ctx and --chunks are the same; like llama-perplexity's "
+                        "--kl-divergence-base)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

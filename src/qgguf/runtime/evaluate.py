@@ -20,6 +20,7 @@ Base and model are evaluated chunk by chunk side by side; base logits are never 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -227,6 +228,86 @@ def torch_chunk_logits(model) -> ChunkLogits:
     return fn
 
 
+class BaseLogitCache:
+    """The base model's logits of the scored part of every chunk, in a ``.npy`` file (float32, exact), with a
+    ``.json`` key beside it: the base file (absolute path, size, modification time), a hash of the tokens,
+    ``ctx``, the number of chunks and the vocabulary size. A cache whose key differs is made again; a new
+    cache is written under a temporary name and renamed when every chunk is in it."""
+
+    def __init__(self, path, base_path, tokens, ctx: int, n_chunk: int, n_vocab: int):
+        import hashlib
+
+        self.path = Path(path)
+        bp = Path(base_path) if base_path is not None else None
+        st = bp.stat() if bp is not None and bp.is_file() else None
+        self.key = {"base": str(bp.resolve()) if bp is not None else None,
+                    "base_size": st.st_size if st else None, "base_mtime_ns": st.st_mtime_ns if st else None,
+                    "tokens_sha256": hashlib.sha256(np.asarray(tokens, dtype=np.int64).tobytes()).hexdigest(),
+                    "ctx": int(ctx), "chunks": int(n_chunk), "n_vocab": int(n_vocab), "dtype": "float32"}
+        self.shape = (int(n_chunk), int(ctx) - 1 - int(ctx) // 2, int(n_vocab))
+        self._arr = None
+        self._tmp = None
+        self._i = 0
+
+    def _key_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".json")
+
+    def valid(self) -> bool:
+        import json
+
+        try:
+            key = json.loads(self._key_path().read_text())
+        except (OSError, ValueError):
+            return False
+        if key != self.key or not self.path.is_file():
+            return False
+        try:
+            arr = np.load(self.path, mmap_mode="r")
+        except (OSError, ValueError):
+            return False
+        if arr.shape != self.shape or arr.dtype != np.float32:
+            return False
+        self._arr = arr
+        return True
+
+    def logits_fn(self, compute):
+        if self._arr is not None:
+            arr = self._arr
+
+            def read(chunk, first):
+                i, self._i = self._i, self._i + 1
+                return np.asarray(arr[i])
+
+            return read
+        from numpy.lib.format import open_memmap
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
+        out = open_memmap(self._tmp, mode="w+", dtype=np.float32, shape=self.shape)
+        self._arr = out
+
+        def write(chunk, first):
+            i, self._i = self._i, self._i + 1
+            lg = np.asarray(compute(chunk, first), dtype=np.float32)[: self.shape[1]]
+            out[i] = lg
+            return lg
+
+        return write
+
+    def finish(self) -> None:
+        import json
+
+        if self._tmp is None:
+            return
+        if self._i != self.shape[0]:   # interrupted: leave no cache behind
+            self._tmp.unlink(missing_ok=True)
+            return
+        self._arr.flush()
+        del self._arr
+        os.replace(self._tmp, self.path)
+        self._key_path().write_text(json.dumps(self.key))
+
+
 def read_text(text_path: str | Path) -> str:
     p = Path(text_path)
     try:
@@ -246,34 +327,58 @@ def load_tokenizer(model_path):
 
 
 def evaluate(model_path: str | Path, text_path: str | Path, ctx: int = 512, chunks: int | None = None,
-             base: str | Path | None = None, threads: int | None = None, progress: bool = True) -> dict:
+             base: str | Path | None = None, threads: int | None = None, progress: bool = True,
+             base_cache: str | Path | None = None) -> dict:
     """Perplexity of ``model_path`` over ``text_path`` (and KLD against ``base``), llama-perplexity style.
+
+    ``base_cache``: a file for the base model's logits (like llama-perplexity's ``--kl-divergence-base``):
+    written on the first run, then read instead of running the base model again when it was made from the
+    same base file, tokens, ``ctx`` and chunks (:class:`BaseLogitCache`).
 
     Returns a dict with ``ppl, ppl_err, chunks, ctx, tokens, scored`` and, with ``base``,
     ``kld, kld_err, kld_p99, kld_percentiles, same_top, same_top_err, ppl_base, ln_ppl_ratio, dp_*``
     (``kld``/``same_top``... are None without a base)."""
     from .model import LlamaModel
 
+    if base_cache is not None and base is None:
+        raise OptionError("a base-logit cache needs --base")
     model = LlamaModel.from_gguf(model_path, threads=threads)
-    base_model = LlamaModel.from_gguf(base, threads=threads) if base is not None else None
+    base_model = None
+    if base is not None and base_cache is None:
+        base_model = LlamaModel.from_gguf(base, threads=threads)
+    loader = (lambda: LlamaModel.from_gguf(base, threads=threads)) if base_cache is not None else None
     return evaluate_loaded(model, load_tokenizer(model_path), text_path, ctx=ctx, chunks=chunks,
-                           base_model=base_model, progress=progress, desc=Path(model_path).name)
+                           base_model=base_model, progress=progress, desc=Path(model_path).name,
+                           base_cache=base_cache, base_loader=loader, base_path=base)
 
 
 def evaluate_loaded(model, tok, text_path: str | Path, ctx: int = 512, chunks: int | None = None,
-                    base_model=None, progress: bool = True, desc: str | None = None) -> dict:
-    """:func:`evaluate` on models already loaded (``model``, its tokenizer ``tok``, optional ``base_model``)."""
+                    base_model=None, progress: bool = True, desc: str | None = None,
+                    base_cache: str | Path | None = None, base_loader=None, base_path=None) -> dict:
+    """:func:`evaluate` on models already loaded (``model``, its tokenizer ``tok``, optional ``base_model``, or a
+    ``base_cache`` with ``base_loader()`` loading the base model when the cache has to be made)."""
     text = read_text(text_path)
     tokens = tok.encode(text, add_special=True, parse_special=False)
     n_chunk = plan_chunks(len(tokens), ctx, chunks, text_path)
     base_fn = None
+    cache = None
+    if base_cache is not None:
+        cache = BaseLogitCache(base_cache, base_path, tokens, ctx, n_chunk, model.n_vocab)
+        if not cache.valid():
+            base_model = base_loader()
     if base_model is not None:
         if base_model.n_vocab != model.n_vocab:
             raise OptionError(f"vocabulary of {base_model.n_vocab} tokens differs from the model's "
                               f"{model.n_vocab}", getattr(base_model, "path", None))
         base_fn = torch_chunk_logits(base_model)
-    stats = run_protocol(tokens, ctx, n_chunk, bool(tok.add_bos), tok.bos_id, torch_chunk_logits(model),
-                         base_fn, progress=progress, desc=desc or "eval")
+    if cache is not None:
+        base_fn = cache.logits_fn(base_fn)
+    try:
+        stats = run_protocol(tokens, ctx, n_chunk, bool(tok.add_bos), tok.bos_id, torch_chunk_logits(model),
+                             base_fn, progress=progress, desc=desc or "eval")
+    finally:
+        if cache is not None:
+            cache.finish()
     res = {"ppl": None, "ppl_err": None, "kld": None, "kld_err": None, "kld_p99": None,
            "same_top": None, "same_top_err": None}
     res.update(stats.result())
@@ -304,5 +409,5 @@ def format_result(res: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["evaluate", "EvalStats", "run_protocol", "plan_chunks", "percentile", "torch_chunk_logits",
+__all__ = ["evaluate", "BaseLogitCache", "EvalStats", "run_protocol", "plan_chunks", "percentile", "torch_chunk_logits",
            "format_result", "read_text"]
