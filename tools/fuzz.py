@@ -307,6 +307,29 @@ def standard_types() -> list:
     return [qt for qt in gguf_types.all_types() if qt.ggml_type is not None]
 
 
+def tiny_llama_doc(rng=None, E: int = 32, F: int = 64, vocab: int = 260) -> Doc:
+    """A complete one-layer llama (4 heads, 2 KV heads) that `qgguf run` loads: the base of the malformed-input
+    tests and a fuzz seed."""
+    from qgguf import gguf_types
+    rng = rng if rng is not None else np.random.default_rng(0)
+    q8, f16, f32 = gguf_types.get("Q8_0"), gguf_types.get("F16"), gguf_types.get("F32")
+    d = Doc(kvs=_llama_kvs(E, 1, 4, F, vocab=vocab))
+    kv_rows = E // 2
+    spec = [("token_embd.weight", q8, vocab, E // 32), ("output_norm.weight", f32, 1, E),
+            ("blk.0.attn_norm.weight", f32, 1, E), ("blk.0.attn_q.weight", f16, E, E),
+            ("blk.0.attn_k.weight", q8, kv_rows, E // 32), ("blk.0.attn_v.weight", q8, kv_rows, E // 32),
+            ("blk.0.attn_output.weight", f16, E, E), ("blk.0.ffn_norm.weight", f32, 1, E),
+            ("blk.0.ffn_gate.weight", q8, F, E // 32), ("blk.0.ffn_up.weight", q8, F, E // 32),
+            ("blk.0.ffn_down.weight", q8, E, F // 32)]
+    for name, qt, rows, blocks in spec:
+        t = _std_tensor(name, qt, rows, blocks, rng)
+        if name.endswith("norm.weight"):
+            t.ne = (t.ne[0],)
+            t.data = np.ones(E, np.float32).tobytes()
+        d.tensors.append(t)
+    return d
+
+
 def seed_docs() -> dict[str, Doc]:
     """The seed corpus: small valid files covering every metadata value type, every standard type the
     registry decodes, both tokenizer kinds and the small codebook configurations."""
@@ -314,18 +337,9 @@ def seed_docs() -> dict[str, Doc]:
     from qgguf import gguf_types
     docs: dict[str, Doc] = {}
     U32 = int(V.UINT32)
-    # a tiny llama: SPM tokenizer, norms F32, linears Q8_0 / F16
+    # a complete tiny llama (loads and runs): SPM tokenizer, norms F32, linears Q8_0 / F16, tied output
+    docs["llama-spm-tiny.gguf"] = tiny_llama_doc(rng)
     E, F = 32, 64
-    d = Doc(kvs=_llama_kvs(E, 1, 4, F))
-    d.tensors = [_std_tensor("token_embd.weight", gguf_types.get("Q8_0"), 260, 1, rng),
-                 _std_tensor("output_norm.weight", gguf_types.get("F32"), 1, E, rng),
-                 _std_tensor("blk.0.attn_norm.weight", gguf_types.get("F32"), 1, E, rng),
-                 _std_tensor("blk.0.attn_q.weight", gguf_types.get("F16"), E, E, rng),
-                 _std_tensor("blk.0.attn_k.weight", gguf_types.get("Q8_0"), E // 2, 1, rng)]
-    for t in d.tensors:
-        if t.name.endswith("norm.weight"):
-            t.ne = (t.ne[0],)
-    docs["llama-spm-tiny.gguf"] = d
     # BPE tokenizer, GGUF v2, alignment 64
     d = Doc(kvs=_llama_kvs(E, 1, 4, F, bpe=True) + [KV("general.alignment", U32, 64)], version=2, alignment=64)
     d.tensors = [_std_tensor("output_norm.weight", gguf_types.get("F32"), 1, E, rng)]
@@ -338,14 +352,18 @@ def seed_docs() -> dict[str, Doc]:
     docs["all-types.gguf"] = d
     # codebook tensors (the registry's configurations whose codebooks are small)
     for qt in codebook_types():
-        shape = codebook_shape_for(qt)
+        try:                                    # the tiny llama with attn_q in the codebook type
+            qt.companion_specs((E, E))
+            shape = (E, E)
+        except QggufError:
+            shape = codebook_shape_for(qt)
         if qt.nbytes(shape) > 64 * 1024:
             continue
-        d = Doc(kvs=_llama_kvs(E, 1, 4, F)[:10] + [KV("qgguf.version", U32, 1)])
+        d = tiny_llama_doc(rng) if shape == (E, E) else Doc(kvs=_llama_kvs(E, 1, 4, F)[:10])
+        d.kvs.append(KV("qgguf.version", U32, 1))
         kvs, ts = codebook_tensors_for(qt, "blk.0.attn_q.weight", shape, rng)
         d.kvs += kvs
-        d.tensors = [_std_tensor("output_norm.weight", gguf_types.get("F32"), 1, E, rng)] + ts
-        d.tensors[0].ne = (E,)
+        d.tensors = [t for t in d.tensors if t.name != "blk.0.attn_q.weight"] + ts
         docs[f"codebook-{qt.name}.gguf"] = d
     docs["empty.gguf"] = Doc()
     return docs
@@ -383,6 +401,10 @@ def run_gguf(path: str) -> None:
         ids = tok.encode("Hello the world 123", add_special=True)
         tok.decode(ids)
     layout = decode_codebooks(md, tensors, path, native=False)
+    if md.get("general.architecture") == "llama" and "token_embd.weight" in tensors:
+        from qgguf.runtime.model import LlamaModel
+        model = LlamaModel.from_gguf(path)
+        model.forward([i % model.n_vocab for i in (1, 5, 7)])
     companions = {n + c.suffix for n, (qt, shape) in layout.items() for c in qt.companion_specs(shape)}
     if md.get("general.architecture") in ("llama", "qwen2"):
         try:
@@ -709,7 +731,8 @@ def fuzz(target: str, n: int, seed: int = 0, timeout: float = 1.0, corpus: Path 
             docs.append(Doc(kvs=[KV("qgguf.version", int(V.UINT32), 1)] + kvs, tensors=ts))
         docs.append(Doc(tensors=[_std_tensor(f"t.{qt.name.lower()}", qt, 2, 1, rng0) for qt in standard_types()]))
     # warm up outside the timer: imports (torch), numba compilation and native kernels on the seeds as they are
-    import torch  # noqa: F401
+    import torch
+    torch.set_num_threads(1)
     import qgguf.runtime.linear  # noqa: F401
     import qgguf.runtime.tokenizer  # noqa: F401
     import qgguf.convert.sources  # noqa: F401

@@ -121,7 +121,7 @@ def _hparams(md: dict, n_vocab: int, path=None) -> LlamaHParams:
     hd_k = pos("attention.key_length", max(1, n_embd // n_head))
     hd_v = pos("attention.value_length", max(1, n_embd // n_head))
     n_rot = int(_scalar(md, f"{a}.rope.dimension_count", hd_k, path=path))
-    if n_rot < 0 or n_rot % 2 or n_rot > hd_k:
+    if n_rot <= 0 or n_rot % 2 or n_rot > hd_k:
         raise UnsupportedModelError(f"rope dimension count {n_rot} does not fit heads of {hd_k}", path)
     base = float(_scalar(md, f"{a}.rope.freq_base", 10000.0, path=path))
     scaling = _scalar(md, f"{a}.rope.scaling.type", "none", path=path) or "none"
