@@ -79,6 +79,7 @@ class RawTensor:
     ne: tuple[int, ...]        # GGUF order
     ggml_type: int
     data: bytes
+    offset: int | None = None  # written instead of the computed data offset (malformed-input tests)
 
     # what runtime.linear.codebook_companions expects of a tensor (gguf.ReaderTensor's fields)
     @property
@@ -130,7 +131,8 @@ def gguf_bytes(doc: Doc) -> bytes:
         off = (off + len(t.data) + a - 1) // a * a
     for t, o in zip(doc.tensors, offsets):
         out += _value_bytes(V.STRING, t.name, None) + struct.pack("<I", len(t.ne))
-        out += b"".join(struct.pack("<Q", d) for d in t.ne) + struct.pack("<IQ", t.ggml_type, o)
+        out += b"".join(struct.pack("<Q", d) for d in t.ne)
+        out += struct.pack("<IQ", t.ggml_type, o if t.offset is None else t.offset)
     out += bytes(-len(out) % a)
     for t, o in zip(doc.tensors, offsets):
         out += t.data + bytes((-len(t.data)) % a)

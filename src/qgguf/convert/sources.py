@@ -403,7 +403,7 @@ def _num(v, integer: bool) -> bool:
 def check_config(cfg: dict, path) -> None:
     """config.json's values have the types and ranges the conversion relies on (InputFileError otherwise)."""
     def bad(key, v, what):
-        return InputFileError(f"config.json: {key} = {json.dumps(v)[:80]} is not {what}", path)
+        return InputFileError(f"{key} = {json.dumps(v)[:80]} is not {what}", path)
 
     for key, lim, required in (("num_attention_heads", 4096, True), ("hidden_size", 1 << 20, True),
                                ("num_hidden_layers", 4096, True), ("intermediate_size", 1 << 22, True),
@@ -419,9 +419,9 @@ def check_config(cfg: dict, path) -> None:
     H = cfg["num_attention_heads"]
     kv = cfg.get("num_key_value_heads") or H
     if H % kv:
-        raise InputFileError(f"config.json: {H} attention heads do not share {kv} key/value heads evenly", path)
+        raise InputFileError(f"{H} attention heads do not share {kv} key/value heads evenly", path)
     if not cfg.get("head_dim") and cfg["hidden_size"] % H:
-        raise InputFileError(f"config.json: hidden_size {cfg['hidden_size']} is not a multiple of "
+        raise InputFileError(f"hidden_size {cfg['hidden_size']} is not a multiple of "
                              f"num_attention_heads {H}", path)
     for key in ("rope_theta", "rms_norm_eps"):
         v = cfg.get(key)
@@ -445,7 +445,7 @@ def check_config(cfg: dict, path) -> None:
                 raise bad(f"rope_scaling.{key}", rs[key], "a string")
         if rs.get("rope_type", rs.get("type")) == "llama3" and \
                 rs.get("high_freq_factor", 4.0) <= rs.get("low_freq_factor", 1.0):
-            raise InputFileError("config.json: rope_scaling.high_freq_factor must exceed low_freq_factor", path)
+            raise InputFileError("rope_scaling.high_freq_factor must exceed low_freq_factor", path)
 
 
 class HFSource(ModelSource):
@@ -463,7 +463,7 @@ class HFSource(ModelSource):
         self.config = cfg
         archs = cfg.get("architectures") or []
         if not isinstance(archs, list) or not all(isinstance(x, str) for x in archs):
-            raise InputFileError(f"config.json: architectures must be a list of names, got {archs!r}"[:300], cfg_path)
+            raise InputFileError(f"architectures must be a list of names, got {archs!r}"[:300], cfg_path)
         hf_arch = archs[0] if archs else cfg.get("model_type", "?")
         if hf_arch not in _HF_ARCHS:
             raise UnsupportedModelError(
@@ -680,17 +680,17 @@ class HFSource(ModelSource):
         try:
             pre = detect_bpe_pre(tj, p)
         except (AttributeError, TypeError):
-            raise InputFileError("tokenizer.json: malformed pre_tokenizer", p) from None
+            raise InputFileError("malformed pre_tokenizer", p) from None
         vocab = model.get("vocab") or {}
         if not isinstance(vocab, dict) or not vocab or not all(
                 isinstance(i, int) and not isinstance(i, bool) and 0 <= i < MAX_VOCAB for i in vocab.values()):
-            raise InputFileError(f"tokenizer.json: model.vocab must map tokens to ids in 0..{MAX_VOCAB - 1}", p)
+            raise InputFileError(f"model.vocab must map tokens to ids in 0..{MAX_VOCAB - 1}", p)
         vocab = dict(vocab)
         added_list = tj.get("added_tokens") or []
         if not isinstance(added_list, list) or not all(
                 isinstance(a, dict) and isinstance(a.get("content"), str) and isinstance(a.get("id"), int)
                 and not isinstance(a.get("id"), bool) and 0 <= a["id"] < MAX_VOCAB for a in added_list):
-            raise InputFileError("tokenizer.json: added_tokens must be a list of {\"content\": text, \"id\": id} "
+            raise InputFileError("added_tokens must be a list of {\"content\": text, \"id\": id} "
                                  f"with ids in 0..{MAX_VOCAB - 1}", p)
         added = {a["content"]: a for a in added_list}
         for a in added.values():
@@ -699,7 +699,7 @@ class HFSource(ModelSource):
         if not isinstance(raw_merges, list) or not all(
                 isinstance(m, str) or (isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m))
                 for m in raw_merges):
-            raise InputFileError("tokenizer.json: model.merges must be a list of \"a b\" strings or [a, b] pairs", p)
+            raise InputFileError("model.merges must be a list of \"a b\" strings or [a, b] pairs", p)
         n_vocab = max(n_vocab, max(vocab.values()) + 1)
         rev = {i: t for t, i in vocab.items()}
         tokens, types = [], []

@@ -360,8 +360,8 @@ class Tokenizer:
                           ("tokenizer.ggml.scores", (int, float)), ("tokenizer.ggml.token_type", int)):
             v = md.get(key)
             if v is not None and (not _is_list(v) or not all(isinstance(x, kind) for x in v)):
-                raise InputFileError(f"{key} must be an array of {'strings' if kind is strs else 'numbers'}"
-                                     f" values", source)
+                raise InputFileError(f"{key} must be an array of {'strings' if kind is strs else 'numbers'}",
+                                     source)
         for key in ("bos_token_id", "eos_token_id", "eot_token_id", "eom_token_id", "unknown_token_id",
                     "seperator_token_id", "padding_token_id", "mask_token_id"):
             v = md.get("tokenizer.ggml." + key)
