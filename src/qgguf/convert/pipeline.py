@@ -124,7 +124,7 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
             resume: bool = False, aq_config: str | None = None, bits: float | None = None,
             tensor_methods=(), target_size=None, target_bpw: float | None = None, compat: str | None = None,
             dynamic: bool = False, dynamic_extra: float = 0.10, recipe_file=None, save_recipe=None,
-            sensitivity: dict | None = None) -> ConvertReport:
+            sensitivity: dict | None = None, vq_config: str | None = None) -> ConvertReport:
     """Convert ``src`` (GGUF file, Hugging Face folder or alias) to a GGUF at ``out``.
 
     ``method_options``: options of the method (``damp``, ``actorder``, ``passes``, ``init``, ``outliers``,
@@ -137,6 +137,9 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
     AQ (``method="aq"``, quantize/aq.py): ``aq_config`` (``"aq-2x8-g8"``) or ``bits`` (the most accurate
     configuration whose bits per weight, every byte counted, fit) and ``tensor_methods``
     (``["ffn_down=aq"]``: AQ only on the matching block linears, ``type`` elsewhere).
+
+    VQ (``method="vq"``, quantize/vq.py): ``vq_config`` (``"vq-v8-k4096-256"``, or ``type`` naming one) or
+    ``bits``, and ``tensor_methods`` with ``PATTERN=vq``, as for AQ.
 
     Mixed precision (convert/mixed.py): ``target_size`` (file bytes or "60MB"), ``target_bpw``, ``dynamic``
     (``type``'s plan plus upgrades for ``dynamic_extra`` more bytes) or ``recipe_file`` choose every tensor's
@@ -155,7 +158,17 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
     opts = {k: v for k, v in (method_options or {}).items() if v is not None}
     if imatrix and method == "rtn":
         method = "imatrix"   # an importance matrix was given: use it
-    aq_wanted = method == "aq" or aq_config is not None or bits is not None or bool(tensor_methods)
+    vq_wanted = (method == "vq" or vq_config is not None or str(type).strip().lower().startswith("vq-")
+                 or any(str(t).strip().lower().endswith("=vq") for t in tensor_methods))
+    if vq_wanted:   # VQ codebooks (quantize/vq.py)
+        if aq_config is not None or method == "aq":
+            raise OptionError("VQ (--method vq, --vq-config, --type vq-...) and AQ (--method aq, --aq-config) "
+                              "are not combined in one conversion")
+        if method not in ("vq", "rtn", "imatrix"):
+            opts.setdefault("other", method)
+        method = "vq"
+    aq_wanted = not vq_wanted and (method == "aq" or aq_config is not None or bits is not None
+                                   or bool(tensor_methods))
     if aq_wanted:   # AQ codebooks (quantize/aq.py); another named method does the other block linears
         if method not in ("aq", "rtn", "imatrix"):
             opts.setdefault("other", method)
@@ -172,20 +185,26 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
 
     source = open_source(src)
     try:
-        if aq_wanted:   # the AQ configuration and the tensors it applies to -> type overrides
-            from ..quantize.aq import plan_aq
-            aqp = plan_aq([(t.name, t.shape) for t in source.tensors], type=type, aq_config=aq_config, bits=bits,
-                          tensor_methods=tensor_methods, tensor_types=tensor_types,
-                          token_embedding_type=token_embedding_type, output_tensor_type=output_tensor_type)
+        if aq_wanted or vq_wanted:   # the AQ/VQ configuration and the tensors it applies to -> type overrides
+            if vq_wanted:
+                from ..quantize.vq import plan_vq
+                aqp = plan_vq([(t.name, t.shape) for t in source.tensors], type=type, vq_config=vq_config,
+                              bits=bits, tensor_methods=tensor_methods, tensor_types=tensor_types,
+                              token_embedding_type=token_embedding_type, output_tensor_type=output_tensor_type)
+            else:
+                from ..quantize.aq import plan_aq
+                aqp = plan_aq([(t.name, t.shape) for t in source.tensors], type=type, aq_config=aq_config,
+                              bits=bits, tensor_methods=tensor_methods, tensor_types=tensor_types,
+                              token_embedding_type=token_embedding_type, output_tensor_type=output_tensor_type)
             type, tensor_types = aqp.type, aqp.tensor_types
             token_embedding_type, output_tensor_type = aqp.token_embedding_type, aqp.output_tensor_type
             if aqp.other and "other" not in opts:
                 m.other = aqp.other
         recipe = None
         if recipe_file is not None or target_size is not None or target_bpw is not None or dynamic:
-            if aq_wanted:
+            if aq_wanted or vq_wanted:
                 raise OptionError("mixed precision (--target-size/--target-bpw/--dynamic/--recipe) is not combined "
-                                  "with AQ options yet")
+                                  "with AQ/VQ options yet")
             from .mixed import plan_mixed
             recipe = plan_mixed(source, Path(out) if out is not None else default_output(src, type), type=type,
                                 method=m.describe(), pure=pure, token_embedding_type=token_embedding_type,
