@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 SHARED  ?= ../shared
 DEMO_OUT := out/smollm2-135m-Q4_K_M.gguf
 
-.PHONY: demo test test-slow venv llamacpp clean sanitize
+.PHONY: demo test test-slow venv llamacpp clean fuzz sanitize
 
 # One virtual environment for everything. torch is pinned to the CPU build on disk (2.13.0).
 $(STAMP): pyproject.toml
@@ -37,6 +37,12 @@ test: $(STAMP) $(VENV)/.llamacpp
 
 test-slow: $(STAMP) $(VENV)/.llamacpp
 	$(BIN)/python -m pytest -q -m slow
+
+# The fuzz harness at length: 100,000 mutated inputs each through the GGUF reader and the tensor-type decoders
+# (tools/fuzz.py; `make test` runs a few seconds of it). Findings are written to out/fuzz-crashes/.
+FUZZ_N ?= 100000
+fuzz: $(STAMP)
+	$(BIN)/python tools/fuzz.py run -n $(FUZZ_N) --target all
 
 # The native kernels built with AddressSanitizer + UndefinedBehaviorSanitizer (build/sanitize/), the kernel tests
 # (tests/test_native*.py) run against that build on every ISA path of this CPU; fails on any sanitizer report.
