@@ -291,3 +291,65 @@ def test_convert_end_to_end(tmp_path):
     convert(STORIES, out2, method="autoround", type="Q4_0", calib=C4, nsamples=8, seqlen=64, progress=False,
             method_options=opts)
     assert out.read_bytes() == out2.read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------
+# init="gptq": the tuning starts from GPTQ's codes (which error feedback moves off nearest rounding)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q6_K"])
+def test_start_from_codes_reproduces_a_moved_start_exactly(name):
+    from qgguf.quantize.gptq import gptq_quantize
+    qt = get(name)
+    W, _ = _matrix(rows=8, n=512, seed=4, zeros=False)
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((2048, 512)).astype(np.float32)
+    X[:, :8] *= 5
+    H = (X.T.astype(np.float64) @ X)
+    packed = gptq_quantize(W, H, qt, None).pack()
+    tq = TypeQuantizer(qt, W, None, start_fields=qt.unpack(packed))
+    moved = tq.start_from_codes()
+    assert moved > 0          # GPTQ's codes are not nearest rounding under its own scales
+    with torch.no_grad():
+        wq = tq.qdq(tq.init_params(False)).numpy()
+    assert np.array_equal(wq, qt.dequantize(packed, W.shape))
+    data, _ = tq.pack(tq.init_params(False))
+    assert np.array_equal(np.asarray(data).view(np.uint8).reshape(-1), np.asarray(packed).view(np.uint8).reshape(-1))
+
+
+def test_block_with_gptq_start():
+    hp, w, x = _random_block(seed=2)
+    rng = np.random.default_rng(1)
+    xq = (x + 0.02 * rng.standard_normal(x.shape)).astype(np.float32)
+    qtypes = {k: get("Q4_0") for k in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up")}
+    qtypes["ffn_down"] = get("Q2_K")
+    imp = _importance(hp, w, x)
+    # a start whose codes differ from nearest rounding: the imatrix result with some codes stepped by one
+    start = {}
+    for k, qt in qtypes.items():
+        f = qt.unpack(qt.quantize(w[k], imp[k]))
+        q = np.asarray(f["q"]).astype(np.int64)
+        lo, hi = (0, 3) if qt.name.upper() == "Q2_K" else (0, 15)
+        step = rng.integers(-1, 2, q.shape) * (rng.random(q.shape) < 0.2)
+        f["q"] = np.clip(q + step, lo, hi).astype(np.asarray(f["q"]).dtype)
+        start[k] = qt.pack(f)
+    r0 = make_recipe("light", iters=0, nsamples=8, seqlen=32)
+    res0 = autoround_block(hp, w, qtypes, xq, x, imp, r0, forward=block_forward, start=start)
+    assert set(res0.losses) == {"tuned", "imatrix", "rtn", "gptq"}
+    assert res0.losses["tuned"] == res0.losses["gptq"]        # 0 iterations: exactly the start
+    r = make_recipe("light", iters=30, nsamples=8, seqlen=32, batch_size=2)
+    res = autoround_block(hp, w, qtypes, xq, x, imp, r, forward=block_forward, start=start)
+    assert res.losses["tuned"] < res.losses["gptq"]          # the tuning improves on its start
+    assert res.loss == min(res.losses.values())
+    _check_result(res, hp, w, qtypes, xq, x)
+
+
+@pytest.mark.skipif(not (STORIES.is_file() and C4.is_file()), reason="shared test data not available")
+def test_convert_with_gptq_start(tmp_path):
+    from qgguf.convert.pipeline import convert
+    out = tmp_path / "ar-gptq.gguf"
+    opts = {"recipe": "light", "iters": 8, "batch_size": 2, "init": "gptq"}
+    rep = convert(STORIES, out, method="autoround", type="Q4_0", calib=C4, nsamples=8, seqlen=64,
+                  progress=False, method_options=opts)
+    assert "init=gptq" in rep.method
+    with pytest.raises(OptionError):
+        make_recipe("default", init="magic")

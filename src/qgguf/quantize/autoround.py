@@ -100,6 +100,8 @@ class Recipe:
     scale_bounds: tuple[float, float] = (0.5, 1.5)
     tune_super: bool = False
     seed: int = 0
+    init: str = "rtn"                  # "rtn": llama.cpp's importance-weighted search; "gptq": GPTQ's result
+    gptq_damp: float = 0.01
 
     @property
     def lr_value(self) -> float:
@@ -135,6 +137,15 @@ def make_recipe(name: str = "default", **overrides) -> Recipe:
             v = int(v)
             if v < (0 if k in ("iters", "seed") else 1):
                 raise OptionError(f"autoround {k} must be {'>= 0' if k in ('iters', 'seed') else '>= 1'}, got {v}")
+        elif k == "init":
+            v = str(v).lower()
+            if v not in ("rtn", "imatrix", "gptq"):
+                raise OptionError(f"autoround init must be rtn or gptq, got {v!r}")
+            v = "rtn" if v == "imatrix" else v
+        elif k == "gptq_damp":
+            v = float(v)
+            if not (0 <= v < 10):
+                raise OptionError(f"autoround gptq_damp must be in [0, 10), got {v}")
         elif k in ("lr", "minmax_lr"):
             v = float(v)
             if not (v >= 0 and math.isfinite(v)):
@@ -220,6 +231,7 @@ class TypeQuantizer:
             imp = None if importance is None else np.ascontiguousarray(importance, np.float32).reshape(-1)
             start_fields = qtype.unpack(qtype.quantize(W, imp))
         self.start_fields = start_fields
+        self.shift: torch.Tensor | None = None   # integer code offsets of a start that is not nearest rounding
         A, B = affine(name, start_fields)                                   # per weight (rows, n)
         A0 = torch.from_numpy(np.ascontiguousarray(A[:, ::G])).reshape(rows, ng, 1)
         B0 = torch.from_numpy(np.ascontiguousarray(B[:, ::G])).reshape(rows, ng, 1)
@@ -303,6 +315,8 @@ class TypeQuantizer:
             k0v = kv[i0]
             slope = kv[i0 + 1] - k0v
             u = i0.to(torch.float32) + (tc - k0v) / slope        # index space, differentiable in W/A
+            if self.shift is not None:
+                u = u + self.shift
             if V is not None:
                 u = u + V
             k = torch.clamp(round_ste(u), 0.0, 15.0)
@@ -316,6 +330,8 @@ class TypeQuantizer:
                 t = W / _safe(A)
             else:
                 t = (W - B) / _safe(A)
+            if self.shift is not None:
+                t = t + self.shift
             if V is not None:
                 t = t + V
             k = torch.clamp(round_ste(t) + float(self.center), 0.0, float(self.kmax))
@@ -328,6 +344,32 @@ class TypeQuantizer:
             fields["q"] = q.astype(np.int8 if self.spec.field_offset else np.uint8)
         Wq = val.reshape(rows, self.n)
         return (Wq, fields) if want_fields else Wq
+
+    def start_from_codes(self) -> int:
+        """Make ``V = 0`` reproduce the codes of ``start_fields`` (e.g. GPTQ's, whose error feedback moves codes
+        away from nearest rounding): each weight gets the integer offset between its start code and its nearest
+        code under the start scales, so the signed-gradient search explores ``[-0.5, 0.5]`` around the start
+        point instead of around plain rounding. Returns how many codes differ from nearest rounding."""
+        self.shift = None
+        with torch.no_grad():
+            _, near = self.qdq({}, want_fields=True)
+        target = np.asarray(self.start_fields["q"]).astype(np.int64)
+        diff = target.reshape(self.rows, self.ng, self.G) - near["q"].astype(np.int64).reshape(self.rows, self.ng,
+                                                                                                   self.G)
+        self.shift = torch.from_numpy(diff.astype(np.float32))
+        # exceptions: a weight whose nearest code was clamped at an end of the grid (step by the remaining
+        # difference), or whose shifted position is a rounding tie (round half to even; step by half of it)
+        tgt = target.reshape(diff.shape)
+        for i in range(12):
+            with torch.no_grad():
+                _, got = self.qdq({}, want_fields=True)
+            rest = tgt - got["q"].astype(np.int64).reshape(diff.shape)
+            if not rest.any():
+                break
+            self.shift = self.shift + torch.from_numpy(((1.0 if i < 6 else 0.5) * rest).astype(np.float32))
+        # (a code still off here - not seen in practice - only makes the start differ from GPTQ's at that
+        # weight; GPTQ's own bytes stay a candidate of the final choice)
+        return int((diff != 0).sum())
 
     def pack(self, p: Mapping[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
         """(packed bytes, float32 weights the bytes dequantize to); checks they equal the STE forward."""
@@ -370,7 +412,8 @@ def _default_forward():
 def autoround_block(hp, weights: Mapping[str, np.ndarray], qtypes: Mapping[str, Any], x_q, x_fp,
                     importance: Mapping[str, np.ndarray] | None = None, recipe: Recipe | None = None,
                     forward: Callable | None = None, log: Callable[[str], None] | None = None,
-                    rope=None, eval_chunk: int | None = None) -> BlockResult:
+                    rope=None, eval_chunk: int | None = None,
+                    start: Mapping[str, np.ndarray] | None = None) -> BlockResult:
     """AutoRound of one transformer block.
 
     ``weights``: float32 by short key (norms and linears, (out, in)); ``qtypes``: output type per linear
@@ -379,7 +422,9 @@ def autoround_block(hp, weights: Mapping[str, np.ndarray], qtypes: Mapping[str, 
     ``forward(hp, w, x)``: the block's float32 forward (default :func:`qgguf.runtime.model.block_forward`);
     ``rope``: its (cos, sin) tables when the model needs them (passed on as ``forward(..., rope=rope)``);
     ``eval_chunk``: samples per forward pass of the whole-set evaluations (default ``batch_size``); the
-    chosen result's block output on ``x_q`` is returned in ``BlockResult.y``."""
+    chosen result's block output on ``x_q`` is returned in ``BlockResult.y``. ``start``: packed bytes per
+    linear short key to start the tuning from (GPTQ's, ``init="gptq"``) instead of the importance-weighted
+    search; they are also a candidate of the final choice."""
     t0 = time.perf_counter()
     r = recipe or RECIPES["default"]
     fwd0 = forward or _default_forward()
@@ -402,6 +447,8 @@ def autoround_block(hp, weights: Mapping[str, np.ndarray], qtypes: Mapping[str, 
     rtn_w: dict[str, torch.Tensor] = {}
     imx_w: dict[str, torch.Tensor] = {}
     imx_packed: dict[str, np.ndarray] = {}
+    gptq_packed: dict[str, np.ndarray] = {}
+    gptq_w: dict[str, torch.Tensor] = {}
     rtn_packed: dict[str, np.ndarray] = {}
     w_fp = {k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in weights.items()}
     for k, v in weights.items():
@@ -422,7 +469,16 @@ def autoround_block(hp, weights: Mapping[str, np.ndarray], qtypes: Mapping[str, 
         data = qt.quantize(W, imp)
         imx_packed[k] = data
         imx_w[k] = torch.from_numpy(qt.dequantize(data, W.shape))
-        tuners[k] = TypeQuantizer(qt, W, imp, start_fields=qt.unpack(data))
+        if start is not None and k in start:
+            sd = np.ascontiguousarray(start[k]).view(np.uint8).reshape(W.shape[0], -1)
+            gptq_packed[k] = sd
+            gptq_w[k] = torch.from_numpy(qt.dequantize(sd, W.shape))
+            tuners[k] = TypeQuantizer(qt, W, imp, start_fields=qt.unpack(sd))
+            moved = tuners[k].start_from_codes()
+            if log is not None:
+                log(f"  {k}: start has {moved} codes off nearest rounding")
+        else:
+            tuners[k] = TypeQuantizer(qt, W, imp, start_fields=qt.unpack(data))
         if imp is not None:
             rd = qt.quantize(W)
             rtn_packed[k] = rd
@@ -500,6 +556,8 @@ def autoround_block(hp, weights: Mapping[str, np.ndarray], qtypes: Mapping[str, 
     if tuners:
         cands["tuned"] = (tuned_packed, {k: torch.from_numpy(v) for k, v in tuned_w.items()})
         cands["imatrix"] = (imx_packed, imx_w)
+        if gptq_packed and len(gptq_packed) == len(tuners):
+            cands["gptq"] = (gptq_packed, gptq_w)
         if len(rtn_w) == len(tuners):
             cands["rtn"] = (rtn_packed, rtn_w)
     losses = {}
@@ -554,7 +612,7 @@ class AutoRound(BlockMethod):
     def describe(self) -> str:
         r = self.recipe
         return (f"autoround(recipe={self.recipe_name}, iters={r.iters}, nsamples={r.nsamples}, "
-                f"seqlen={r.seqlen}, batch_size={r.batch_size}, lr={r.lr_value:.4g})")
+                f"seqlen={r.seqlen}, batch_size={r.batch_size}, lr={r.lr_value:.4g}, init={r.init})")
 
     def quantize_block(self, block, ctx: QuantContext) -> dict[str, np.ndarray]:
         known = {f.name for f in dc_fields(Recipe)}
@@ -567,6 +625,7 @@ class AutoRound(BlockMethod):
             def log(msg: str) -> None:
                 _write(f"autoround block {index}: {msg.strip()}")
         x_fp = block.x_fp if block.x_fp is not None else block.x_q
+        start = self._gptq_start(block, ctx, r) if r.init == "gptq" and hasattr(block, "chunks") else None
         weights = block.current() if hasattr(block, "current") else block.weights
         weights = {k: (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in weights.items()}
         old = torch.get_num_threads()
@@ -574,7 +633,8 @@ class AutoRound(BlockMethod):
         try:
             res = autoround_block(block.hp, weights, block.qtypes, block.x_q, x_fp,
                                   importance=getattr(block, "importance", None), recipe=r, log=log,
-                                  rope=getattr(block, "rope", None), eval_chunk=getattr(block, "chunk", None))
+                                  rope=getattr(block, "rope", None), eval_chunk=getattr(block, "chunk", None),
+                                  start=start)
         finally:
             torch.set_num_threads(old)
         if hasattr(block, "x_out") and res.chosen != "none":
@@ -598,6 +658,22 @@ class AutoRound(BlockMethod):
             "method": "autoround", "loss": res.loss, "losses": res.losses, "chosen": res.chosen,
             "best_iter": res.best_iter, "seconds": res.seconds}
         return res.packed
+
+
+    @staticmethod
+    def _gptq_start(block, ctx: QuantContext, r: Recipe) -> dict[str, np.ndarray]:
+        """GPTQ on this block (true-sequential Gram matrices of the same calibration inputs ``x_q``): the start
+        point of ``init="gptq"``, so that the signed-gradient tuning refines GPTQ's error-feedback rounding."""
+        from .blockwise import GramAdapter, sequential_quantize
+        from .gptq import GPTQ
+
+        saved = dict(block.stats)
+        if ctx.grams is None:
+            ctx.grams = {}
+        packed = sequential_quantize(block, ctx, GramAdapter(GPTQ(damp=r.gptq_damp)).quantize_linear)
+        block.stats.clear()
+        block.stats.update(saved)
+        return packed
 
 
 def _write(msg: str) -> None:
