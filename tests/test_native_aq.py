@@ -192,7 +192,8 @@ NEON_DRIVER = CSRC / "qg_selftest.c"
 def test_neon_under_qemu(tmp_path):
     exe = tmp_path / "neon_driver"
     srcs = [str(CSRC / f) for f in ("qg_core.c", "qg_aq_scalar.c", "qg_aq_avx2.c",
-                                    "qg_aq_avx512.c", "qg_aq_neon.c")]
+                                    "qg_aq_avx512.c", "qg_aq_neon.c", "qg_vq_scalar.c", "qg_vq_avx2.c",
+                                    "qg_vq_avx512.c", "qg_vq_neon.c")]
     subprocess.run(["aarch64-linux-gnu-gcc", "-O2", "-std=gnu11", "-ffp-contract=off", "-static",
                     f"-I{CSRC}", str(NEON_DRIVER), *srcs, "-o", str(exe), "-lpthread", "-lm"],
                    check=True, capture_output=True, text=True)

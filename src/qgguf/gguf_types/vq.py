@@ -132,6 +132,9 @@ class VQType(CodebookType):
             raise QggufError(f"{C} columns are too few for {self.name} ({self.groups} codebook groups)")
         return {"R": R, "nb": R // self.v, "C": C, "n_out": n_out, "nc": nc, "gs": -(-nc // self.groups)}
 
+    def suffixes(self) -> tuple[str, ...]:
+        return tuple(c.suffix for c in self.companion_specs((self.v, 2 + self.groups)))
+
     def companion_specs(self, shape) -> list[CompanionSpec]:
         L = self.layout(shape)
         nb, C, nc = L["nb"], L["C"], L["nc"]

@@ -303,8 +303,20 @@ def finetune_block(block, packed: dict, state: dict, ft: FinetuneOptions, ctx: Q
             target[sl] = rm.block_forward(hp, orig, src[sl], rope)
     tnorm = float(target.double().pow(2).mean()) or 1.0
 
-    params, meta = [], {}
-    for k, (cfg, codes, books, scales) in state.items():
+    params, meta, other = [], {}, {}
+    for k, st in state.items():
+        if hasattr(st, "tunables"):    # another codebook method's state (VQ: quantize/vq.py, VQState)
+            ps = {}
+            for name, (t0, mode) in st.tunables().items():
+                if mode == "factor":
+                    ps[name] = (t0.clone(), 1.0, torch.ones_like(t0).requires_grad_(True))
+                else:
+                    rms = float(t0.pow(2).mean().sqrt()) or 1.0
+                    ps[name] = (None, rms, (t0 / rms).clone().requires_grad_(True))
+                params.append(ps[name][2])
+            other[k] = (st, ps)
+            continue
+        cfg, codes, books, scales = st
         rms = float(books.pow(2).mean().sqrt()) or 1.0
         pb = (books / rms).clone().requires_grad_(True)
         ps = torch.ones_like(scales).requires_grad_(True)
@@ -318,8 +330,17 @@ def finetune_block(block, packed: dict, state: dict, ft: FinetuneOptions, ctx: Q
             norms[k] = (n0, pn)
             params.append(pn)
 
+    def tuned(ps: dict, grad: bool) -> dict:
+        out = {}
+        for name, (t0, rms, p) in ps.items():
+            val = t0 * p if t0 is not None else p * rms
+            out[name] = _F16STE.apply(val) if grad else val.half().float()
+        return out
+
     def weights(grad: bool):
         w = dict(base)
+        for k, (st, ps) in other.items():
+            w[k] = st.weight(tuned(ps, grad))
         for k, (cfg, codes, rms, s0, pb, ps) in meta.items():
             b = _F16STE.apply(pb * rms) if grad else (pb * rms).half().float()
             w[k] = dequantize(codes, b, s0 * ps)
@@ -377,6 +398,8 @@ def finetune_block(block, packed: dict, state: dict, ft: FinetuneOptions, ctx: Q
         out_state = {}
         for k, (cfg, codes, rms, s0, pb, ps) in meta.items():
             out_state[k] = (cfg, codes, (pb * rms).half().float(), (s0 * ps).float())
+        for k, (st, ps) in other.items():
+            out_state[k] = st.with_values(tuned(ps, False))
         out_norms = {k: (n0 * pn).numpy().astype(np.float32) for k, (n0, pn) in norms.items()} if best[2] else {}
     if not best[2]:   # the start was best: keep the linears' own results and the original norms
         out_state = {k: state[k] for k in state}
@@ -445,8 +468,8 @@ def parse_tensor_methods(items) -> list[tuple[str, re.Pattern, str]]:
             if not sep or not pat or not meth:
                 raise OptionError(f"--tensor-method {it!r}: expected PATTERN=METHOD, e.g. 'ffn_down=aq'")
         meth = meth.strip().lower()
-        if meth not in ("aq", "imatrix", "rtn", "gptq", "quantease"):
-            raise OptionError(f"--tensor-method {it!r}: method must be aq, imatrix, rtn, gptq or quantease")
+        if meth not in ("aq", "vq", "imatrix", "rtn", "gptq", "quantease"):
+            raise OptionError(f"--tensor-method {it!r}: method must be aq, vq, imatrix, rtn, gptq or quantease")
         try:
             rx = re.compile(pat.lower())
         except re.error as e:

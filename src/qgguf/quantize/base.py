@@ -80,6 +80,7 @@ METHODS: dict[str, Any] = {
     "quantease": "quantease:QuantEase",
     "autoround": "autoround:AutoRound",
     "aq": "aq:AQ",
+    "vq": "vq:VQ",
 }
 
 #: per-tensor methods that need Gram matrices (run block by block), also when they do not set ``needs_grams``

@@ -263,6 +263,80 @@ class AQLinear(LinearBase):
 register_codebook_kind("aq", lambda name, qt, shape, comp: AQLinear(name, qt, shape, comp))
 
 
+class VQLinear(LinearBase):
+    """A VQ weight kept compressed (bit-packed indices, codebooks, permutation, column norms): native
+    :class:`qgguf.native.VQTensor` (matvec for one token, matmul for several), or, without the native module,
+    a fallback that keeps the companions and dequantizes per call (numpy reference of the format)."""
+
+    kind = "vq"
+
+    def __init__(self, name: str, qt, shape: tuple[int, int], comp, native_ok: bool | None = None):
+        R, C = int(shape[0]), int(shape[1])
+        super().__init__(name, R, C)
+        from .. import native
+        from ..gguf_types import vq as V
+        self.qt = qt
+        L = qt.layout((R, C))
+        if native_ok is None:
+            native_ok = native.available()
+        self.native = None
+        self.comp = None
+        if native_ok:
+            self.native = native.VQTensor(
+                np.ascontiguousarray(comp[V.VQ_IDX]).view(np.uint8).reshape(-1), comp[V.VQ_BOOKS],
+                np.asarray(comp[V.VQ_PERM]), np.asarray(comp[V.VQ_COLSCALE]), np.asarray(comp[V.VQ_COLBIAS]),
+                v=qt.v, k=qt.k, R=R, C=C,
+                ridx=np.ascontiguousarray(comp[V.VQ_RIDX]).view(np.uint8).reshape(-1) if qt.kr else None,
+                rbooks=comp[V.VQ_RBOOKS] if qt.kr else None, kr=qt.kr,
+                obook=comp[V.VQ_OBOOK] if L["n_out"] else None, n_out=L["n_out"], groups=qt.groups)
+        else:
+            self.comp = {k: np.array(v, copy=True) for k, v in comp.items()}
+
+    @property
+    def nbytes(self) -> int:
+        if self.native is not None:
+            return int(self.native.nbytes)
+        return int(sum(a.nbytes for a in self.comp.values()))
+
+    def _dense(self) -> torch.Tensor:
+        return torch.from_numpy(self.qt.dequantize(self.comp, (self.out_features, self.in_features)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is None:
+            return torch.nn.functional.linear(x, self._dense())
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.to(torch.float32).contiguous()
+        xn = x2.numpy()
+        if xn.shape[0] == 1:
+            y = self.native.matvec(xn[0], _threads_now())
+        else:
+            y = self.native.matmul(xn, _threads_now())
+        return torch.from_numpy(y).view(*lead, self.out_features)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        flat = ids.reshape(-1).tolist()
+        out = torch.empty(len(flat), self.in_features)
+        dense = None if self.native is not None else self._dense()
+        for i, r in enumerate(flat):
+            out[i] = torch.from_numpy(self.native.dequantize(int(r), int(r) + 1)[0]) if dense is None else dense[r]
+        return out.view(*ids.shape, self.in_features)
+
+    def dense_weight(self) -> torch.Tensor:
+        if self.native is not None:
+            return torch.from_numpy(self.native.dequantize(threads=_threads_now()))
+        return self._dense()
+
+    def extra_repr(self) -> str:
+        how = "native " + __import__("qgguf.native", fromlist=["isa"]).isa() if self.native is not None else "numpy"
+        return f"{self.name}: {self.in_features} -> {self.out_features} ({self.qt.name}, {how})"
+
+
+register_codebook_kind("vq", lambda name, qt, shape, comp: VQLinear(name, qt, shape, comp))
+
+
 def _meta_value(md: Mapping, key: str):
     v = md.get(key)
     v = getattr(v, "value", v)
@@ -402,5 +476,5 @@ def _drop_mapped_pages(reader) -> None:
         pass
 
 
-__all__ = ["LinearBase", "DenseLinear", "AQLinear", "make_linear", "register_linear_kind", "register_codebook_kind",
+__all__ = ["LinearBase", "DenseLinear", "AQLinear", "VQLinear", "make_linear", "register_linear_kind", "register_codebook_kind",
            "dequantize_tensor", "codebook_linear", "codebook_companions", "load_llama"]

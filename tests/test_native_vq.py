@@ -1,0 +1,127 @@
+"""Native VQ kernels (csrc/qg_vq_*.c) against a float64 reference, on every ISA path this CPU has."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qgguf import gguf_types, native
+from qgguf.errors import QggufError
+from qgguf.gguf_types import vq as V
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native module not built")
+
+CSRC = Path(__file__).resolve().parents[1] / "src" / "qgguf" / "native" / "csrc"
+
+# (type, R, C): every vector length, SIMD-specialised and generic index widths, residual, outliers, groups
+CASES = [("vq-v8-k256", 64, 96), ("vq-v8-k4096-256-o2-g3", 128, 200), ("vq-v16-k1024-16", 96, 72),
+         ("vq-v4-k64-o5", 40, 52), ("vq-v2-k32-8-g2", 18, 30), ("vq-v8-k32-128", 72, 64),
+         ("vq-v8-k65536", 16, 40), ("vq-v16-k8192-2048-o1-g2", 32, 130), ("vq-v4-k128-4096", 12, 24),
+         ("vq-v8-k4-2", 8, 9)]
+
+
+def make(name, R, C, seed=0):
+    qt = gguf_types.get(name)
+    f = qt.random_fields((R, C), np.random.default_rng(seed))
+    comp = qt.pack(f)
+    L = qt.layout((R, C))
+    t = native.VQTensor(comp[V.VQ_IDX], comp[V.VQ_BOOKS], comp[V.VQ_PERM], comp[V.VQ_COLSCALE],
+                        comp[V.VQ_COLBIAS], v=qt.v, k=qt.k, R=R, C=C, ridx=comp.get(V.VQ_RIDX),
+                        rbooks=comp.get(V.VQ_RBOOKS), kr=qt.kr, obook=comp.get(V.VQ_OBOOK), n_out=L["n_out"],
+                        groups=qt.groups)
+    return qt, f, comp, t
+
+
+def reference_f64(qt, f, R, C) -> np.ndarray:
+    """The weight in float64 by an explicit loop over the format's definition (docs/FORMAT.md)."""
+    L = qt.layout((R, C))
+    v, n_out = qt.v, L["n_out"]
+    W = np.zeros((R, C))
+    for b in range(R // v):
+        for p in range(C):
+            if p < n_out:
+                q = np.asarray(f["obook"], np.float64)[f["idx"][b, p]]
+            else:
+                g = (p - n_out) // L["gs"]
+                q = np.asarray(f["books"], np.float64)[g, f["idx"][b, p]]
+                if qt.kr:
+                    q = q + np.asarray(f["rbooks"], np.float64)[g, f["ridx"][b, p - n_out]]
+            W[b * v:(b + 1) * v, f["perm"][p]] = q * float(f["colscale"][p]) + float(f["colbias"][p])
+    return W
+
+
+@pytest.mark.parametrize("isa", native.isas() if native.available() else [])
+@pytest.mark.parametrize("name,R,C", CASES)
+def test_kernels_match_reference(isa, name, R, C):
+    qt, f, comp, t = make(name, R, C, seed=R + C)
+    ref = reference_f64(qt, f, R, C)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(C).astype(np.float32)
+    X = rng.standard_normal((9, C)).astype(np.float32)
+    with native.use_isa(isa):
+        W = t.dequantize()
+        # dequantization is exact: float32 (book + rbook) * scale + bias, as the numpy reader computes it
+        assert np.array_equal(W, qt.dequantize(np.asarray(comp), (R, C)))
+        np.testing.assert_allclose(W, ref, rtol=1e-6, atol=1e-6)
+        assert np.array_equal(t.dequantize(3, min(R, 11)), W[3:min(R, 11)])
+        for threads in (1, 2):
+            y = t.matvec(x, threads=threads)
+            yr = ref @ x.astype(np.float64)
+            assert np.abs(y - yr).max() <= 2e-5 * (np.abs(ref) @ np.abs(x.astype(np.float64))).max()
+            for N in (2, 9):    # the matvec path (N <= 4) and the dequantized-tile path
+                Y = t.matmul(X[:N], threads=threads)
+                Yr = X[:N].astype(np.float64) @ ref.T
+                assert np.abs(Y - Yr).max() <= 2e-5 * (np.abs(X[:N]).astype(np.float64) @ np.abs(ref).T).max()
+
+
+def test_large_rows_and_threads_agree():
+    qt, f, comp, t = make("vq-v8-k4096-256", 1024, 256, seed=3)
+    x = np.random.default_rng(1).standard_normal(256).astype(np.float32)
+    ys = []
+    for isa in native.isas():
+        with native.use_isa(isa):
+            ys += [t.matvec(x, threads=1), t.matvec(x, threads=2)]
+    ref = reference_f64(qt, f, 1024, 256) @ x.astype(np.float64)
+    for y in ys:
+        assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_argument_checks():
+    qt, f, comp, t = make("vq-v8-k256-16-o2", 16, 50)
+    L = qt.layout((16, 50))
+    kw = dict(v=8, k=256, R=16, C=50, ridx=comp[V.VQ_RIDX], rbooks=comp[V.VQ_RBOOKS], kr=16,
+              obook=comp[V.VQ_OBOOK], n_out=L["n_out"])
+    args = [comp[V.VQ_IDX], comp[V.VQ_BOOKS], comp[V.VQ_PERM], comp[V.VQ_COLSCALE], comp[V.VQ_COLBIAS]]
+    native.VQTensor(*args, **kw)
+    bad = [
+        (0, comp[V.VQ_IDX][:-1], "bytes"),                                  # stream one byte short
+        (0, comp[V.VQ_IDX].view(np.int8), "uint8"),
+        (1, comp[V.VQ_BOOKS][:, :100], "shape"),
+        (2, np.arange(50)[::-1].copy() % 49, "permutation"),
+        (2, np.arange(50) + 1, "permutation"),
+        (3, np.full(50, np.nan, np.float16), "NaN"),
+    ]
+    for i, val, msg in bad:
+        a = list(args)
+        a[i] = val
+        with pytest.raises(QggufError, match=msg):
+            native.VQTensor(*a, **kw)
+    for key, val, msg in (("k", 200, "power"), ("v", 6, "2, 4, 8 or 16"), ("R", 12, "multiple"),
+                          ("obook", None, "obook"), ("rbooks", None, "rbooks"), ("n_out", 50, "n_out")):
+        with pytest.raises(QggufError, match=msg):
+            native.VQTensor(*args, **{**kw, key: val})
+    with pytest.raises(QggufError, match="shape"):
+        t.matvec(np.zeros(49, np.float32))
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="no aarch64 cross compiler")
+def test_neon_file_compiles(tmp_path):
+    """The NEON path cannot run here; it must at least compile for aarch64 with the module's flags."""
+    for src in ("qg_vq_neon.c", "qg_vq_scalar.c"):
+        r = subprocess.run(["aarch64-linux-gnu-gcc", "-O2", "-std=gnu11", "-ffp-contract=off", "-Wall", "-Werror",
+                            "-c", str(CSRC / src), "-I", str(CSRC), "-o", str(tmp_path / (src + ".o"))],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
