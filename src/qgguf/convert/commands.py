@@ -29,7 +29,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--seqlen", type=int, default=None, help="tokens per sequence (default 512; autoround: recipe)")
     p.add_argument("--imatrix", metavar="FILE", help="use this importance matrix (llama.cpp GGUF or .dat)")
     p.add_argument("--imatrix-out", metavar="FILE", help="save the collected importance matrix (GGUF format)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of every random choice (calibration sampling, AQ/VQ k-means and shuffles, AutoRound "
+                        "batches): the same seed and options give the same file (default 0)")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="refuse a plan whose estimated peak memory exceeds SIZE (e.g. 2GB, 1500MB, 1.5GiB) before "
+                        "any work; the report shows the estimate next to the measured peak RSS")
     g = p.add_argument_group("method options (block methods: gptq, quantease, autoround)")
     g.add_argument("--damp", type=float, help="gptq: Hessian damping, fraction of the mean diagonal (0.01)")
     g.add_argument("--actorder", action="store_true", default=None,
@@ -158,7 +163,7 @@ def _convert(args: argparse.Namespace) -> int:
                   bits=args.bits, tensor_methods=args.tensor_method, target_size=args.target_size,
                   target_bpw=args.target_bpw, compat=args.compat, dynamic=args.dynamic,
                   dynamic_extra=args.dynamic_extra, recipe_file=recipe_file, save_recipe=args.save_recipe,
-                  sensitivity=sens, vq_config=args.vq_config)
+                  sensitivity=sens, vq_config=args.vq_config, max_memory=args.max_memory)
     if args.json:
         import json
         print(json.dumps(rep.to_dict(), indent=1))

@@ -48,6 +48,7 @@ class ConvertReport:
     bpw: float = 0.0
     wall_s: float = 0.0
     peak_rss_bytes: int = 0
+    estimated_peak_bytes: int = 0   # the plan's memory estimate (convert/resources.py; --max-memory)
     # block methods
     calibration: str | None = None
     layer_errors: dict[str, float] = field(default_factory=dict)   # relative output error per linear
@@ -81,7 +82,8 @@ class ConvertReport:
                          "(qgguf run/eval, qgguf.load) - stock llama.cpp will not load it")
         if self.mixed:
             lines.append("  " + self.mixed["summary"].replace("\n", "\n  "))
-        lines.append(f"  time {self.wall_s:.2f} s, peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB")
+        lines.append(f"  time {self.wall_s:.2f} s, peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB "
+                     f"(estimated {self.estimated_peak_bytes / 2**20:.0f} MiB)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -124,7 +126,7 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
             resume: bool = False, aq_config: str | None = None, bits: float | None = None,
             tensor_methods=(), target_size=None, target_bpw: float | None = None, compat: str | None = None,
             dynamic: bool = False, dynamic_extra: float = 0.10, recipe_file=None, save_recipe=None,
-            sensitivity: dict | None = None, vq_config: str | None = None) -> ConvertReport:
+            sensitivity: dict | None = None, vq_config: str | None = None, max_memory=None) -> ConvertReport:
     """Convert ``src`` (GGUF file, Hugging Face folder or alias) to a GGUF at ``out``.
 
     ``method_options``: options of the method (``damp``, ``actorder``, ``passes``, ``init``, ``outliers``,
@@ -232,8 +234,14 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
         if out.resolve() == Path(source.path).resolve():
             raise OptionError("the output would overwrite the input", out)
 
-        from .writer import OutputFile
+        from .resources import check_memory, estimate_peak_memory, expected_output_bytes
+        mem = estimate_peak_memory(source, plan, m, blockwise, nsamples, seqlen, calib)
+        check_memory(mem, max_memory)   # --max-memory: refuse a plan that cannot fit, before any work
+        from .writer import SPACE_MARGIN, OutputFile
         with OutputFile(out, source.arch) as of:   # checks the folder before any work
+            file_b, ckpt_b = expected_output_bytes(plan, qtypes, source.metadata, blockwise)
+            of.check_space(file_b + ckpt_b + SPACE_MARGIN, "the output and its block checkpoints" if ckpt_b else
+                           "the output")
             ctx = QuantContext(source=source, seed=seed, threads=threads, progress=progress, options=dict(opts))
             blocks = None
             if blockwise:
@@ -280,6 +288,7 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
             of.open()
 
             rep = ConvertReport(str(src), str(out), m.describe(), plan.preset, fallbacks=dict(plan.fallbacks))
+            rep.estimated_peak_bytes = mem.total
             total = sum(int(np.prod(c.shape)) for c in plan.choices)
             bar = None
             if progress:

@@ -4,7 +4,11 @@ Usage: ``plan_tensor`` every tensor (name, numpy shape, ggml type id, byte size)
 metadata, then ``open()`` writes header, metadata and tensor table to a temporary file in the
 destination folder, ``write_tensor`` writes tensors one at a time in plan order, and ``commit()``
 renames the file into place. Any exception (or Ctrl-C) inside ``with OutputFile(...)`` removes the
-temporary file: there is never a partial file at the destination.
+temporary file: there is never a partial file at the destination. A process killed outright (SIGKILL, power
+loss) cannot clean up; its ``.NAME.qgguf-tmp-PID`` file is removed by the next writer of the same destination once
+that PID is gone (:meth:`OutputFile.remove_stale_temps`). The folder is checked up front (exists, writable: a probe
+file is created and removed), and :meth:`OutputFile.check_space` compares the expected bytes with the free space
+before any work (``open()`` checks again with the exact plan).
 
 qgguf's own codebook types (AQ, ...) have no ggml type id: ``plan_qtensor(name, shape, qtype)`` plans any
 type - a standard one as one tensor, a codebook type as its companion tensors ``NAME.aq_codes`` ... in standard
@@ -16,8 +20,10 @@ key stays a plain llama.cpp file (:attr:`OutputFile.needs_qgguf_runner` is False
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +33,9 @@ from ..errors import OutputError
 from .ggufread import MetaValue
 
 ALIGNMENT = 32
+TMP_INFIX = ".qgguf-tmp-"
+#: bytes of room kept on top of the planned tensor data (header, metadata, the file system's own blocks)
+SPACE_MARGIN = 16 << 20
 # metadata keys first in the file, in this order (then the rest as given)
 _FIRST = ("general.type", "general.name")
 
@@ -51,6 +60,50 @@ class OutputFile:
             raise OutputError("output folder does not exist", d)
         if not os.access(d, os.W_OK | os.X_OK):
             raise OutputError("output folder is not writable", d)
+        try:   # root passes os.access on a read-only mount or a folder it may not write: try it
+            fd, probe = tempfile.mkstemp(prefix=f".{self.path.name}.qgguf-probe-", dir=d)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            why = "read-only file system" if e.errno == errno.EROFS else (e.strerror or str(e))
+            raise OutputError(f"output folder is not writable ({why})", d) from None
+
+    def _tmp_path(self, pid: int) -> Path:
+        return self.path.with_name(f".{self.path.name}{TMP_INFIX}{pid}")
+
+    def remove_stale_temps(self) -> list[Path]:
+        """Remove the temporary files that killed writers of this destination left (their PID no longer runs);
+        returns them. A live writer's file is left alone."""
+        removed = []
+        prefix = f".{self.path.name}{TMP_INFIX}"
+        try:
+            entries = list(os.scandir(self.path.parent))
+        except OSError:
+            return removed
+        for e in entries:
+            if not e.name.startswith(prefix) or not e.name[len(prefix):].isdigit():
+                continue
+            pid = int(e.name[len(prefix):])
+            if pid == os.getpid() or _pid_alive(pid):
+                continue
+            try:
+                os.unlink(e.path)
+                removed.append(Path(e.path))
+            except OSError:
+                pass
+        return removed
+
+    def check_space(self, need: int, what: str = "the output") -> None:
+        """Refuse up front (OutputError naming the folder, the bytes needed and free) when the destination folder
+        has less than ``need`` bytes free."""
+        d = self.path.parent
+        try:
+            free = shutil.disk_usage(d).free
+        except OSError as e:
+            raise OutputError(f"cannot read the free space: {e.strerror}", d) from None
+        if free < need:
+            raise OutputError(f"not enough free disk space for {what}: need {need:,} bytes ({need / 2**20:,.0f} MiB), "
+                              f"{free:,} bytes ({free / 2**20:,.0f} MiB) free", d)
 
     # --- planning ------------------------------------------------------------------------------
     def set(self, key: str, value, vtype: GGUFValueType | None = None, sub_type=None) -> None:
@@ -97,12 +150,9 @@ class OutputFile:
 
     # --- writing -------------------------------------------------------------------------------
     def open(self) -> None:
-        need = self.data_size() + (16 << 20)
-        free = shutil.disk_usage(self.path.parent).free
-        if free < need:
-            raise OutputError(f"not enough free disk space: need {need / 2**20:.0f} MiB, "
-                              f"{free / 2**20:.0f} MiB free", self.path.parent)
-        self.tmp = self.path.with_name(f".{self.path.name}.qgguf-tmp-{os.getpid()}")
+        self.remove_stale_temps()
+        self.check_space(self.data_size() + SPACE_MARGIN)
+        self.tmp = self._tmp_path(os.getpid())
         w = GGUFWriter(None, self.arch)
         keys = [k for k in _FIRST if k in self.metadata] + [k for k in self.metadata if k not in _FIRST]
         for k in keys:
@@ -187,6 +237,16 @@ class OutputFile:
         if exc_type is not None or self.tmp is not None:
             self.abort()
         return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:   # EPERM: someone else's process
+        return True
+    return True
 
 
 QGGUF_RUNNER_NOTE = ("NOTE: this file uses qgguf extensions ({what}); it needs the qgguf runner "
