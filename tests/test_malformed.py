@@ -515,3 +515,16 @@ def test_malformed_input_subprocess(case, tmp_path):
     assert lines[0].startswith(f"qgguf: error: {bad}: ") and needle in lines[0], lines[0]
     if argv[0] == "convert":
         assert not list((tmp_path / "o").iterdir())
+
+
+def test_invalid_utf8_strings_convert_byte_for_byte(tmp_path, capsys):
+    """GGUF strings that are not UTF-8 are no error (vocabularies may hold such bytes): convert writes them back
+    unchanged instead of failing in the writer."""
+    from qgguf.convert.ggufread import GGUFFile
+    d = base_doc()
+    d.kvs.append(fuzz.KV("general.description", int(V.STRING), b"bad \xff\xfe utf8"))
+    p = _gguf(tmp_path, d, "odd.gguf")
+    rc, err = _run_cli(["convert", p, "-o", tmp_path / "q.gguf", "-q", "--type", "Q8_0"], capsys)
+    assert rc == 0, err
+    with GGUFFile(tmp_path / "q.gguf") as g:
+        assert g.get("general.description").encode("utf-8", "surrogateescape") == b"bad \xff\xfe utf8"

@@ -122,6 +122,28 @@ class ModelSource:
 # GGUF input
 # ================================================================================================
 
+def _raw_string(v):
+    """A string read with surrogate escapes (bytes that are not UTF-8) back as its original bytes."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return v.encode("utf-8", "surrogateescape")
+    return v
+
+
+def _as_written(mv: MetaValue) -> MetaValue:
+    """Metadata copied to the output: strings that were not valid UTF-8 are written back byte for byte."""
+    if mv.vtype == GGUFValueType.STRING:
+        v = _raw_string(mv.value)
+        return mv if v is mv.value else MetaValue(v, mv.vtype, mv.sub_type)
+    if mv.vtype == GGUFValueType.ARRAY and mv.sub_type == GGUFValueType.STRING:
+        vals = [_raw_string(x) for x in mv.value]
+        if any(a is not b for a, b in zip(vals, mv.value)):
+            return MetaValue(vals, mv.vtype, mv.sub_type)
+    return mv
+
+
 class GGUFSource(ModelSource):
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -137,7 +159,7 @@ class GGUFSource(ModelSource):
             self.file.close()
             raise
         self.name = self.file.get("general.name") or self.path.stem
-        self.metadata = {k: v for k, v in self.file.metadata.items()
+        self.metadata = {k: _as_written(v) for k, v in self.file.metadata.items()
                          if k not in _REWRITTEN_KEYS and not k.startswith(_REWRITTEN_PREFIXES)}
         self.tensors = []
         for t in self.file.tensors:
