@@ -18,7 +18,7 @@ The memory model (bytes; float32 unless said otherwise):
   output, the FFN hidden state; ``x_fp`` too for methods that read the float model's inputs), the widest input's
   Gram matrix in float64 plus its float32 copy and the method's own inverse/Cholesky factors (2 more float64),
   and one block's weights three times (originals, working copy, dequantized result; six times for the methods
-  that fine-tune with Adam: autoround, aq).
+  that fine-tune with Adam: autoround, aq, vq).
 
 The phases do not overlap (activations are freed before the tensors outside the blocks are quantized), so the
 estimate is the base plus the largest phase. It is an estimate, meant to refuse plans that cannot fit (a 7B model
@@ -149,7 +149,7 @@ def estimate_peak_memory(source, plan, method, blockwise: bool, nsamples: int, s
         wide = max(n_ff, attn, n_embd)
         grams = wide * wide * (8 + 4 + 2 * 8)
         name = str(getattr(method, "name", "")).lower()
-        copies = 6 if name in ("autoround", "aq") else 3
+        copies = 6 if name in ("autoround", "aq", "vq") else 3
         weights = sum(_numel(s) for s in blk.values()) * 4 * copies
         parts["block calibration (activations, Gram matrices, one block)"] = acts + grams + weights
     top = max(parts.values()) if parts else 0
