@@ -29,6 +29,14 @@ straight-through estimator (STE) at every rounding:
   ggml dequantizes (see :mod:`.grid`); IQ4_NL rounds in the index space of its non-linear table
   (piecewise-linear), which is nearest rounding at ``V = 0``.
 
+Start point ``init="gptq"`` (``--init gptq``): the block is first quantized by GPTQ (true-sequential Gram
+matrices of the same calibration inputs, :mod:`.gptq`), and the tuning starts from GPTQ's scales *and codes*.
+GPTQ's error feedback moves many codes off nearest rounding; each weight gets the integer offset between its
+GPTQ code and its nearest code, so ``V = 0`` is exactly GPTQ's result and the signed-gradient search explores
+``[-0.5, 0.5]`` around it. This combines error feedback (GPTQ), the importance-weighted scale search (GPTQ
+chooses each block's scales with llama.cpp's search on the updated weights) and SignRound's tuning of the
+rounding against the block output; GPTQ's own bytes are one more candidate of the final choice.
+
 The final fields go through ``qtype.pack`` and the dequantized bytes are checked to be bit-identical to the
 weights the last loss was computed with.
 
@@ -54,7 +62,7 @@ MSE went 0.01027 (imatrix start) -> 0.00578 with V only, 0.00676 with range fact
 little left for them to find, and their large moves disturb the rounding (intel/auto-round's own GGUF
 double-quant path also disables them). The rounding tuning is what pays.
 
-Options: ``iters``, ``nsamples``, ``seqlen``, ``batch_size``, ``lr``, ``minmax_lr``, ``enable_minmax``
+Options: ``init`` ("rtn" | "gptq"), ``gptq_damp`` (0.01), ``iters``, ``nsamples``, ``seqlen``, ``batch_size``, ``lr``, ``minmax_lr``, ``enable_minmax``
 (False), ``scale_bounds`` ((0.5, 1.5)), ``tune_super`` (False: k-quant super-scale factors), ``seed``,
 ``threads_tune`` (torch threads of the tuning loop, default 1: on the shared 2-core machine a step of a
 SmolLM2 block took 0.27 s with one thread and 4.9 s with two, the OpenMP threads spinning against the
