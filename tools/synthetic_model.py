@@ -12,8 +12,8 @@ embeddings), ``smollm2-135m`` (576, 30 layers, 9/3 heads, ffn 1536, rope base 10
 letter pairs) so that llama.cpp loads the file.
 
 ``--type`` applies to the block linears: a standard type is quantized from random float weights through the
-qgguf registry (round to nearest); a qgguf codebook type (``aq-MxB-gG``) gets random codes, codebooks and scales
-(no calibration). A linear whose row length does not fit the type falls back to F16. ``token_embd`` (and
+qgguf registry (round to nearest); a qgguf codebook type (``aq-MxB-gG``, ``vq-vV-kK[-KR][-oP][-gG]``) gets random codes / indices, codebooks and
+scales (no calibration). A linear whose row length does not fit the type falls back to F16. ``token_embd`` (and
 ``output`` when untied) take ``--embd-type`` (default: Q6_K for quantized types, else ``--type``); norms are F32.
 """
 from __future__ import annotations
@@ -154,7 +154,7 @@ def write_synthetic(out, shape: str = "tiny", type: str = "F32", vocab: int | No
     plan = []
     for name, shp, role in tensor_list(s):
         qt = f32 if role == "norm" else (qt_embd if role == "embd" else qt_main)
-        if len(shp) == 2 and not _fits(qt, shp[-1]):
+        if len(shp) == 2 and not _fits(qt, shp):
             qt = f16
         plan.append((name, shp, role, qt))
         of.plan_qtensor(name, shp, qt)
@@ -184,14 +184,16 @@ def write_synthetic(out, shape: str = "tiny", type: str = "F32", vocab: int | No
             "seconds": time.perf_counter() - t0}
 
 
-def _fits(qt, n: int) -> bool:
-    return n % qt.block_size == 0
+def _fits(qt, shape) -> bool:
+    if hasattr(qt, "fits_shape"):   # VQ: rows in vectors of v
+        return qt.fits_shape(shape)
+    return shape[-1] % qt.block_size == 0
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    p.add_argument("--type", default="F32", help="type of the block linears (standard or aq-MxB-gG)")
+    p.add_argument("--type", default="F32", help="type of the block linears (standard, aq-MxB-gG or vq-vV-kK[-KR][-oP][-gG])")
     p.add_argument("--embd-type", default=None, help="type of token_embd (and output when untied)")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 4096; tiny: 512)")

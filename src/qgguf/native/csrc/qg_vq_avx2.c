@@ -18,6 +18,66 @@ AI uint32_t get_bits(const uint8_t *s, uint64_t pos, const int bits) {
     return (w >> (pos & 7)) & ((1u << bits) - 1u);
 }
 
+/* ---- four vector rows at once (v = 4, 8, 16): one broadcast of xs[p] feeds four independent
+ * FMA chains, one per vector row and its own index stream ---- */
+#define BLK4_BODY(VT, ZERO, BCAST, LOAD, ADD, FMA, STORE, SET1, LANE)                                  \
+    const int64_t V = LANE * NV, C = t->C, n_out = t->iparam[3], nc = C - n_out, k = t->iparam[0];    \
+    const int64_t kr = t->iparam[2], G = t->iparam[4], gs = t->iparam[5];                              \
+    const qg_vq_side *sd = VQ_SIDE(t);                                                                 \
+    const uint8_t *s = (const uint8_t *)t->codes, *rs = (const uint8_t *)t->aux0;                     \
+    VT a[4][4];                                                                                        \
+    uint64_t pos[4], rpos[4];                                                                          \
+    for (int u = 0; u < 4; u++) {                                                                      \
+        for (int h = 0; h < NV; h++) a[u][h] = ZERO();                                                 \
+        pos[u] = (uint64_t)((b + u) * C) * KB;                                                         \
+        rpos[u] = (uint64_t)((b + u) * nc) * (RB ? RB : 1);                                            \
+    }                                                                                                  \
+    int64_t p = 0;                                                                                     \
+    for (; p < n_out; p++) {                                                                           \
+        const VT xv = BCAST(prep + p);                                                                 \
+        for (int u = 0; u < 4; u++) {                                                                  \
+            const float *e = sd->obook + (int64_t)get_bits(s, pos[u], KB) * V;                         \
+            pos[u] += KB;                                                                              \
+            for (int h = 0; h < NV; h++) a[u][h] = FMA(xv, LOAD(e + LANE * h), a[u][h]);               \
+        }                                                                                              \
+    }                                                                                                  \
+    for (int64_t g = 0; g < G; g++) {                                                                  \
+        const int64_t pe = n_out + (g + 1) * gs < C ? n_out + (g + 1) * gs : C;                        \
+        const float *book = t->codebooks + g * k * V;                                                  \
+        const float *rbook = RB ? sd->rbooks + g * kr * V : NULL;                                      \
+        for (; p < pe; p++) {                                                                          \
+            const VT xv = BCAST(prep + p);                                                             \
+            for (int u = 0; u < 4; u++) {                                                              \
+                const float *e = book + (int64_t)get_bits(s, pos[u], KB) * V;                          \
+                pos[u] += KB;                                                                          \
+                if (RB) {                                                                              \
+                    const float *re = rbook + (int64_t)get_bits(rs, rpos[u], RB) * V;                  \
+                    rpos[u] += RB;                                                                     \
+                    for (int h = 0; h < NV; h++)                                                       \
+                        a[u][h] = FMA(xv, ADD(LOAD(e + LANE * h), LOAD(re + LANE * h)), a[u][h]);      \
+                } else {                                                                               \
+                    for (int h = 0; h < NV; h++) a[u][h] = FMA(xv, LOAD(e + LANE * h), a[u][h]);       \
+                }                                                                                      \
+            }                                                                                          \
+        }                                                                                              \
+    }                                                                                                  \
+    const VT bv = SET1(beta);                                                                          \
+    for (int u = 0; u < 4; u++)                                                                        \
+        for (int h = 0; h < NV; h++) STORE(y + (b + u) * V + LANE * h, ADD(a[u][h], bv));
+
+AI void blk4_256(const qg_tensor *t, const float *prep, float *y, int64_t b, float beta, const int KB,
+                 const int RB, const int NV) {
+    BLK4_BODY(__m256, _mm256_setzero_ps, _mm256_broadcast_ss, _mm256_loadu_ps, _mm256_add_ps, _mm256_fmadd_ps,
+              _mm256_storeu_ps, _mm256_set1_ps, 8)
+}
+
+AI void blk4_128(const qg_tensor *t, const float *prep, float *y, int64_t b, float beta, const int KB,
+                 const int RB) {
+    const int NV = 1;
+    BLK4_BODY(__m128, _mm_setzero_ps, _mm_broadcast_ss, _mm_loadu_ps, _mm_add_ps, _mm_fmadd_ps, _mm_storeu_ps,
+              _mm_set1_ps, 4)
+}
+
 /* ---- v = 8 or 16: NV 256-bit lanes per vector ---- */
 AI void rows_w(const qg_tensor *t, const float *prep, float *y, int64_t b0, int64_t b1, const int KB,
                const int RB, const int NV) {
@@ -26,6 +86,8 @@ AI void rows_w(const qg_tensor *t, const float *prep, float *y, int64_t b0, int6
     const qg_vq_side *sd = VQ_SIDE(t);
     const uint8_t *s = (const uint8_t *)t->codes, *rs = (const uint8_t *)t->aux0;
     const float beta = qg_vq_bias_term(t, prep);
+    if (!RB)   /* with a residual stream the single-row kernel is faster (register pressure) */
+        for (; b0 + 4 <= b1; b0 += 4) blk4_256(t, prep, y, b0, beta, KB, RB, NV);
     for (int64_t b = b0; b < b1; b++) {
         __m256 a[4][2];
         for (int u = 0; u < 4; u++) a[u][0] = a[u][1] = _mm256_setzero_ps();
@@ -93,6 +155,7 @@ AI void rows_4(const qg_tensor *t, const float *prep, float *y, int64_t b0, int6
     const qg_vq_side *sd = VQ_SIDE(t);
     const uint8_t *s = (const uint8_t *)t->codes, *rs = (const uint8_t *)t->aux0;
     const float beta = qg_vq_bias_term(t, prep);
+    for (; b0 + 4 <= b1; b0 += 4) blk4_128(t, prep, y, b0, beta, KB, RB);
     for (int64_t b = b0; b < b1; b++) {
         __m128 a[4] = {_mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps()};
         uint64_t pos = (uint64_t)(b * C) * KB;
@@ -129,7 +192,7 @@ AI void rows_4(const qg_tensor *t, const float *prep, float *y, int64_t b0, int6
     case 6: CALL(KB, 6); break;                                          \
     case 10: CALL(KB, 10); break;                                        \
     case 12: CALL(KB, 12); break;                                        \
-    default: done = 0;                                                   \
+    default: CALL(KB, rb);  /* any other width: decoded with a run-time shift */ \
     }
 #define VQ_KB_CASES(CALL)                                                \
     switch (kb) {                                                        \
@@ -139,7 +202,7 @@ AI void rows_4(const qg_tensor *t, const float *prep, float *y, int64_t b0, int6
     case 16: VQ_RB_CASES(CALL, 16); break;                               \
     case 6: VQ_RB_CASES(CALL, 6); break;                                 \
     case 4: VQ_RB_CASES(CALL, 4); break;                                 \
-    default: done = 0;                                                   \
+    default: VQ_RB_CASES(CALL, kb);                                      \
     }
 
 void qg_vq_vec_rows_avx2(const qg_tensor *t, const float *x, const float *prep, float *y,

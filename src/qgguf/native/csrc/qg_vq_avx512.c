@@ -67,7 +67,7 @@ AI void rows_16(const qg_tensor *t, const float *prep, float *y, int64_t b0, int
     case 6: CALL(KB, 6); break;                                          \
     case 10: CALL(KB, 10); break;                                        \
     case 12: CALL(KB, 12); break;                                        \
-    default: done = 0;                                                   \
+    default: CALL(KB, rb);                                               \
     }
 
 void qg_vq_vec_rows_avx512(const qg_tensor *t, const float *x, const float *prep, float *y,
@@ -83,7 +83,7 @@ void qg_vq_vec_rows_avx512(const qg_tensor *t, const float *x, const float *prep
     case 10: VQ_RB_CASES(CALL16, 10); break;
     case 12: VQ_RB_CASES(CALL16, 12); break;
     case 16: VQ_RB_CASES(CALL16, 16); break;
-    default: done = 0;
+    default: VQ_RB_CASES(CALL16, kb);
     }
     if (!done) qg_vq_vec_rows_scalar(t, x, prep, y, r0, r1);
 }
