@@ -253,3 +253,61 @@ def test_same_seed_same_bytes(tmp_path, name, kw):
         outs.append(sha(out))
     assert outs[0] == outs[1], name
     assert outs[0] != outs[2], f"{name}: --seed changes nothing"
+
+
+# ------------------------------------------------------------------ chunked safetensors reads (bounded RSS)
+def _synthetic_hf():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_qgguf_synthetic_hf", ROOT / "tools" / "synthetic_hf.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+def test_chunked_safetensors_reads_are_exact(tmp_path, monkeypatch, dtype):
+    """The HF source reads tensors in chunks (releasing each chunk's mapped pages); tiny chunks that split rows give
+    exactly the values of the file: bf16 widened, f16 converted, f32 as stored."""
+    import struct
+    from qgguf.convert import sources
+    d = tmp_path / "hf"
+    _synthetic_hf().write_hf(d, "tiny", dtype, seed=5)
+    raw = (d / "model.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    monkeypatch.setattr(sources._SafetensorsIndex, "CHUNK_BYTES", 1000)   # 500 bf16 values: splits rows
+    src = sources.open_source(d)
+    try:
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            a, b = info["data_offsets"]
+            buf = raw[8 + n + a:8 + n + b]
+            if dtype == "BF16":
+                want = (np.frombuffer(buf, "<u2").astype(np.uint32) << 16).view(np.float32)
+            else:
+                want = np.frombuffer(buf, "<f2" if dtype == "F16" else "<f4").astype(np.float32)
+            got = src.st.load(name)
+            assert got.dtype == np.float32 and got.flags.writeable and got.shape == tuple(info["shape"])
+            np.testing.assert_array_equal(got.reshape(-1), want, err_msg=name)
+    finally:
+        src.close()
+
+
+def test_synthetic_hf_folder_converts(tmp_path):
+    """tools/synthetic_hf.py writes a folder that qgguf converts and runs (the 1B-shape memory benchmark's input)."""
+    d = tmp_path / "hf"
+    mod = _synthetic_hf()
+    r = mod.write_hf(d, "tiny", "BF16", seed=1)
+    assert r["bytes"] == (d / "model.safetensors").stat().st_size
+    n_params = sum(int(np.prod(s)) for _, s, _ in mod.hf_tensors(mod.SHAPES["tiny"], 512))
+    assert r["bytes"] == 2 * n_params + 8 + int.from_bytes((d / "model.safetensors").read_bytes()[:8], "little")
+    assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    out = tmp_path / "o.gguf"
+    rep = convert(d, out, type="Q8_0", progress=False)
+    assert rep.n_params == n_params == 292800
+    from qgguf.runtime.model import LlamaModel
+    m = LlamaModel.from_gguf(out)
+    logits = np.asarray(m.forward(np.array([1, 2, 3]), 0))
+    assert logits.shape == (3, 512) and np.isfinite(logits).all()
