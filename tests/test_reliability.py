@@ -311,3 +311,25 @@ def test_synthetic_hf_folder_converts(tmp_path):
     m = LlamaModel.from_gguf(out)
     logits = np.asarray(m.forward(np.array([1, 2, 3]), 0))
     assert logits.shape == (3, 512) and np.isfinite(logits).all()
+
+
+def test_disk_full_while_checkpointing(tmp_path, monkeypatch):
+    """The disk filling up during the blocks (after the up-front check): one OutputError naming the checkpoint,
+    no output file, no half-written checkpoint file; the blocks saved before stay for --resume."""
+    import qgguf.quantize.blockwise as bw
+    calls = []
+    real = bw.os.fsync
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) >= 3:   # run.json and block 0 fit, block 1 does not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+    monkeypatch.setattr(bw.os, "fsync", fsync)
+    out = tmp_path / "o.gguf"
+    with pytest.raises(OutputError, match="No space left on device") as e:
+        convert(STORIES, out, method="gptq", type="Q4_0", nsamples=2, seqlen=16, progress=False)
+    assert "blk.1.npz" in str(e.value)
+    ck = tmp_path / "o.gguf.qgguf-resume"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.gguf.qgguf-resume"]
+    assert sorted(p.name for p in ck.iterdir()) == ["blk.0.npz", "run.json"]

@@ -46,7 +46,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..errors import OptionError, QggufError
+from ..errors import OptionError, OutputError, QggufError
 from ..gguf_types import is_codebook
 from ..runtime import model as rm
 from .base import Method, QuantContext
@@ -417,11 +417,18 @@ class Checkpoint:
     @staticmethod
     def _atomic(path: Path, data: bytes) -> None:
         tmp = path.with_name("." + path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:   # disk full, folder gone: one clear line, no half-written checkpoint file
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise OutputError(f"cannot write the block checkpoint: {e.strerror or e}", path) from None
 
     def path(self, index: int) -> Path:
         return self.folder / f"blk.{index}.npz"
