@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--shape", default="llama-3.2-1b")
     p.add_argument("--vocab", type=int, default=None)
-    p.add_argument("--types", default="aq-2x8-g8,aq-1x8-g8,aq-2x8-g16", help="our AQ types, comma-separated")
+    p.add_argument("--types", default="aq-2x8-g8,aq-1x8-g8,aq-2x8-g16", help="our codebook types (AQ or VQ, e.g. vq-v8-k4096-256), comma-separated")
     p.add_argument("--dir", default=str(ROOT / "out" / "bench"))
     p.add_argument("-p", "--n-prompt", type=int, default=64)
     p.add_argument("-n", "--n-gen", type=int, default=32)
