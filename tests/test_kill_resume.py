@@ -99,8 +99,9 @@ def kill_and_resume(tmp_path: Path, method: str, kills: int, seed: int = 7) -> l
         if out.exists():
             assert out.read_bytes() == ref_bytes, f"kill at {t_kill:.2f} s left a wrong file"
         left = sorted(p.name for p in work.iterdir())
-        blocks_saved = len(list((work / "o.gguf.qgguf-resume").glob("blk.*.npz"))) \
-            if (work / "o.gguf.qgguf-resume").is_dir() else 0
+        ck = work / "o.gguf.qgguf-resume"
+        # a checkpoint without run.json (killed while it was being created or removed) is started afresh
+        blocks_saved = len(list(ck.glob("blk.*.npz"))) if (ck / "run.json").is_file() else 0
         res = watched(cmd + ["-o", str(out), "--resume", "--json"], out)
         assert res.rc == 0, res.stderr[-2000:]
         assert set(res.seen_at_dest) <= {ref_sha}
