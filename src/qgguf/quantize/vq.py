@@ -276,7 +276,12 @@ def plan_vq(tensors, *, type: str = "Q8_0", vq_config: str | None = None, bits: 
             want.append(n)
     if not want:
         raise OptionError("VQ applies to no tensor (check --tensor-method patterns)")
-    qt = parse_config(vq_config) if vq_config else vq_type_of(type)
+    if vq_config:
+        qt = parse_config(vq_config)
+    elif str(type).strip().lower().startswith("vq-"):
+        qt = parse_config(type)       # its own message for a malformed name
+    else:
+        qt = None
     std_type = type if vq_type_of(type) is None else "Q8_0"
     try:
         fb_type = resolve_preset(std_type)[2]
