@@ -152,7 +152,8 @@ def plan_mixed(source, out: Path, *, type: str, method: str, pure: bool = False,
         from ..quantize.imatrix import IMatrixData
         imp = IMatrixData.load(imatrix).importance()
     so = dict(sensitivity or {})
-    log = (lambda s: print(s, file=sys.stderr)) if progress else None
+    def log(s: str) -> None:   # three lines of timings, also with --quiet
+        print("qgguf: " + s, file=sys.stderr)
     if so.get("from"):
         sens = sensitivity_from(so["from"], free, types_for)
     else:

@@ -16,7 +16,7 @@ The layer error is not yet the damage to the model: the same error hurts more in
 Each tensor therefore gets one *real* measurement: the tensor alone is quantized to a reference type (the
 candidate closest to 4.5 bits per weight), the float model's later blocks run on a few calibration
 sequences from that layer on (the layer inputs are cached), and the KL divergence of the final distribution
-to the float model's is taken. ``alpha_t = KLD_t(ref) / e(t, ref)`` is the tensor's propagation factor, and
+to the float model's is taken (on the second half of each sequence, as llama-perplexity scores). ``alpha_t = KLD_t(ref) / e(t, ref)`` is the tensor's propagation factor, and
 the predicted KL divergence of any candidate is ``alpha_t * e(t, q)`` (KL divergence is quadratic in small
 perturbations, like ``e``). The allocator (:mod:`qgguf.convert.budget`) adds these single-tensor
 predictions.
@@ -131,7 +131,7 @@ class _Measurer:
                 w = dict(w)
                 w.update(w_override)
             x = rm.block_forward(self.hp, w, x, self.rope)
-        lp = self.head_logp(x, out_w)
+        lp = self.head_logp(x[:, self.scored], out_w)
         kld = (self.base_p * (self.base_lp - lp)).sum(-1)
         return float(kld.mean())
 
@@ -236,7 +236,8 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
     hN = rm.final_norm(hp, M.out_norm, x).reshape(-1, hp.n_embd)
     H_out = (hN.T @ hN).double()
     del x, hN
-    M.base_lp = M.head_logp(xs)
+    M.scored = slice(kt // 2, None)   # KL divergence on the second half of each sequence (as llama-perplexity)
+    M.base_lp = M.head_logp(xs[:, M.scored])
     M.base_p = M.base_lp.exp()
     head_name = "token_embd.weight" if M.tied else "output.weight"
     candidates(head_name, M.out_w, H_out, N)
@@ -260,7 +261,7 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
             wq = _quantized(qt, M.emb.numpy(), imp).reshape(M.emb.shape)
             return M.tail_kld(0, rm.embed(wq, ids_s), None, wq if M.tied else None)
         wq = _quantized(qt, M.out_w.numpy(), imp).reshape(M.out_w.shape)   # output.weight
-        return float((M.base_p * (M.base_lp - M.head_logp(xs, wq))).sum(-1).mean())
+        return float((M.base_p * (M.base_lp - M.head_logp(xs[:, M.scored], wq))).sum(-1).mean())
 
     t1 = time.perf_counter()
     it = list(sens.values())
