@@ -125,3 +125,75 @@ def test_neon_file_compiles(tmp_path):
                             "-c", str(CSRC / src), "-I", str(CSRC), "-o", str(tmp_path / (src + ".o"))],
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
+
+
+NEON_DRIVER = r"""
+#include "qg_native.h"
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+static uint64_t rng = 88172645463325252ull;
+static uint64_t nxt(void) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return rng; }
+static float frand(void) { return (float)((nxt() >> 11) * (1.0 / 9007199254740992.0)) * 2.f - 1.f; }
+static int run(int v, int kb, int rb, int64_t R, int64_t C, int64_t n_out, int64_t G) {
+    const int64_t k = 1 << kb, kr = rb ? 1 << rb : 0, nb = R / v, nc = C - n_out, gs = (nc + G - 1) / G;
+    const int64_t ni = (nb * C * kb + 7) / 8 + 3, nr = rb ? (nb * nc * rb + 7) / 8 + 3 : 0;
+    uint8_t *idx = malloc(ni), *ridx = malloc(nr + 1);
+    for (int64_t i = 0; i < ni; i++) idx[i] = (uint8_t)nxt();
+    for (int64_t i = 0; i < nr; i++) ridx[i] = (uint8_t)nxt();
+    float *books = malloc(sizeof(float) * G * k * v), *rbooks = malloc(sizeof(float) * (G * kr * v + 1));
+    float *obook = malloc(sizeof(float) * k * v), *sc = malloc(sizeof(float) * C), *bi = malloc(sizeof(float) * C);
+    int32_t *perm = malloc(sizeof(int32_t) * C);
+    for (int64_t i = 0; i < G * k * v; i++) books[i] = frand();
+    for (int64_t i = 0; i < G * kr * v; i++) rbooks[i] = 0.3f * frand();
+    for (int64_t i = 0; i < k * v; i++) obook[i] = 2.f * frand();
+    for (int64_t i = 0; i < C; i++) { sc[i] = 0.05f + 0.01f * frand(); bi[i] = 0.001f * frand(); perm[i] = (int32_t)i; }
+    for (int64_t i = C - 1; i > 0; i--) { int64_t j = (int64_t)(nxt() % (uint64_t)(i + 1)); int32_t tmp = perm[i]; perm[i] = perm[j]; perm[j] = tmp; }
+    qg_vq_side side = {rb ? rbooks : NULL, n_out ? obook : NULL, perm, bi};
+    qg_tensor t;
+    memset(&t, 0, sizeof t);
+    t.type = QG_TYPE_VQ; t.M = v; t.B = kb; t.g = 1; t.R = R; t.C = C;
+    t.codes = idx; t.codebooks = books; t.scales = sc; t.aux0 = rb ? ridx : NULL; t.aux1 = &side;
+    t.iparam[0] = k; t.iparam[1] = rb; t.iparam[2] = kr; t.iparam[3] = n_out; t.iparam[4] = G; t.iparam[5] = gs;
+    float *x = malloc(sizeof(float) * C), *W0 = malloc(sizeof(float) * R * C), *W1 = malloc(sizeof(float) * R * C);
+    float *y0 = malloc(sizeof(float) * R), *y1 = malloc(sizeof(float) * R);
+    for (int64_t i = 0; i < C; i++) x[i] = frand();
+    int bad = 0;
+    if (qg_set_isa(QG_ISA_SCALAR) || qg_dequantize_rows(&t, 0, R, W0, 1) || qg_matvec(&t, x, y0, 1)) bad = 1;
+    if (qg_set_isa(QG_ISA_NEON) || qg_dequantize_rows(&t, 0, R, W1, 2) || qg_matvec(&t, x, y1, 2)) bad = 1;
+    if (memcmp(W0, W1, sizeof(float) * R * C)) { printf("dequantize differs v=%d kb=%d rb=%d\n", v, kb, rb); bad = 1; }
+    double m = 0, d = 0;
+    for (int64_t i = 0; i < R; i++) { m = fmax(m, fabs(y0[i])); d = fmax(d, fabs(y0[i] - y1[i])); }
+    if (d > 1e-5 * (m + 1)) { printf("matvec differs v=%d kb=%d rb=%d: %g of %g\n", v, kb, rb, d, m); bad = 1; }
+    free(idx); free(ridx); free(books); free(rbooks); free(obook); free(sc); free(bi); free(perm);
+    free(x); free(W0); free(W1); free(y0); free(y1);
+    return bad;
+}
+int main(void) {
+    int bad = 0;
+    bad |= run(8, 8, 0, 128, 96, 0, 1);
+    bad |= run(8, 12, 8, 64, 130, 3, 3);
+    bad |= run(4, 7, 4, 40, 52, 2, 2);
+    bad |= run(16, 10, 6, 96, 72, 1, 1);
+    bad |= run(2, 5, 3, 18, 30, 0, 2);
+    if (!bad) printf("vq neon ok\n");
+    return bad;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None or shutil.which("qemu-aarch64") is None,
+                    reason="no aarch64 cross compiler / qemu-aarch64")
+def test_neon_under_qemu(tmp_path):
+    """The NEON path, run under qemu: dequantization identical to the scalar path, matvec within 1e-5."""
+    drv = tmp_path / "vq_neon.c"
+    drv.write_text(NEON_DRIVER)
+    srcs = [str(CSRC / f) for f in ("qg_core.c", "qg_aq_scalar.c", "qg_aq_avx2.c", "qg_aq_avx512.c", "qg_aq_neon.c",
+                                    "qg_vq_scalar.c", "qg_vq_avx2.c", "qg_vq_avx512.c", "qg_vq_neon.c")]
+    exe = tmp_path / "vq_neon"
+    subprocess.run(["aarch64-linux-gnu-gcc", "-O2", "-std=gnu11", "-ffp-contract=off", "-static", f"-I{CSRC}",
+                    str(drv), *srcs, "-o", str(exe), "-lpthread", "-lm"], check=True, capture_output=True, text=True)
+    out = subprocess.run(["qemu-aarch64", str(exe)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "vq neon ok" in out.stdout
