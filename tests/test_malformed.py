@@ -441,6 +441,13 @@ def c_hf_missing_layer_tensor(t):
     return ["convert", d], d, "ffn_down.weight"
 
 
+def c_hf_token_id_beyond_embedding(t):
+    tj = hf_tokenizer()
+    tj["added_tokens"].append({"id": 5000, "content": "<big>", "special": True})
+    d = make_hf(t / "hf", config=HF_CONFIG, tokenizer=tj)
+    return ["convert", d], d / "tokenizer.json", "token id 5000"
+
+
 CASES = {name[2:].replace("_", "-"): fn for name, fn in dict(globals()).items() if name.startswith("c_")}
 
 

@@ -722,7 +722,10 @@ class HFSource(ModelSource):
                 isinstance(m, str) or (isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m))
                 for m in raw_merges):
             raise InputFileError("model.merges must be a list of \"a b\" strings or [a, b] pairs", p)
-        n_vocab = max(n_vocab, max(vocab.values()) + 1)
+        top = max(vocab.values())
+        if top >= n_vocab:   # as convert_hf_to_gguf: every id must have an embedding row
+            raise InputFileError(f"token id {top} ({next(t for t, i in vocab.items() if i == top)!r}) is beyond "
+                                 f"the {n_vocab} rows of the embedding (config.json vocab_size)"[:300], p)
         rev = {i: t for t, i in vocab.items()}
         tokens, types = [], []
         for i in range(n_vocab):
