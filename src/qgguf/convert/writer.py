@@ -51,6 +51,7 @@ class OutputFile:
         self._next = 0
         self.tmp: Path | None = None
         self._check_folder()
+        self.remove_stale_temps()   # before the free-space check: a dead writer's file is not in the way
 
     def _check_folder(self) -> None:
         d = self.path.parent
