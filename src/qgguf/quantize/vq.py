@@ -203,10 +203,11 @@ class VQ(AQ):
 
 def candidate_configs() -> list:
     """The configurations ``--bits`` chooses among: vectors of 4, 8 or 16; 16..65536 centroids; no residual
-    or 16..4096 residual centroids; no outliers, 1 % or 2 %; 1, 2, 4 or 8 codebook groups."""
+    or 2..64, 256, 1024, 4096 residual centroids; no outliers, 1 % or 2 %; 1, 2, 4 or 8 codebook groups."""
     from ..gguf_types.vq import vq_type
     out = []
-    for v, kb, rb, o, g in itertools.product((4, 8, 16), range(4, 17), (0, 4, 6, 8, 10, 12), (0, 1, 2), (1, 2, 4, 8)):
+    for v, kb, rb, o, g in itertools.product((4, 8, 16), range(4, 17), (0, 1, 2, 3, 4, 5, 6, 8, 10, 12), (0, 1, 2),
+                                                (1, 2, 4, 8)):
         if rb and rb > kb:
             continue
         out.append(vq_type(v, 1 << kb, (1 << rb) if rb else 0, o, g))
@@ -230,7 +231,8 @@ def _rank(qt) -> tuple:
     over a main + residual pair (one exact nearest search instead of a greedy two-stage one), then more
     codebook groups, outlier columns, longer vectors. Measured on SmolLM2-135M layers (relative layer error,
     budget 2 bits: vq-v4-k128-o2-g8 0.054 at 1.96 bpw, vq-v4-k128 0.059 at 1.83, vq-v8-k256-64-o1 0.059
-    at 1.96)."""
+    at 1.96; budget 3 bits: vq-v4-k1024-2 0.0165 at 2.95, vq-v4-k512-4-o1 0.0174, vq-v4-k256-8-o2-g4 0.0175,
+    vq-v4-k128-16-o2-g8 0.0190)."""
     return (round(qt.index_bits, 6), -qt.rbits, qt.groups, qt.outlier_pct, qt.v, qt.kbits)
 
 
