@@ -105,8 +105,8 @@ AI void rows_w(const qg_tensor *t, const float *prep, float *y, int64_t b0, int6
             const float *book = t->codebooks + g * k * V;
             if (RB) {
                 const float *rbook = sd->rbooks + g * kr * V;
-                for (; p + 2 <= pe; p += 2, pos += 2 * KB, rpos += 2 * RB) {
-                    for (int u = 0; u < 2; u++) {
+                for (; p + 4 <= pe; p += 4, pos += 4 * KB, rpos += 4 * RB) {
+                    for (int u = 0; u < 4; u++) {
                         const float *e = book + (int64_t)get_bits(s, pos + u * KB, KB) * V;
                         const float *re = rbook + (int64_t)get_bits(rs, rpos + u * RB, RB) * V;
                         const __m256 xv = _mm256_broadcast_ss(prep + p + u);
