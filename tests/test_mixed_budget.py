@@ -148,3 +148,19 @@ def test_recipe_roundtrip(tmp_path):
         load_recipe(tmp_path / "bad2.json")
     with pytest.raises(InputFileError, match="no such"):
         load_recipe(tmp_path / "missing.json")
+
+
+def test_interpolated_propagation_factors():
+    from qgguf.quantize.sensitivity import TensorSensitivity, _interpolate_alpha
+    sens, keys_of = {}, {}
+    for il in range(5):
+        for k in ("attn_q", "ffn_down"):
+            n = f"blk.{il}.{k}.weight"
+            measured = il in (0, 4)
+            sens[n] = TensorSensitivity(n, (8, 32), {"Q4_0": 144}, {"Q4_0": 1.0}, ref="Q4_0" if measured else "",
+                                        alpha=(1.0 + il if k == "attn_q" else 10.0) if measured else 0.0)
+            keys_of[n] = (il, k)
+    _interpolate_alpha(sens, keys_of, [0, 4])
+    assert [sens[f"blk.{i}.attn_q.weight"].alpha for i in range(5)] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert all(sens[f"blk.{i}.ffn_down.weight"].alpha == 10.0 for i in range(5))
+    assert sens["blk.2.attn_q.weight"].kld("Q4_0") == 3.0

@@ -159,7 +159,8 @@ def plan_mixed(source, out: Path, *, type: str, method: str, pure: bool = False,
     else:
         sens = measure(source, types_for=types_for, calib=calib, nsamples=int(so.get("nsamples", 32)),
                        seqlen=int(so.get("seqlen", 512)), seed=seed, imatrix=imp,
-                       kld_samples=int(so.get("kld_samples", 4)), kld_seqlen=int(so.get("kld_seqlen", 256)),
+                       kld_samples=int(so.get("kld_samples", 4)), kld_seqlen=int(so.get("kld_seqlen", 128)),
+                       alpha_stride=so.get("alpha_stride"),
                        check=int(so.get("check", 0)), progress=progress, threads=threads, log=log)
     missing = set(free) - set(sens.tensors)
     if missing:

@@ -13,12 +13,15 @@ once). For the tied or untied embedding/output matrix ``H`` is the Gram matrix o
 states (its role as the output head).
 
 The layer error is not yet the damage to the model: the same error hurts more in some layers than in others.
-Each tensor therefore gets one *real* measurement: the tensor alone is quantized to a reference type (the
-candidate closest to 4.5 bits per weight), the float model's later blocks run on a few calibration
+Each tensor therefore gets a factor from *real* measurements: the tensor alone is quantized to a reference type
+(the candidate closest to 4.5 bits per weight), the float model's later blocks run on a few calibration
 sequences from that layer on (the layer inputs are cached), and the KL divergence of the final distribution
 to the float model's is taken (on the second half of each sequence, as llama-perplexity scores). ``alpha_t = KLD_t(ref) / e(t, ref)`` is the tensor's propagation factor, and
 the predicted KL divergence of any candidate is ``alpha_t * e(t, q)`` (KL divergence is quadratic in small
-perturbations, like ``e``). The allocator (:mod:`qgguf.convert.budget`) adds these single-tensor
+perturbations, like ``e``). To keep the cost within the conversion's, the block linears are measured in every
+``n_layer // 6``-th layer (and the last; ``alpha_stride``) and the factors of the layers between are
+interpolated per role (attn_q, ..., ffn_down) in the layer index; the embedding/output matrix is always
+measured. The allocator (:mod:`qgguf.convert.budget`) adds these single-tensor
 predictions.
 
 ``check``: that many more single-tensor measurements with other types, whose Spearman rank correlation with
@@ -152,10 +155,12 @@ def _spearman(a, b) -> float:
 @torch.no_grad()
 def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None, nsamples: int = 32,
             seqlen: int = 512, seed: int = 0, imatrix: dict[str, np.ndarray] | None = None,
-            kld_samples: int = 4, kld_seqlen: int = 256, check: int = 0, progress: bool = True,
-            threads: int | None = None, log=None) -> Sensitivity:
+            kld_samples: int = 4, kld_seqlen: int = 128, check: int = 0, progress: bool = True,
+            threads: int | None = None, log=None, alpha_stride: int | None = None) -> Sensitivity:
     """Sensitivities of every quantizable tensor (``types_for(name, shape)`` -> its candidate types; a tensor
-    with no candidates is skipped). ``imatrix``: importance vectors by tensor name (else ``diag(H)/N``)."""
+    with no candidates is skipped). ``imatrix``: importance vectors by tensor name (else ``diag(H)/N``).
+    ``alpha_stride``: measure the propagation factors of the block linears in every k-th layer (and the last;
+    default ``n_layer // 6``), interpolate the others."""
     from .blockwise import _calibration, chunk_samples
 
     t0 = time.perf_counter()
@@ -264,7 +269,9 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
         return float((M.base_p * (M.base_lp - M.head_logp(xs[:, M.scored], wq))).sum(-1).mean())
 
     t1 = time.perf_counter()
-    it = list(sens.values())
+    stride = alpha_stride or max(1, hp.n_layer // 6)
+    measured_layers = sorted(set(range(0, hp.n_layer, stride)) | {hp.n_layer - 1})
+    it = [ts for ts in sens.values() if ts.name not in keys_of or keys_of[ts.name][0] in measured_layers]
     if progress:
         from tqdm import tqdm
         it = tqdm(it, desc="single-tensor KLD", unit="t", leave=False)
@@ -276,8 +283,9 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
         ts.ref_kld = max(0.0, real_kld(ts.name, ts.ref))
         e = ts.error[ts.ref]
         ts.alpha = ts.ref_kld / e if e > 0 else 0.0
-    say(f"sensitivity: {len(sens)} single-tensor KLD measurements on {ks} x {kt} tokens in "
-        f"{time.perf_counter() - t1:.1f} s")
+    _interpolate_alpha(sens, keys_of, measured_layers)
+    say(f"sensitivity: {len(it)} single-tensor KLD measurements (layers {measured_layers}, the others' factors "
+        f"interpolated per role) on {ks} x {kt} tokens in {time.perf_counter() - t1:.1f} s")
     result = Sensitivity(sens, dataset, int(N), ks * kt)
     if check:
         result.proxy_check = _check(sens, real_kld, check, seed)
@@ -288,10 +296,26 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
     return result
 
 
+def _interpolate_alpha(sens: dict[str, TensorSensitivity], keys_of: dict, measured: list[int]) -> None:
+    """Propagation factors of the block linears in unmeasured layers: linear in the layer index between the
+    measured layers' factors of the same role (``ref_kld`` stays 0, ``ref`` empty: not measured)."""
+    by_role: dict[str, list[tuple[int, float]]] = {}
+    for name, (il, k) in keys_of.items():
+        ts = sens.get(name)
+        if ts is not None and il in measured and ts.ref:
+            by_role.setdefault(k, []).append((il, ts.alpha))
+    for name, (il, k) in keys_of.items():
+        ts = sens.get(name)
+        if ts is None or il in measured or not by_role.get(k):
+            continue
+        pts = sorted(by_role[k])
+        ts.alpha = float(np.interp(il, [p[0] for p in pts], [p[1] for p in pts]))
+
+
 def _check(sens: dict[str, TensorSensitivity], real_kld, n: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    names = [s for s in sens if len([q for q in sens[s].error if q != sens[s].ref
-                                     and not gguf_types.get(q).is_float]) > 0]
+    names = [s for s in sens if sens[s].alpha > 0 and len([q for q in sens[s].error if q != sens[s].ref
+                                                           and not gguf_types.get(q).is_float]) > 0]
     pick = sorted(rng.choice(len(names), size=min(n, len(names)), replace=False))
     pairs = []
     for i in pick:
@@ -299,6 +323,7 @@ def _check(sens: dict[str, TensorSensitivity], real_kld, n: int, seed: int) -> d
         others = [q for q in ts.error if q != ts.ref and not gguf_types.get(q).is_float]
         q = others[int(rng.integers(len(others)))]
         pairs.append({"tensor": ts.name, "type": q, "predicted": ts.kld(q), "layer_error": ts.error[q],
+                      "alpha_measured": bool(ts.ref),
                       "real": real_kld(ts.name, q)})
     pred = [p["predicted"] for p in pairs]
     real = [p["real"] for p in pairs]
