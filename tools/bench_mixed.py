@@ -5,7 +5,8 @@ measured mixed precision at the same file sizes, every file evaluated by qgguf's
 For every preset P in ``--presets``: ``llama-quantize --imatrix I F32 OUT P`` (llama.cpp's own tool, built by
 tools/build_llamacpp_tools.sh). For every preset P in ``--match``: ``qgguf convert F32 --method M --calib C
 --target-size <bytes of llama.cpp's P file> --compat llama.cpp --sens-from SENS`` (the sensitivities measured
-once, saved in a recipe; ``--measure`` makes that recipe first and records its time). ``--size NAME=BYTES``
+once, saved in a recipe; with ``--measure`` and no SENS yet, the first of these conversions measures them,
+with ``--proxy-check``, and its search time and conversion time are recorded under ``_measure``). ``--size NAME=BYTES``
 adds a qgguf budget of any size (e.g. the AQ 2-bit file's). Every file: ``qgguf eval FILE --text T --ctx 512
 --chunks 40 --base F32 --json``, and a load by llama.cpp (llama-cpp-python) for the standard files.
 
@@ -126,19 +127,8 @@ def main() -> int:
         save()
 
     sens = Path(args.sens) if args.sens else out / "sensitivity.json"
-    if not sens.is_file():
-        if not args.measure:
-            raise SystemExit(f"no sensitivities at {sens}: run with --measure")
-        dest = out / "measure.gguf"
-        target = sizes.get("Q4_K_M") or max(sizes.values(), default=100_000_000)
-        cmd = QG + ["convert", args.f32, "-o", dest, "--method", "imatrix", "--calib", args.calib,
-                    "--target-size", str(target), "--compat", args.compat, "--save-recipe", sens,
-                    "--proxy-check", str(args.proxy_check), "-t", str(args.threads), "-q", "--json"]
-        dt = run(cmd, log)
-        r = json.loads(sens.read_text())
-        results["_measure"] = {"wall_s": dt, "search_s": r.get("search_seconds"), "proxy_check": r.get("proxy_check"),
-                               "command": " ".join(map(str, cmd))}
-        save()
+    if not sens.is_file() and not args.measure:
+        raise SystemExit(f"no sensitivities at {sens}: run with --measure")
 
     budgets = {f"qgguf@{p}": sizes[p] for p in args.match.split(",") if p}
     for item in args.size:
@@ -149,16 +139,23 @@ def main() -> int:
         e = results.setdefault(key, {})
         if not dest.is_file() or args.force or e.get("target_bytes") != nbytes:
             rjson = dest.with_suffix(".recipe.json")
+            measuring = not sens.is_file()   # the first budget measures; the others reuse its sensitivities
             cmd = QG + ["convert", args.f32, "-o", dest, "--method", args.method, "--calib", args.calib,
-                        "--target-size", str(nbytes), "--compat", args.compat, "--sens-from", sens,
-                        "--save-recipe", rjson, "-t", str(args.threads), "-q", "--json"]
+                        "--target-size", str(nbytes), "--compat", args.compat, "--save-recipe", rjson,
+                        "-t", str(args.threads), "-q", "--json"]
+            cmd += ["--proxy-check", str(args.proxy_check)] if measuring else ["--sens-from", sens]
             if args.nsamples:
                 cmd += ["--nsamples", str(args.nsamples)]
             dt = run(cmd, log)
             r = json.loads(rjson.read_text())
             e.clear()
             e.update({"convert_s": dt, "predicted_kld": r.get("predicted_kld"), "types": _count(r["types"]),
-                      "command": " ".join(map(str, cmd))})
+                      "command": " ".join(map(str, cmd)), "tensor_bytes": r.get("tensor_bytes")})
+            if measuring:
+                sens.write_text(rjson.read_text())
+                results["_measure"] = {"file": key, "convert_wall_s": dt, "search_s": r.get("search_seconds"),
+                                       "conversion_without_search_s": dt - float(r.get("search_seconds") or 0),
+                                       "proxy_check": r.get("proxy_check"), "command": " ".join(map(str, cmd))}
         e.update({"kind": "qgguf", "method": args.method, "file": str(dest), "file_bytes": dest.stat().st_size,
                   "target_bytes": nbytes})
         save()
