@@ -46,7 +46,9 @@ def run(cmd: list[str], log: Path) -> float:
 def evaluate(path: Path, args, log: Path) -> dict:
     out = path.with_suffix(".eval.json")
     cmd = QG + ["eval", path, "--text", args.text, "--ctx", str(args.ctx), "--chunks", str(args.chunks),
-                "--base", args.f32, "--json", "-t", str(args.threads)]
+                "--base", args.f32, "--json", "-t", str(args.threads), "--no-progress"]
+    if args.base_cache:
+        cmd += ["--base-cache", args.base_cache]
     t0 = time.perf_counter()
     with open(log, "ab") as f, open(out, "wb") as o:
         f.write(("$ " + " ".join(map(str, cmd)) + "\n").encode())
@@ -92,12 +94,18 @@ def main() -> int:
     ap.add_argument("--proxy-check", type=int, default=24)
     ap.add_argument("--out", default=str(ROOT / "bench-out" / "mixed"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--base-cache", default=None,
+                    help="the F32 model's logits for qgguf eval --base-cache (default: bench-out/methods/base-logits.npy "
+                         "when present, else OUT/base-logits.npy)")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--no-eval", action="store_true", help="make the files only")
     args = ap.parse_args()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.base_cache is None:
+        shared = ROOT / "bench-out" / "methods" / "base-logits.npy"
+        args.base_cache = str(shared if shared.is_file() else out / "base-logits.npy")
     log = out / "bench.log"
     res_path = out / "results.json"
     results = json.loads(res_path.read_text()) if res_path.is_file() else {}
