@@ -202,6 +202,10 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
             token_embedding_type, output_tensor_type = aqp.token_embedding_type, aqp.output_tensor_type
             if aqp.other and "other" not in opts:
                 m.other = aqp.other
+            if bits is not None:   # the configuration --bits chose, and its true size
+                print(f"qgguf: --bits {bits:g}: {aqp.config.name} on {len(aqp.tensors)} tensors, {aqp.bpw:.3f} bits "
+                      "per weight counting every byte" + (f" ({len(aqp.fallback)} in their fallback type)"
+                                                          if aqp.fallback else ""), file=sys.stderr)
         recipe = None
         if recipe_file is not None or target_size is not None or target_bpw is not None or dynamic:
             if aq_wanted or vq_wanted:
