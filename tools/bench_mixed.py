@@ -99,7 +99,11 @@ def main() -> int:
                          "when present, else OUT/base-logits.npy)")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--no-eval", action="store_true", help="make the files only")
+    ap.add_argument("--table", action="store_true", help="only print OUT/results.json as a markdown table")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads((Path(args.out) / "results.json").read_text())))
+        return 0
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -181,6 +185,28 @@ def main() -> int:
                   file=sys.stderr)
     print(json.dumps(results, indent=1, sort_keys=True))
     return 0
+
+
+def table(results: dict) -> str:
+    """Markdown: one row per evaluated file, by size."""
+    rows = ["| file | bytes | KLD | PPL | same top | types | loads in llama.cpp |",
+            "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
+    items = sorted(((k, e) for k, e in results.items() if not k.startswith("_") and e.get("kld") is not None),
+                   key=lambda kv: kv[1]["file_bytes"])
+    for k, e in items:
+        types = e.get("types") or {}
+        mix = ", ".join(f"{t} {n}" for t, n in sorted(types.items(), key=lambda kv: -kv[1]))
+        extra = f" (predicted {e['predicted_kld']:.4f})" if e.get("predicted_kld") is not None else ""
+        rows.append(f"| {k} | {e['file_bytes']:,} | {e['kld']:.4f} ± {e['kld_err']:.4f}{extra} | "
+                    f"{e['ppl']:.3f} | {100 * e['same_top']:.2f} % | {mix} | {e.get('llama_cpp_loads')} |")
+    m = results.get("_measure")
+    if m:
+        rows.append("")
+        rows.append(f"search {m['search_s']:.1f} s, the conversion it planned {m['conversion_without_search_s']:.1f} s "
+                    f"(ratio {m['search_s'] / max(1e-9, m['conversion_without_search_s']):.2f}); proxy check: "
+                    f"Spearman {m['proxy_check'].get('spearman', float('nan')):.3f} over "
+                    f"{m['proxy_check'].get('pairs')} pairs")
+    return "\n".join(rows)
 
 
 def _count(types: dict) -> dict:
