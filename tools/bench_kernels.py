@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Benchmark qgguf's native AQ kernels: matvec time per ISA path and thread count.
+"""Benchmark qgguf's native AQ and VQ kernels: matvec time per ISA path and thread count.
 
     python tools/bench_kernels.py                      # 4096x11008 and 2048x8192, all configs
     python tools/bench_kernels.py --shapes 4096x11008 --configs 2x8-g8 --threads 1,2 --json
+    python tools/bench_kernels.py --shapes 4096x11008 --configs vq-v8-k256-256,vq-v8-k4096-256 --threads 1
 
 Shapes are "CxR" as in the usual "4096x11008" (input x output).  For each shape it also times
 numpy's float32 matvec (np.dot) and, when llama-cpp-python is installed, llama.cpp's own Q4_K
@@ -54,6 +55,19 @@ def parse_cfg(s: str) -> tuple[int, int, int]:
     mb, g = s.split("-g")
     m, b = mb.split("x")
     return int(m), int(b), int(g)
+
+
+def vq_tensor(name: str, R: int, C: int, rng):
+    """A native VQTensor of type ``name`` (e.g. vq-v8-k4096-256) with random fields; (tensor, true bpw)."""
+    from qgguf import gguf_types
+    from qgguf.gguf_types import vq as V
+    qt = gguf_types.get(name)
+    comp = qt.pack(qt.random_fields((R, C), rng))
+    L = qt.layout((R, C))
+    t = native.VQTensor(comp[V.VQ_IDX], comp[V.VQ_BOOKS], comp[V.VQ_PERM], comp[V.VQ_COLSCALE], comp[V.VQ_COLBIAS],
+                        v=qt.v, k=qt.k, R=R, C=C, ridx=comp.get(V.VQ_RIDX), rbooks=comp.get(V.VQ_RBOOKS), kr=qt.kr,
+                        obook=comp.get(V.VQ_OBOOK), n_out=L["n_out"], groups=qt.groups)
+    return t, qt.bits_per_weight((R, C))
 
 
 # ---------------------------------------------------------------- llama.cpp Q4_K reference
@@ -162,13 +176,18 @@ def main(argv=None) -> int:
                 say(f"   llama.cpp Q4_K: unavailable ({type(e).__name__}: {e})")
         del W
         for cs in a.configs.split(","):
-            M, B, gs = parse_cfg(cs)
-            codes = rng.integers(0, 1 << B, (C // gs, M, R), dtype=np.uint8 if B == 8 else np.uint16)
-            cb = (rng.standard_normal((M, 1 << B, gs)) * 0.05).astype(np.float16)
-            s = (rng.random(R) + 0.5).astype(np.float32)
-            t = native.AQTensor(codes, cb, s, M, B, gs, R, C)
-            ts = [t] + [native.AQTensor(codes.copy(), cb, s, M, B, gs, R, C)
-                        for _ in range(copies(a.cold, codes.nbytes) - 1)]
+            if cs.startswith("vq-"):   # a VQ type: random packed indices, codebooks, permutation, norms
+                t, bpw = vq_tensor(cs, R, C, rng)
+                ts = [t] + [vq_tensor(cs, R, C, rng)[0] for _ in range(copies(a.cold, t.nbytes) - 1)]
+            else:
+                M, B, gs = parse_cfg(cs)
+                bpw = M * B / gs
+                codes = rng.integers(0, 1 << B, (C // gs, M, R), dtype=np.uint8 if B == 8 else np.uint16)
+                cb = (rng.standard_normal((M, 1 << B, gs)) * 0.05).astype(np.float16)
+                s = (rng.random(R) + 0.5).astype(np.float32)
+                t = native.AQTensor(codes, cb, s, M, B, gs, R, C)
+                ts = [t] + [native.AQTensor(codes.copy(), cb, s, M, B, gs, R, C)
+                            for _ in range(copies(a.cold, codes.nbytes) - 1)]
             yref = t.dequantize(threads=max(threads)).astype(np.float64) @ x
             for isa in isas:
                 with native.use_isa(isa):
@@ -181,9 +200,9 @@ def main(argv=None) -> int:
                         row = {"config": cs, "isa": isa, "threads": th, "ms": ms, "rel_err": err,
                                "vs_numpy": ent["numpy_f32_ms"] / ms,
                                "vs_llamacpp_q4k": (q4 / ms) if q4 else None,
-                               "bits_per_weight": M * B / gs}
+                               "bits_per_weight": bpw}
                         ent["aq"].append(row)
-                        say(f"   AQ {cs:8s} {isa:7s} t{th}: {ms:8.3f} ms   x{row['vs_numpy']:6.1f} vs numpy"
+                        say(f"   {cs:18s} {isa:7s} t{th}: {ms:8.3f} ms   x{row['vs_numpy']:6.1f} vs numpy"
                             + (f"   x{row['vs_llamacpp_q4k']:5.2f} vs Q4_K" if q4 else "")
                             + f"   rel.err {err:.1e}")
         results["shapes"].append(ent)
