@@ -779,7 +779,10 @@ def fuzz(target: str, n: int, seed: int = 0, timeout: float = 1.0, corpus: Path 
                 if where not in seen and len(rep.findings) < max_findings:
                     seen.add(where)
                     if data is None:
-                        data = gguf_bytes(doc)
+                        try:
+                            data = gguf_bytes(doc)
+                        except (struct.error, OverflowError, ValueError):   # a value its type cannot hold
+                            data = repr(doc).encode("utf-8", "backslashreplace")
                     rep.findings.append(Finding(target, i, out, where, "".join(
                         traceback.format_exception(type(exc), exc, exc.__traceback__)), data))
             if progress and time.perf_counter() - last > progress:
