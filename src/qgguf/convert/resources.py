@@ -16,8 +16,9 @@ The memory model (bytes; float32 unless said otherwise):
 * block methods (``gptq``, ``quantease``, ``autoround``, ``aq``, ...): the activation sets of
   ``nsamples x seqlen`` tokens (``x_q``, the residual after attention, the block output: 3 x n_embd, the attention
   output, the FFN hidden state; ``x_fp`` too for methods that read the float model's inputs), the widest input's
-  Gram matrix in float64 plus its float32 copy and the method's own inverse/Cholesky factors (2 more float64),
-  and one block's weights three times (originals, working copy, dequantized result; six times for the methods
+  Gram matrix: 8 float64 copies and a float32 one (the matrix, its cleaned and damped copies, the Cholesky factor,
+  its inverse and the upper factor coexist inside GPTQ's inverse_cholesky; measured on the Llama-3.2-1B shape,
+  ffn_down's 8192 x 8192 matrix took the peak to 5.17 GB), and one block's weights three times (originals, working copy, dequantized result; six times for the methods
   that fine-tune with Adam: autoround, aq, vq).
 
 The phases do not overlap (activations are freed before the tensors outside the blocks are quantized), so the
@@ -112,11 +113,15 @@ class MemoryEstimate:
     total: int
     parts: dict[str, int] = field(default_factory=dict)   # phase -> bytes (without the base)
     base: int = BASE_PLAIN
+    block: dict[str, int] = field(default_factory=dict)   # the block phase's parts
 
     def describe(self) -> str:
         top = max(self.parts, key=self.parts.get) if self.parts else "base"
+        detail = ""
+        if top.startswith("block") and self.block:
+            detail = " (" + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in self.block.items()) + ")"
         return (f"about {self.total / 2**30:.2f} GiB ({self.base / MiB:.0f} MiB base + "
-                f"{self.parts.get(top, 0) / 2**30:.2f} GiB for {top})")
+                f"{self.parts.get(top, 0) / 2**30:.2f} GiB for {top}{detail})")
 
 
 def _numel(shape) -> int:
@@ -147,13 +152,16 @@ def estimate_peak_memory(source, plan, method, blockwise: bool, nsamples: int, s
             widths += n_embd
         acts = int(nsamples) * int(seqlen) * 4 * widths
         wide = max(n_ff, attn, n_embd)
-        grams = wide * wide * (8 + 4 + 2 * 8)
+        grams = wide * wide * (8 * 8 + 4)
         name = str(getattr(method, "name", "")).lower()
         copies = 6 if name in ("autoround", "aq", "vq") else 3
         weights = sum(_numel(s) for s in blk.values()) * 4 * copies
-        parts["block calibration (activations, Gram matrices, one block)"] = acts + grams + weights
+        parts["block calibration"] = acts + grams + weights
+        block = {"activations": acts, "Gram matrices": grams, "one block's weights": weights}
+    else:
+        block = {}
     top = max(parts.values()) if parts else 0
-    return MemoryEstimate(base + top, parts, base)
+    return MemoryEstimate(base + top, parts, base, block)
 
 
 def check_memory(est: MemoryEstimate, max_memory) -> None:
@@ -163,9 +171,13 @@ def check_memory(est: MemoryEstimate, max_memory) -> None:
     limit = parse_size(max_memory)
     if est.total > limit:
         top = max(est.parts, key=est.parts.get) if est.parts else ""
-        hint = {"calibration through the float model": "calibrate from a text file (--calib FILE) or take an "
-                                                       "--imatrix FILE",
-                "block calibration": "use fewer calibration tokens (--nsamples/--seqlen)"}
-        how = next((h for k, h in hint.items() if top.startswith(k)), "use a machine with more memory")
+        how = "use a machine with more memory"
+        if top.startswith("calibration through the float model"):
+            how = "calibrate from a text file (--calib FILE) or take an --imatrix FILE"
+        elif top.startswith("block") and est.block:
+            how = ("use fewer calibration tokens (--nsamples/--seqlen)"
+                   if max(est.block, key=est.block.get) == "activations" else
+                   "the widest layer's Gram matrices do not depend on the samples: use a method without them "
+                   "(rtn, imatrix) or more memory")
         raise OptionError(f"this plan needs {est.describe()}, more than --max-memory {max_memory} "
                           f"({limit / 2**30:.2f} GiB): {how}")
