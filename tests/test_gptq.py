@@ -177,3 +177,41 @@ def test_gptq_dead_columns_and_method():
     out2 = m.quantize_tensor("token_embd.weight", W, qt, ctx)
     np.testing.assert_array_equal(out2, qt.quantize(W))
     assert ctx.extra["fallback"] == ["token_embd.weight"]
+
+
+# ------------------------------------------------------------------------------------------------
+# target="fp": the float model's layer output as the target (asymmetric calibration)
+# ------------------------------------------------------------------------------------------------
+def test_fp_target_weights_is_the_least_squares_solution():
+    from qgguf.quantize.blockwise import fp_target_weights
+    rng = np.random.default_rng(0)
+    Xfp = rng.standard_normal((600, 24))
+    Xq = Xfp + 0.1 * rng.standard_normal(Xfp.shape)        # the quantized model's (perturbed) inputs
+    W = rng.standard_normal((10, 24))
+    H, C = Xq.T @ Xq, Xq.T @ Xfp
+    got = fp_target_weights(W, H, C, damp=0.0)
+    ref = np.linalg.lstsq(Xq, Xfp @ W.T, rcond=None)[0].T
+    assert np.allclose(got, ref, rtol=1e-4, atol=1e-4)
+    # it matches the float outputs better than W itself does on the perturbed inputs
+    err = lambda V: np.linalg.norm(Xq @ V.T - Xfp @ W.T)   # noqa: E731
+    assert err(got) < err(W)
+    # equal inputs: the weights themselves (up to the damping)
+    assert np.allclose(fp_target_weights(W, Xfp.T @ Xfp, Xfp.T @ Xfp, damp=0.0), W, atol=1e-6)
+    with pytest.raises(Exception):
+        GPTQ(target="float")
+
+
+def test_gptq_fp_target_end_to_end(tmp_path):
+    from pathlib import Path
+
+    from qgguf.convert.pipeline import convert
+    stories = Path("/work/shared/models/stories260K.gguf")
+    c4 = Path("/work/shared/data/c4-sample-1000.jsonl")
+    if not (stories.is_file() and c4.is_file()):
+        pytest.skip("shared data missing")
+    a, b = tmp_path / "q.gguf", tmp_path / "fp.gguf"
+    kw = dict(method="gptq", type="Q4_0", pure=True, calib=c4, nsamples=8, seqlen=64, progress=False)
+    convert(stories, a, **kw)
+    rep = convert(stories, b, method_options={"target": "fp"}, **kw)
+    assert "target=fp" in rep.method
+    assert a.read_bytes() != b.read_bytes()

@@ -218,24 +218,63 @@ QuantizeLinear = Callable[[str, np.ndarray, Any, np.ndarray, np.ndarray, QuantCo
 
 
 @torch.no_grad()
+def _cross_add(acc: torch.Tensor | None, xq: torch.Tensor, xf: torch.Tensor) -> torch.Tensor:
+    """``acc += Xq^T Xfp`` (float32 products of one chunk, accumulated in float64)."""
+    a = xq.reshape(-1, xq.shape[-1])
+    b = xf.reshape(-1, xf.shape[-1])
+    if acc is None:
+        acc = torch.zeros(a.shape[1], b.shape[1], dtype=torch.float64)
+    acc += (a.T @ b).double()
+    return acc
+
+
+def fp_target_weights(w: np.ndarray, H: np.ndarray, C: np.ndarray, damp: float = 0.01) -> np.ndarray:
+    """The weights whose outputs on the quantized model's inputs best match the float model's outputs on its
+    own inputs: ``argmin_V ||Xq V^T - Xfp W^T||^2 = W C^T H^-1`` with ``H = Xq^T Xq`` (damped by ``damp`` x its
+    mean diagonal) and ``C = Xq^T Xfp``. Quantizing these against ``H`` (GPTQ, QuantEase) minimises the error
+    to the float model's layer output instead of to the layer's output on already-perturbed inputs (the
+    "asymmetric calibration" of GPTAQ, Li et al. 2025): the error that earlier layers let in is corrected too."""
+    Hd = np.array(H, dtype=np.float64, copy=True)
+    diag = np.diag(Hd)
+    lam = float(damp) * float(diag.mean()) if diag.size and diag.mean() > 0 else 1.0
+    Hd[np.diag_indices_from(Hd)] += lam
+    rhs = np.asarray(C, np.float64) @ np.asarray(w, np.float64).T       # (in, out)
+    try:
+        sol = np.linalg.solve(Hd, rhs)
+    except np.linalg.LinAlgError:
+        return np.asarray(w, np.float32)
+    out = sol.T.astype(np.float32)
+    return out if np.isfinite(out).all() else np.asarray(w, np.float32)
+
+
 def sequential_quantize(block: Block, ctx: QuantContext, quantize_linear: QuantizeLinear,
-                        grams_out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+                        grams_out: dict[str, np.ndarray] | None = None,
+                        fp_target: bool | None = None) -> dict[str, np.ndarray]:
     """True-sequential quantization of one block (module docstring). ``quantize_linear(name, w, qtype, H,
     importance, ctx) -> packed bytes`` is called for each linear in ``block.qtypes`` (``name`` its GGUF
     name, ``w`` float32 (rows, ncols), ``H`` float64 (ncols, ncols) = X^T X over all calibration tokens,
     ``importance`` float32 (ncols,) = diag(H)/tokens or the ``--imatrix`` vector). Sets ``block.x_out``.
-    ``grams_out`` (tests): receives each H by short key."""
+    ``grams_out`` (tests): receives each H by short key. ``fp_target`` (default: method option
+    ``target=fp`` when the block has ``x_fp``): each linear is quantized from :func:`fp_target_weights`, the
+    weights that map its quantized-model inputs to the float model's outputs, instead of its own weights."""
     hp, eps = block.hp, block.hp.norm_eps
     quant: dict[str, torch.Tensor] = {}
     packed: dict[str, np.ndarray] = {}
     w = block.current()
+    w0 = dict(w)
     N = float(block.ntokens)
+    if fp_target is None:
+        fp_target = str((ctx.options or {}).get("target", "")).lower() == "fp"
+    fp_target = bool(fp_target) and block.x_fp is not None
+    damp = float((ctx.options or {}).get("damp") or 0.01)
+    cross: dict[str, torch.Tensor] = {}
 
-    def do(keys: tuple[str, ...], H: torch.Tensor | None) -> None:
+    def do(keys: tuple[str, ...], H: torch.Tensor | None, C: torch.Tensor | None = None) -> None:
         keys = tuple(k for k in keys if k in block.qtypes)
         if not keys:
             return
         Hn = H.numpy()
+        Cn = C.numpy() if C is not None else None
         for k in keys:
             if grams_out is not None:
                 grams_out[k] = Hn
@@ -245,6 +284,8 @@ def sequential_quantize(block: Block, ctx: QuantContext, quantize_linear: Quanti
             if imp is None:
                 imp = (np.diag(Hn) / N).astype(np.float32)
             wk = np.ascontiguousarray(block.weights[k].numpy(), dtype=np.float32)
+            if Cn is not None:
+                wk = fp_target_weights(wk, Hn, Cn, damp)
             data = quantize_linear(block.names[k], wk, block.qtypes[k], Hn, imp, ctx)
             data = np.ascontiguousarray(data).view(np.uint8)
             if not is_codebook(block.qtypes[k]):   # codebook types: one flat blob of their companions
@@ -257,39 +298,59 @@ def sequential_quantize(block: Block, ctx: QuantContext, quantize_linear: Quanti
     def need(*keys) -> bool:
         return any(k in block.qtypes for k in keys)
 
+    # the float model's path on x_fp (only with fp_target): its residual after attention, kept between stages
+    x1_fp = torch.empty_like(block.x_q) if fp_target else None
+
+    def cx(acc, xq, xf):
+        return _cross_add(acc, xq, xf) if fp_target else None
+
     # 1. q, k, v <- attn_norm(x_q)
     if need("attn_q", "attn_k", "attn_v"):
-        H = None
+        H = C = None
         for sl in block.chunks():
-            H = _gram_add(H, rm.rms_norm(block.x_q[sl], w["attn_norm"], eps))
-        do(("attn_q", "attn_k", "attn_v"), H)
-        del H
+            nq = rm.rms_norm(block.x_q[sl], w["attn_norm"], eps)
+            H = _gram_add(H, nq)
+            if fp_target:
+                C = cx(C, nq, rm.rms_norm(block.x_fp[sl], w0["attn_norm"], eps))
+        do(("attn_q", "attn_k", "attn_v"), H, C)
+        del H, C
     # 2. attn_output <- attention with the quantized q, k, v
     a = torch.empty(block.x_q.shape[:2] + (hp.n_head * hp.head_dim_v,))
-    H = None
+    H = C = None
     for sl in block.chunks():
         a[sl] = rm.attention(hp, w, rm.rms_norm(block.x_q[sl], w["attn_norm"], eps), block.rope)
+        if fp_target:
+            a_fp = rm.attention(hp, w0, rm.rms_norm(block.x_fp[sl], w0["attn_norm"], eps), block.rope)
+            x1_fp[sl] = block.x_fp[sl] + rm.linear(w0, "attn_output", a_fp)
         if need("attn_output"):
             H = _gram_add(H, a[sl])
-    do(("attn_output",), H)
+            if fp_target:
+                C = cx(C, a[sl], a_fp)
+    do(("attn_output",), H, C)
     # 3. ffn_gate, ffn_up <- ffn_norm of the residual after the quantized attention
     x1 = torch.empty_like(block.x_q)
-    H = None
+    H = C = None
     for sl in block.chunks():
         x1[sl] = block.x_q[sl] + rm.linear(w, "attn_output", a[sl])
         if need("ffn_gate", "ffn_up"):
-            H = _gram_add(H, rm.rms_norm(x1[sl], w["ffn_norm"], eps))
+            mq = rm.rms_norm(x1[sl], w["ffn_norm"], eps)
+            H = _gram_add(H, mq)
+            if fp_target:
+                C = cx(C, mq, rm.rms_norm(x1_fp[sl], w0["ffn_norm"], eps))
     del a
-    do(("ffn_gate", "ffn_up"), H)
+    do(("ffn_gate", "ffn_up"), H, C)
     # 4. ffn_down <- silu(gate) * up of the quantized gate/up
     h = torch.empty(block.x_q.shape[:2] + (hp.n_ff,))
-    H = None
+    H = C = None
     for sl in block.chunks():
         h[sl] = rm.ffn_hidden(w, rm.rms_norm(x1[sl], w["ffn_norm"], eps))
         if need("ffn_down"):
             H = _gram_add(H, h[sl])
-    do(("ffn_down",), H)
-    del H
+            if fp_target:
+                C = cx(C, h[sl], rm.ffn_hidden(w0, rm.rms_norm(x1_fp[sl], w0["ffn_norm"], eps)))
+    del x1_fp
+    do(("ffn_down",), H, C)
+    del H, C
     # 5. the block's output through the quantized weights (the next block's x_q)
     out = torch.empty_like(block.x_q)
     for sl in block.chunks():

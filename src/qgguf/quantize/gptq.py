@@ -213,10 +213,21 @@ def error_feedback_inputs(name: str, w: np.ndarray, qtype, ctx: QuantContext):
     return H, imp, None
 
 
+def check_target(target) -> str:
+    """``target`` option of the error-feedback methods: ``q`` (each layer's own output on the quantized model's
+    inputs, GPTQ as published) or ``fp`` (the float model's layer output: blockwise.fp_target_weights)."""
+    t = str(target or "q").lower()
+    if t not in ("q", "fp"):
+        raise OptionError(f"target must be 'q' or 'fp', got {target!r}")
+    return t
+
+
 class GPTQ(Method):
     """GPTQ with the type's block scales; needs ``ctx.grams[name]`` (H = X^T X of the layer's inputs).
 
-    Options: ``damp`` (0.01), ``blocksize`` (128), ``actorder`` (False). Tensors without a Gram matrix
+    Options: ``damp`` (0.01), ``blocksize`` (128), ``actorder`` (False), ``target`` ("q"; "fp": quantize the
+    weights that map the quantized model's inputs to the float model's outputs, see
+    :func:`qgguf.quantize.blockwise.fp_target_weights`). Tensors without a Gram matrix
     (or of a type with no grid) are quantized as the ``imatrix`` method does (the type's own
     importance-weighted search, plain rounding without importance); their names are listed in
     ``ctx.extra["fallback"]``. Per-tensor layer losses go to ``ctx.extra["layer_loss"][name]``
@@ -225,7 +236,9 @@ class GPTQ(Method):
     name = "gptq"
     needs_calibration = True
 
-    def __init__(self, damp: float = 0.01, blocksize: int = 128, actorder: bool = False, **_):
+    def __init__(self, damp: float = 0.01, blocksize: int = 128, actorder: bool = False, target: str = "q", **_):
+        self.target = check_target(target)
+        self.needs_fp_inputs = self.target == "fp"
         if not (0 <= float(damp) < 10):
             raise OptionError(f"gptq damp must be in [0, 10), got {damp}")
         if int(blocksize) < 1:
@@ -233,7 +246,8 @@ class GPTQ(Method):
         self.damp, self.blocksize, self.actorder = float(damp), int(blocksize), as_bool(actorder)
 
     def describe(self) -> str:
-        return f"gptq(damp={self.damp}, blocksize={self.blocksize}, actorder={self.actorder})"
+        t = ", target=fp" if self.target == "fp" else ""
+        return f"gptq(damp={self.damp}, blocksize={self.blocksize}, actorder={self.actorder}{t})"
 
     def quantize_tensor(self, name: str, w: np.ndarray, qtype, ctx: QuantContext) -> np.ndarray:
         H, imp, packed = error_feedback_inputs(name, w, qtype, ctx)
@@ -253,4 +267,4 @@ class GPTQ(Method):
         return data
 
 
-__all__ = ["GPTQ", "gptq_quantize", "inverse_cholesky", "prepare_hessian", "as_bool", "option"]
+__all__ = ["GPTQ", "check_target", "gptq_quantize", "inverse_cholesky", "prepare_hessian", "as_bool", "option"]

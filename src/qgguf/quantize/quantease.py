@@ -320,7 +320,11 @@ class QuantEase(Method):
     needs_calibration = True
 
     def __init__(self, passes: int = 20, init: str = "rtn", outliers: float = 0.0, damp: float = 0.0,
-                 rescale: int = 4, gptq_damp: float = 0.01, blocksize: int = 128, actorder: bool = False, **_):
+                 rescale: int = 4, gptq_damp: float = 0.01, blocksize: int = 128, actorder: bool = False,
+                 target: str = "q", **_):
+        from .gptq import check_target
+        self.target = check_target(target)
+        self.needs_fp_inputs = self.target == "fp"
         if int(passes) < 0:
             raise OptionError(f"quantease passes must be >= 0, got {passes}")
         if init not in ("rtn", "gptq"):
@@ -332,7 +336,8 @@ class QuantEase(Method):
         self.gptq_options = {"damp": float(gptq_damp), "blocksize": int(blocksize), "actorder": as_bool(actorder)}
 
     def describe(self) -> str:
-        return f"quantease(passes={self.passes}, init={self.init}, outliers={self.outliers})"
+        t = ", target=fp" if self.target == "fp" else ""
+        return f"quantease(passes={self.passes}, init={self.init}, outliers={self.outliers}{t})"
 
     def quantize_tensor(self, name: str, w: np.ndarray, qtype, ctx: QuantContext) -> np.ndarray:
         H, imp, packed = error_feedback_inputs(name, w, qtype, ctx)
