@@ -221,8 +221,12 @@ def test_memory_estimate_grows_with_the_plan():
         g1 = estimate_peak_memory(src, plan, get_method("gptq"), True, 16, 64, calib="x.txt")
         g2 = estimate_peak_memory(src, plan, get_method("gptq"), True, 128, 512, calib="x.txt")
         ar = estimate_peak_memory(src, plan, get_method("autoround"), True, 16, 64, calib="x.txt")
+        ar_gptq = estimate_peak_memory(src, plan, get_method("autoround", init="gptq"), True, 16, 64, calib="x.txt")
+        selfcal = estimate_peak_memory(src, plan, get_method("gptq"), True, 16, 64, calib="self")
     assert rtn.total < g1.total < g2.total
-    assert ar.total > g1.total
+    assert ar.block["Gram matrices"] == 0 < ar_gptq.block["Gram matrices"] == g1.block["Gram matrices"]
+    assert ar.block["one block's weights"] == 2 * g1.block["one block's weights"]   # Adam's moments
+    assert "calibration through the float model" in selfcal.parts and selfcal.total >= g1.total
     # 128 x 512 tokens through 3 x 64 + 64 + 172 float32 columns of activations at least
     assert g2.total - g2.base >= 128 * 512 * 4 * (3 * 64 + 64 + 172)
 

@@ -18,7 +18,8 @@ The memory model (bytes; float32 unless said otherwise):
   output, the FFN hidden state; ``x_fp`` too for methods that read the float model's inputs), the widest input's
   Gram matrix: 8 float64 copies and a float32 one (the matrix, its cleaned and damped copies, the Cholesky factor,
   its inverse and the upper factor coexist inside GPTQ's inverse_cholesky; measured on the Llama-3.2-1B shape,
-  ffn_down's 8192 x 8192 matrix took the peak to 5.17 GB), and one block's weights three times (originals, working copy, dequantized result; six times for the methods
+  ffn_down's 8192 x 8192 matrix took the peak to 5.17 GB; AutoRound has none unless it starts from GPTQ), and one
+  block's weights three times (originals, working copy, dequantized result; six times for the methods
   that fine-tune with Adam: autoround, aq, vq).
 
 The phases do not overlap (activations are freed before the tensors outside the blocks are quantized), so the
@@ -152,8 +153,10 @@ def estimate_peak_memory(source, plan, method, blockwise: bool, nsamples: int, s
             widths += n_embd
         acts = int(nsamples) * int(seqlen) * 4 * widths
         wide = max(n_ff, attn, n_embd)
-        grams = wide * wide * (8 * 8 + 4)
         name = str(getattr(method, "name", "")).lower()
+        # AutoRound tunes against block outputs; it builds Gram matrices only to start from GPTQ (--init gptq)
+        uses_grams = name != "autoround" or getattr(getattr(method, "recipe", None), "init", "gptq") == "gptq"
+        grams = wide * wide * (8 * 8 + 4) if uses_grams else 0
         copies = 6 if name in ("autoround", "aq", "vq") else 3
         weights = sum(_numel(s) for s in blk.values()) * 4 * copies
         parts["block calibration"] = acts + grams + weights
