@@ -575,13 +575,22 @@ def _type_nbytes(tt: int, ne: tuple[int, ...]) -> int | None:
     return n // bs * ts
 
 
-def mutate_doc(doc: Doc, rng: random.Random) -> Doc:
+def mutate_doc(doc: Doc, rng: random.Random, any_key: bool = False) -> Doc:
+    """Value-level mutations of a file: ``qgguf.*`` metadata (``any_key``: any key, e.g. hyper-parameters and
+    tokenizer arrays), tensor types, shapes, names and payloads."""
     d = Doc([KV(k.key, k.vtype, k.value, k.sub) for k in doc.kvs],
             [RawTensor(t.name, t.ne, t.ggml_type, t.data) for t in doc.tensors], doc.version, doc.alignment)
     for _ in range(rng.choice((1, 1, 2, 3))):
-        op = rng.randrange(9)
-        qkeys = [i for i, kv in enumerate(d.kvs) if kv.key.startswith("qgguf.")]
-        if op <= 2 and qkeys:                                   # replace a qgguf.* value
+        op = rng.randrange(10)
+        qkeys = [i for i, kv in enumerate(d.kvs) if any_key or kv.key.startswith("qgguf.")]
+        if op == 9 and qkeys:                                   # shorten or lengthen an array value
+            i = rng.choice(qkeys)
+            kv = d.kvs[i]
+            if kv.vtype == V.ARRAY and isinstance(kv.value, list):
+                v = list(kv.value)
+                v = v[:rng.randrange(len(v) + 1)] if rng.random() < 0.5 or not v else v + v[:rng.randint(1, 3)]
+                d.kvs[i] = KV(kv.key, kv.vtype, v, kv.sub)
+        elif op <= 2 and qkeys:                                 # replace a metadata value
             i = rng.choice(qkeys)
             vt, v, sub = _bad_value(rng, d.kvs[i].value)
             d.kvs[i] = KV(d.kvs[i].key, vt, v, sub)
@@ -718,6 +727,13 @@ def fuzz(target: str, n: int, seed: int = 0, timeout: float = 1.0, corpus: Path 
     tmp = tmpdir / "input.gguf"
     if target == "gguf":
         fields = [header_fields(s) for s in seeds]
+        gdocs = []
+        for s in seeds:
+            tmp.write_bytes(s)
+            try:
+                gdocs.append(doc_from_file(tmp))
+            except QggufError:
+                pass
     else:
         docs = []
         for s in seeds:
@@ -756,8 +772,15 @@ def fuzz(target: str, n: int, seed: int = 0, timeout: float = 1.0, corpus: Path 
                 break
             rng = random.Random(f"{seed}/{target}/{i}")
             if target == "gguf":
-                k = rng.randrange(len(seeds))
-                data = mutate_bytes(seeds[k], fields[k], seeds, rng)
+                data = None
+                if gdocs and rng.random() < 0.3:            # a third: values, then serialized
+                    try:
+                        data = gguf_bytes(mutate_doc(rng.choice(gdocs), rng, any_key=True))
+                    except (struct.error, OverflowError, ValueError):
+                        data = None
+                if data is None:                            # bytes: flips, field smashing, cuts, splices
+                    k = rng.randrange(len(seeds))
+                    data = mutate_bytes(seeds[k], fields[k], seeds, rng)
                 tmp.write_bytes(data)
                 fn = lambda: run_gguf(str(tmp))  # noqa: E731
             else:
