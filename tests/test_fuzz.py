@@ -40,6 +40,8 @@ def test_corpus_replays_clean():
     for f in files:
         for target, (outcome, exc) in fuzz.replay(f).items():
             assert outcome in ("ok", "rejected"), f"{f.name} [{target}]: {outcome} {fuzz._where(exc)}"
+            if outcome == "rejected":
+                assert exc.path == str(f), (f.name, target, str(exc))    # errors name the file
 
 
 def test_seeds_are_valid_inputs():

@@ -448,6 +448,12 @@ def c_hf_token_id_beyond_embedding(t):
     return ["convert", d], d / "tokenizer.json", "token id 5000"
 
 
+def c_vq_payload_index(t):
+    """A codebook payload index outside its table (VQ permutation entry 30000 of 32 columns)."""
+    p = t / "bad.gguf"
+    p.write_bytes((fuzz.CORPUS / "found" / "vq-perm-out-of-range.gguf").read_bytes())
+    return ["run", p, "-p", "hi"], p, "perm"
+
 CASES = {name[2:].replace("_", "-"): fn for name, fn in dict(globals()).items() if name.startswith("c_")}
 
 

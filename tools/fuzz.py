@@ -402,7 +402,10 @@ def run_gguf(path: str) -> None:
         tok = Tokenizer(md, source=path)
         ids = tok.encode("Hello the world 123", add_special=True)
         tok.decode(ids)
-    layout = decode_codebooks(md, tensors, path, native=False)
+    try:
+        layout = decode_codebooks(md, tensors, path, native=False)
+    except QggufError as e:
+        raise e.at(path) from None
     if md.get("general.architecture") == "llama" and "token_embd.weight" in tensors:
         from qgguf.runtime.model import LlamaModel
         model = LlamaModel.from_gguf(path)
@@ -476,7 +479,10 @@ class _ReaderLike:
 def run_types(doc: Doc, path="<fuzz input>") -> None:
     md = {kv.key: kv.value for kv in doc.kvs}
     tensors = {t.name: t for t in doc.tensors}
-    decode_codebooks(md, tensors, path, native=True)
+    try:
+        decode_codebooks(md, tensors, path, native=True)
+    except QggufError as e:   # as the readers do: the decoder's error names the file
+        raise e.at(path) from None
 
 
 # ================================================================================================
@@ -791,6 +797,8 @@ def fuzz(target: str, n: int, seed: int = 0, timeout: float = 1.0, corpus: Path 
                 keep[i] = data if data is not None else gguf_bytes(doc)
                 continue
             out, exc, dt = _guarded(fn, timeout)
+            if out == "rejected" and target == "gguf" and exc.path is None:
+                out = "unnamed"      # a QggufError that does not name the file: a finding too
             rep.inputs += 1
             rep.slowest = max(rep.slowest, dt)
             if out == "ok":
@@ -798,7 +806,8 @@ def fuzz(target: str, n: int, seed: int = 0, timeout: float = 1.0, corpus: Path 
             elif out == "rejected":
                 rep.rejected += 1
             else:
-                where = "hang" if out == "hang" else _where(exc)
+                where = {"hang": "hang", "unnamed": f"error without the file name: {exc}"[:120]}.get(out) \
+                    or _where(exc)
                 if where not in seen and len(rep.findings) < max_findings:
                     seen.add(where)
                     if data is None:

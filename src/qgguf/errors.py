@@ -16,6 +16,18 @@ class QggufError(Exception):
         self.path = str(path) if path is not None else None
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
+    def at(self, path: str | Path | None) -> "QggufError":
+        """This error naming ``path``, if it names no file yet (a decoder deep in a call does not know the file;
+        the reader that called it adds it)."""
+        if self.path is not None or path is None:
+            return self
+        try:
+            e = type(self)(self.problem, path)
+        except TypeError:
+            e = QggufError(self.problem, path)
+        e.__cause__ = self.__cause__
+        return e
+
 
 class InputFileError(QggufError):
     """A missing, unreadable, truncated or corrupt input file."""

@@ -219,6 +219,8 @@ class GGUFSource(ModelSource):
         except (NotImplementedError, KeyError, ValueError) as e:
             raise InputFileError(f"tensor {name!r} of type {GGMLQuantizationType(t.ggml_type).name} "
                                  f"cannot be dequantized: {e}", self.path) from None
+        except QggufError as e:   # the type's decoder found the data corrupt
+            raise e.at(self.path) from None
 
     def close(self) -> None:
         self.file.close()

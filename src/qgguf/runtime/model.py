@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputFileError, UnsupportedModelError
+from ..errors import InputFileError, QggufError, UnsupportedModelError
 from .actquant import round_f16
 from .linear import LinearBase, dequantize_tensor, make_linear
 
@@ -494,8 +494,11 @@ class LlamaModel(torch.nn.Module):
             raise UnsupportedModelError("missing tensor token_embd.weight", path)
         n_vocab = src.shape("token_embd.weight")[0]
         hp = hparams_from_metadata(md, n_vocab, path)
-        with torch.no_grad():
-            model = cls(hp, src, md, path)
+        try:
+            with torch.no_grad():
+                model = cls(hp, src, md, path)
+        except QggufError as e:   # a decoder's error (corrupt tensor data) names this file
+            raise e.at(path) from None
         model.eval()
         if codebooks:
             _drop_mapped_pages(reader)
