@@ -86,8 +86,12 @@ def make_file(method: str, qtype: str, args, imatrix: Path, dest: Path, log: Pat
         cmd += ["--calib", args.calib]
     if method == "autoround":
         cmd += ["--recipe", args.recipe]
+        cmd.remove("-q")     # keep its per-block losses in the log
     for kv in filter(None, opts.split(",")):
         cmd += ["-O", kv]
+    resumed = dest.with_name(dest.name + ".qgguf-resume").is_dir()
+    if resumed:          # an interrupted run of the same command: continue it (its wall time is then partial)
+        cmd.append("--resume")
     wall = run(cmd, log)
     rep = {}
     body = log.read_text()
@@ -97,7 +101,8 @@ def make_file(method: str, qtype: str, args, imatrix: Path, dest: Path, log: Pat
             rep = json.loads(body[start + 1:])
         except ValueError:
             pass
-    return {"wall_s": wall, "peak_rss_bytes": rep.get("peak_rss_bytes"), "command": "qgguf " + " ".join(cmd[1:])}
+    return {"wall_s": wall, "peak_rss_bytes": rep.get("peak_rss_bytes"), "command": "qgguf " + " ".join(cmd[1:]),
+            "resumed": resumed}
 
 
 def evaluate(path: Path, args) -> dict:
@@ -152,7 +157,7 @@ def table(results: list[dict]) -> str:
             ratio = f"{o['ppl'] / lppl:.5f}" if lppl else r["eval"].get("llamacpp_error", "-")
             lines.append(f"| {r['method']} | {o['kld']:.4f} | {rel:.3f} | {o['ppl']:.3f} | "
                          f"{lppl if lppl is None else f'{lppl:.3f}'} | {ratio} | {100 * o['same_top']:.2f}% | "
-                         f"{r['bytes']:,} | {r['make']['wall_s']:.0f} s |")
+                         f"{r['bytes']:,} | {r['make']['wall_s']:.0f} s{' (resumed)' if r['make'].get('resumed') else ''} |")
     return "\n".join(lines)
 
 
