@@ -84,6 +84,8 @@ def add_parsers(sub) -> None:
                    help="calibration sequences of the sensitivity measurement (32, of --seqlen or 512 tokens)")
     x.add_argument("--sens-from", metavar="RECIPE.json",
                    help="reuse the sensitivities saved in a recipe (another budget without a new measurement)")
+    x.add_argument("--mix-types", metavar="T1,T2,...",
+                   help="candidate types (a subset of the --compat list), e.g. Q8_0,Q6_K,Q5_0,Q4_K,Q4_0")
     x.add_argument("--proxy-check", type=int, default=0, metavar="N",
                    help="also measure N single-tensor KL divergences with other types and report the rank "
                         "correlation of the prediction with them")
@@ -150,6 +152,8 @@ def _convert(args: argparse.Namespace) -> int:
     sens = {"check": args.proxy_check}
     if args.sens_from:
         sens["from"] = args.sens_from
+    if args.mix_types:
+        sens["types"] = [t for t in args.mix_types.split(",") if t.strip()]
     if args.sens_nsamples:
         sens["nsamples"] = args.sens_nsamples
     if args.seqlen:

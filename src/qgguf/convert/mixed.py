@@ -133,15 +133,24 @@ def plan_mixed(source, out: Path, *, type: str, method: str, pure: bool = False,
                 or (output_tensor_type and c.name == "output.weight"):
             pinned[c.name] = c.type
     free = {c.name: c for c in base.choices if c.quantize and c.name not in pinned}
+    so = dict(sensitivity or {})
     if not free:
         raise OptionError("every quantizable tensor is pinned by --tensor-type: nothing to choose")
     from ..quantize.sensitivity import STANDARD_CANDIDATES, candidate_types, measure
+
+    pool = STANDARD_CANDIDATES
+    if so.get("types"):   # the user's candidate list (--mix-types)
+        pool = tuple(normalize_type(t, "--mix-types type") for t in so["types"])
+        bad = [t for t in pool if t not in STANDARD_CANDIDATES]
+        if bad:
+            raise OptionError(f"--mix-types {bad[0]}: not a measured candidate type "
+                              f"({', '.join(STANDARD_CANDIDATES)})")
 
     def types_for(name, shape):
         c = free.get(name)
         if c is None:
             return []
-        types = candidate_types(shape, STANDARD_CANDIDATES)
+        types = candidate_types(shape, pool)
         if dynamic:   # the preset's type and the larger ones
             floor = gguf_types.get(c.type).nbytes(shape)
             types = [c.type] + [q for q in types if q != c.type and gguf_types.get(q).nbytes(shape) > floor]
@@ -151,7 +160,6 @@ def plan_mixed(source, out: Path, *, type: str, method: str, pure: bool = False,
     if imatrix:
         from ..quantize.imatrix import IMatrixData
         imp = IMatrixData.load(imatrix).importance()
-    so = dict(sensitivity or {})
     def log(s: str) -> None:   # three lines of timings, also with --quiet
         print("qgguf: " + s, file=sys.stderr)
     if so.get("from"):
