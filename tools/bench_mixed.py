@@ -89,6 +89,8 @@ def main() -> int:
     ap.add_argument("--method", default="gptq")
     ap.add_argument("--nsamples", type=int, default=None, help="calibration samples of the qgguf method")
     ap.add_argument("--compat", default="llama.cpp")
+    ap.add_argument("--mix-types", default=None, help="qgguf convert --mix-types (candidate types)")
+    ap.add_argument("--tag", default="", help="suffix of the qgguf entries' names (e.g. -noQ41)")
     ap.add_argument("--sens", default=None, help="recipe with measured sensitivities (default OUT/sensitivity.json)")
     ap.add_argument("--measure", action="store_true", help="measure the sensitivities first (if SENS is missing)")
     ap.add_argument("--proxy-check", type=int, default=24)
@@ -142,10 +144,16 @@ def main() -> int:
     if not sens.is_file() and not args.measure:
         raise SystemExit(f"no sensitivities at {sens}: run with --measure")
 
-    budgets = {f"qgguf@{p}": sizes[p] for p in args.match.split(",") if p}
+    for p in args.match.split(","):
+        if p and p not in sizes:
+            f = out / f"llamacpp-{p}.gguf"
+            if not f.is_file():
+                raise SystemExit(f"--match {p}: no llama.cpp file {f} (add it to --presets)")
+            sizes[p] = f.stat().st_size
+    budgets = {f"qgguf{args.tag}@{p}": sizes[p] for p in args.match.split(",") if p}
     for item in args.size:
         name, _, b = item.partition("=")
-        budgets[f"qgguf@{name}"] = int(b)
+        budgets[f"qgguf{args.tag}@{name}"] = int(b)
     for key, nbytes in budgets.items():
         dest = out / (key.replace("@", "-") + f"-{args.method}.gguf")
         e = results.setdefault(key, {})
@@ -158,6 +166,8 @@ def main() -> int:
             cmd += ["--proxy-check", str(args.proxy_check)] if measuring else ["--sens-from", sens]
             if args.nsamples:
                 cmd += ["--nsamples", str(args.nsamples)]
+            if args.mix_types:
+                cmd += ["--mix-types", args.mix_types]
             dt = run(cmd, log)
             r = json.loads(rjson.read_text())
             e.clear()
@@ -168,7 +178,7 @@ def main() -> int:
                 results["_measure"] = {"file": key, "convert_wall_s": dt, "search_s": r.get("search_seconds"),
                                        "conversion_without_search_s": dt - float(r.get("search_seconds") or 0),
                                        "proxy_check": r.get("proxy_check"), "command": " ".join(map(str, cmd))}
-        e.update({"kind": "qgguf", "method": args.method, "file": str(dest), "file_bytes": dest.stat().st_size,
+        e.update({"kind": "qgguf", "method": args.method, "mix_types": args.mix_types, "file": str(dest), "file_bytes": dest.stat().st_size,
                   "target_bytes": nbytes})
         save()
 

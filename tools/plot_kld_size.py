@@ -36,7 +36,8 @@ def main() -> int:
             if e.get("kind") == "llama.cpp":
                 label, name = "llama.cpp presets (imatrix)", e["preset"]
             else:
-                label, name = f"qgguf measured mix ({e.get('method', '?')})", key.split("@", 1)[-1]
+                extra = f", types {e['mix_types']}" if e.get("mix_types") else ""
+                label, name = f"qgguf measured mix ({e.get('method', '?')}{extra})", key.split("@", 1)[-1]
             series.setdefault(label, []).append((e["file_bytes"] / 1e6, float(e["kld"]), name))
     for item in args.point:
         name, _, rest = item.partition("=")
