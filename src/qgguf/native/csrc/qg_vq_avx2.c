@@ -187,6 +187,7 @@ AI void rows_4(const qg_tensor *t, const float *prep, float *y, int64_t b0, int6
 #define VQ_RB_CASES(CALL, KB)                                            \
     switch (rb) {                                                        \
     case 0: CALL(KB, 0); break;                                          \
+    case 1: CALL(KB, 1); break;                                          \
     case 8: CALL(KB, 8); break;                                          \
     case 4: CALL(KB, 4); break;                                          \
     case 6: CALL(KB, 6); break;                                          \
@@ -202,6 +203,7 @@ AI void rows_4(const qg_tensor *t, const float *prep, float *y, int64_t b0, int6
     case 16: VQ_RB_CASES(CALL, 16); break;                               \
     case 6: VQ_RB_CASES(CALL, 6); break;                                 \
     case 4: VQ_RB_CASES(CALL, 4); break;                                 \
+    case 7: VQ_RB_CASES(CALL, 7); break;                                 \
     default: VQ_RB_CASES(CALL, kb);                                      \
     }
 
