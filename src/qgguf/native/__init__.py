@@ -11,6 +11,8 @@
 The path is chosen at run time by CPU feature detection; the environment variable
 QGGUF_NATIVE_ISA=scalar|avx2|avx512|neon (or :func:`set_isa`) overrides it for tests and
 benchmarks.  Kernels release the GIL.  Bad arguments raise :class:`qgguf.errors.QggufError`.
+QGGUF_NATIVE_MODULE_DIR=DIR loads the C module built into DIR instead (``make sanitize`` builds an
+AddressSanitizer + UBSan one into build/sanitize; :func:`module_file` says which file is loaded).
 
 AQ layout (additive multi-codebook quantization, AQLM-style; R output rows, C input columns):
   W[r, j*g:(j+1)*g] = scales[r] * sum_m codebooks[m][codes[j, m, r]]
