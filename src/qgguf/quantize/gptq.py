@@ -71,15 +71,23 @@ def inverse_cholesky(H: np.ndarray, damp: float = 0.01) -> np.ndarray:
     Ht0 = torch.from_numpy(Hd)
     mean = float(np.mean(np.diag(Hd)))
     d = damp
+    # at most three n x n float64 arrays alive at once (H, and two of Ht / L / Hinv / U): each intermediate is
+    # dropped as soon as the next one exists (an 8192-wide ffn_down: 512 MiB each)
     for _ in range(8):
         Ht = Ht0.clone()
         Ht.diagonal().add_(d * mean)
         L, info = torch.linalg.cholesky_ex(Ht)
+        del Ht
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if int(info) == 0 and bool(torch.isfinite(U).all()):
                 return U.numpy()
+            del U
+        else:
+            del L
         d = max(d * 10, 1e-6)
     raise QggufError("Gram matrix is not positive definite even with heavy damping")
 
@@ -227,7 +235,8 @@ class GPTQ(Method):
 
     Options: ``damp`` (0.01), ``blocksize`` (128), ``actorder`` (False), ``target`` ("q"; "fp": quantize the
     weights that map the quantized model's inputs to the float model's outputs, see
-    :func:`qgguf.quantize.blockwise.fp_target_weights`). Tensors without a Gram matrix
+    :func:`qgguf.quantize.blockwise.fp_target_weights`; measured worse on SmolLM2-135M Q2_K: KLD 0.540 against
+    0.400 for the default, see docs/BENCHMARKS.md). Tensors without a Gram matrix
     (or of a type with no grid) are quantized as the ``imatrix`` method does (the type's own
     importance-weighted search, plain rounding without importance); their names are listed in
     ``ctx.extra["fallback"]``. Per-tensor layer losses go to ``ctx.extra["layer_loss"][name]``
