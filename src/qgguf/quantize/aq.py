@@ -151,28 +151,37 @@ class AQ(BlockMethod):
         if unknown:
             raise OptionError(f"unknown aq option(s): {', '.join(sorted(unknown))}; known: "
                               f"{', '.join(sorted(_AQ_KEYS | _FT_KEYS | {'other'}))}")
+        self.aq = aq_options(options)
+        self._setup(calib, nsamples, seqlen, options, "aq")
+
+    def _setup(self, calib, nsamples, seqlen, options: dict, family: str) -> None:
+        """What the codebook methods (AQ, VQ) share: block fine-tuning options, the method for the block linears
+        left in standard types (``other``), and the calibration size."""
         self.calib = calib
         self.options = options
-        self.aq = aq_options(options)
         self.ft = finetune_options(options)
         self.other = str(options.get("other", "imatrix")).lower()
         if self.other not in ("imatrix", "rtn", "gptq", "quantease"):
-            raise OptionError(f"aq option other={self.other!r}: expected imatrix, rtn, gptq or quantease")
+            raise OptionError(f"{family} option other={self.other!r}: expected imatrix, rtn, gptq or quantease")
         self._other_method = None
         self.needs_fp_inputs = self.ft.finetune and self.ft.ft_target == "fp"
         self.nsamples = int(options.get("nsamples") or nsamples or 32)
         self.seqlen = int(options.get("seqlen") or seqlen or 256)
 
-    def describe(self) -> str:
-        a, f = self.aq, self.ft
-        s = (f"aq(beam={a.beam}, max_rounds={a.max_rounds}, tol={a.tol:g}, adam_steps={a.adam_steps}, "
-             f"lr={a.lr:g}, kmeans={a.kmeans_iters}x{a.kmeans_points}")
+    def _describe_finetune(self) -> str:
+        """The shared end of :meth:`describe`: fine-tuning and ``other``."""
+        f = self.ft
         if f.finetune:
-            s += (f", finetune={f.ft_epochs} epochs lr={f.ft_lr:g} batch={f.ft_batch} tol={f.ft_tol:g} "
-                  f"target={f.ft_target}")
+            s = (f", finetune={f.ft_epochs} epochs lr={f.ft_lr:g} batch={f.ft_batch} tol={f.ft_tol:g} "
+                 f"target={f.ft_target}")
         else:
-            s += ", no finetune"
+            s = ", no finetune"
         return s + (f", other={self.other})" if self.other != "imatrix" else ")")
+
+    def describe(self) -> str:
+        a = self.aq
+        return (f"aq(beam={a.beam}, max_rounds={a.max_rounds}, tol={a.tol:g}, adam_steps={a.adam_steps}, "
+                f"lr={a.lr:g}, kmeans={a.kmeans_iters}x{a.kmeans_points}") + self._describe_finetune()
 
     # -- non-AQ linears -------------------------------------------------------------------------------
     def _quantize_other(self, name, w, qtype, H, importance, ctx):

@@ -37,7 +37,7 @@ import torch
 
 from ..errors import OptionError, QggufError
 from .aq import AQ, LINEAR_KEYS, AQPlan, _as_bool, _bar, _coerce, _fallback_bytes, _write, finetune_block, \
-    finetune_options, parse_tensor_methods
+    parse_tensor_methods
 from .aq import FinetuneOptions
 from .base import QuantContext
 from .blockwise import sequential_quantize
@@ -120,28 +120,13 @@ class VQ(AQ):
         if unknown:
             raise OptionError(f"unknown vq option(s): {', '.join(sorted(unknown))}; known: "
                               f"{', '.join(sorted(_VQ_KEYS | _FT_KEYS | {'other'}))}")
-        self.calib = calib
-        self.options = options
         self.vq = _coerce(VQOptions, {**METHOD_DEFAULTS, **{k: v for k, v in options.items() if k in _VQ_KEYS}})
-        self.ft = finetune_options(options)
-        self.other = str(options.get("other", "imatrix")).lower()
-        if self.other not in ("imatrix", "rtn", "gptq", "quantease"):
-            raise OptionError(f"vq option other={self.other!r}: expected imatrix, rtn, gptq or quantease")
-        self._other_method = None
-        self.needs_fp_inputs = self.ft.finetune and self.ft.ft_target == "fp"
-        self.nsamples = int(options.get("nsamples") or nsamples or 32)
-        self.seqlen = int(options.get("seqlen") or seqlen or 256)
+        self._setup(calib, nsamples, seqlen, options, "vq")
 
     def describe(self) -> str:
-        o, f = self.vq, self.ft
-        s = (f"vq(actorder={o.actorder}, norm={o.norm}, damp={o.damp:g}, kmeans={o.kmeans_iters}x{o.kmeans_points}"
-             f"{', refit' if o.refit else ''}")
-        if f.finetune:
-            s += (f", finetune={f.ft_epochs} epochs lr={f.ft_lr:g} batch={f.ft_batch} tol={f.ft_tol:g} "
-                  f"target={f.ft_target}")
-        else:
-            s += ", no finetune"
-        return s + (f", other={self.other})" if self.other != "imatrix" else ")")
+        o = self.vq
+        return (f"vq(actorder={o.actorder}, norm={o.norm}, damp={o.damp:g}, kmeans={o.kmeans_iters}x{o.kmeans_points}"
+                f"{', refit' if o.refit else ''}") + self._describe_finetune()
 
     def quantize_block(self, block, ctx: QuantContext) -> dict[str, np.ndarray]:
         nt = int((ctx.options or {}).get("linear_threads") or 1)
