@@ -180,6 +180,18 @@ def _threads_now() -> int:
     return NATIVE_THREADS if NATIVE_THREADS is not None else max(1, int(torch.get_num_threads()))
 
 
+def _native_linear(t, x: torch.Tensor, n_in: int, n_out: int) -> torch.Tensor:
+    """``x W^T`` through a native codebook tensor ``t`` (AQTensor, VQTensor): its matvec kernel for one token,
+    its matmul for several."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, n_in)
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.to(torch.float32).contiguous()
+    xn = x2.numpy()
+    y = t.matvec(xn[0], _threads_now()) if xn.shape[0] == 1 else t.matmul(xn, _threads_now())
+    return torch.from_numpy(y).view(*lead, n_out)
+
+
 class AQLinear(LinearBase):
     """An AQ weight kept compressed: native :class:`qgguf.native.AQTensor` (matvec for one token, matmul for
     several), or, without the native module (or for a group size it has no kernel for), a torch fallback that
@@ -228,16 +240,7 @@ class AQLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native is None:
             return torch.nn.functional.linear(x, self._torch_dense())
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if x2.dtype != torch.float32 or not x2.is_contiguous():
-            x2 = x2.to(torch.float32).contiguous()
-        xn = x2.numpy()
-        if xn.shape[0] == 1:
-            y = self.native.matvec(xn[0], _threads_now())
-        else:
-            y = self.native.matmul(xn, _threads_now())
-        return torch.from_numpy(y).view(*lead, self.out_features)
+        return _native_linear(self.native, x, self.in_features, self.out_features)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         ids = torch.as_tensor(ids, dtype=torch.long)
@@ -304,16 +307,7 @@ class VQLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native is None:
             return torch.nn.functional.linear(x, self._dense())
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if x2.dtype != torch.float32 or not x2.is_contiguous():
-            x2 = x2.to(torch.float32).contiguous()
-        xn = x2.numpy()
-        if xn.shape[0] == 1:
-            y = self.native.matvec(xn[0], _threads_now())
-        else:
-            y = self.native.matmul(xn, _threads_now())
-        return torch.from_numpy(y).view(*lead, self.out_features)
+        return _native_linear(self.native, x, self.in_features, self.out_features)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         ids = torch.as_tensor(ids, dtype=torch.long)
