@@ -504,6 +504,23 @@ class AQPlan:
     other: str | None                   # the method of the block linears that are not AQ
 
 
+def head_types(shapes: dict, token_embedding_type: str | None, output_tensor_type: str | None):
+    """(token embedding type, output type) for a codebook-method file: the given ones, else Q6_K where rows divide
+    into 256-blocks and Q8_0 otherwise (a tied output is the token embedding, typed through the output's choice)."""
+    def head_type(name: str) -> str:
+        return "Q6_K" if shapes[name][-1] % 256 == 0 else "Q8_0"
+
+    tied = "output.weight" not in shapes
+    ote = output_tensor_type
+    if ote is None:
+        n = "output.weight" if not tied else "token_embd.weight"
+        ote = head_type(n) if n in shapes else None
+    tte = token_embedding_type
+    if tte is None and not tied and "token_embd.weight" in shapes:
+        tte = head_type("token_embd.weight")
+    return tte, ote
+
+
 def plan_aq(tensors, *, type: str = "Q8_0", aq_config: str | None = None, bits: float | None = None,
             tensor_methods=(), tensor_types=(), token_embedding_type: str | None = None,
             output_tensor_type: str | None = None, method: str = "aq") -> AQPlan:
@@ -561,18 +578,7 @@ def plan_aq(tensors, *, type: str = "Q8_0", aq_config: str | None = None, bits: 
         raise OptionError(f"{cfg.name}: no tensor has rows that divide into groups of {cfg.g}")
     bpw = config_bpw(cfg, [shapes[n] for n in want], fb_type)
     tt = [(re.escape(n), cfg.name.upper()) for n in aq_names] + [(p, t) for p, _rx, t in user_tt]
-
-    def head_type(name: str) -> str:
-        return "Q6_K" if shapes[name][-1] % 256 == 0 else "Q8_0"
-
-    tied = "output.weight" not in shapes
-    ote = output_tensor_type
-    if ote is None:
-        n = "output.weight" if not tied else "token_embd.weight"
-        ote = head_type(n) if n in shapes else None
-    tte = token_embedding_type
-    if tte is None and not tied and "token_embd.weight" in shapes:
-        tte = head_type("token_embd.weight")
+    tte, ote = head_types(shapes, token_embedding_type, output_tensor_type)
     return AQPlan(cfg, std_type, aq_names, fallback, bpw, tt, tte, ote, other)
 
 

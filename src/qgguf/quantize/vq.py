@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import OptionError, QggufError
-from .aq import AQ, LINEAR_KEYS, AQPlan, _as_bool, _bar, _coerce, _fallback_bytes, _write, finetune_block, \
+from .aq import AQ, LINEAR_KEYS, AQPlan, _as_bool, _bar, _coerce, _fallback_bytes, _write, finetune_block, head_types, \
     parse_tensor_methods
 from .aq import FinetuneOptions
 from .base import QuantContext
@@ -284,18 +284,7 @@ def plan_vq(tensors, *, type: str = "Q8_0", vq_config: str | None = None, bits: 
         raise OptionError(f"{qt.name}: no tensor has rows that divide into vectors of {qt.v}")
     bpw = config_bpw(qt, [shapes[n] for n in want], fb_type)
     tt = [(re.escape(n), qt.name.upper()) for n in names] + [(p, t) for p, _rx, t in user_tt]
-
-    def head_type(name: str) -> str:
-        return "Q6_K" if shapes[name][-1] % 256 == 0 else "Q8_0"
-
-    tied = "output.weight" not in shapes
-    ote = output_tensor_type
-    if ote is None:
-        n = "output.weight" if not tied else "token_embd.weight"
-        ote = head_type(n) if n in shapes else None
-    tte = token_embedding_type
-    if tte is None and not tied and "token_embd.weight" in shapes:
-        tte = head_type("token_embd.weight")
+    tte, ote = head_types(shapes, token_embedding_type, output_tensor_type)
     return AQPlan(qt, std_type, names, fallback, bpw, tt, tte, ote, other)
 
 
