@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from _shared import ROOT
+from _shared import ROOT, one_torch_thread  # noqa: F401 - fixture
 
 sys.path.insert(0, str(ROOT / "tools"))
 import fuzz  # noqa: E402
@@ -25,13 +25,7 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
                                                                            HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tests/_shared.py
 
 
 def test_corpus_replays_clean():

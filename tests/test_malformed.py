@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _shared import ROOT
+from _shared import ROOT, one_torch_thread  # noqa: F401 - fixture
 
 sys.path.insert(0, str(ROOT / "tools"))
 import fuzz  # noqa: E402  (tools/fuzz.py: the GGUF writer for any field values)
@@ -28,13 +28,7 @@ from gguf import GGUFValueType as V  # noqa: E402
 TEXT = "Once upon a time there was a little girl. She liked to play in the park.\n" * 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tests/_shared.py
 
 
 # ------------------------------------------------------------------------------------------------
