@@ -220,7 +220,7 @@ def test_memory_estimate_grows_with_the_plan():
         rtn = estimate_peak_memory(src, plan, get_method("rtn"), False, 128, 512)
         g1 = estimate_peak_memory(src, plan, get_method("gptq"), True, 16, 64, calib="x.txt")
         g2 = estimate_peak_memory(src, plan, get_method("gptq"), True, 128, 512, calib="x.txt")
-        ar = estimate_peak_memory(src, plan, get_method("autoround"), True, 16, 64, calib="x.txt")
+        ar = estimate_peak_memory(src, plan, get_method("autoround", init="rtn"), True, 16, 64, calib="x.txt")
         ar_gptq = estimate_peak_memory(src, plan, get_method("autoround", init="gptq"), True, 16, 64, calib="x.txt")
         selfcal = estimate_peak_memory(src, plan, get_method("gptq"), True, 16, 64, calib="self")
     assert rtn.total < g1.total < g2.total

@@ -50,10 +50,15 @@ than ``--method imatrix`` on the calibration data.
 
 Recipes (``--recipe``; any field can be overridden as a method option)::
 
-    recipe    iters  nsamples  seqlen  batch_size  lr        SmolLM2-135M block, 2 busy CPU cores
-    light        50        64     256           2  1/iters   ~25 s
-    default     100        64     256           2  1/iters   ~50 s (30 blocks: ~30 min)
-    best        200       128     512           4  1/iters   ~6 min
+    recipe    iters  nsamples  seqlen  batch_size  lr        init     SmolLM2-135M block, 2 busy CPU cores
+    light        50        64     256           2  1/iters   imatrix  ~25 s
+    default     100        64     256           2  1/iters   gptq     ~50 s (30 blocks: ~30 min)
+    best        200       128     512           4  1/iters   gptq     ~6 min
+
+``default`` and ``best`` start from GPTQ (``init="gptq"``): on SmolLM2-135M (40 x 512 WikiText-2 KLD against
+F32, Q2_K and Q3_K with llama.cpp's fallbacks) that start reached 0.339 and 0.193, where GPTQ alone gave
+0.400 and 0.266 and llama.cpp with an importance matrix 0.425 and 0.284 (docs/BENCHMARKS.md). ``light`` keeps
+the cheaper importance-weighted start; ``--init rtn`` (``-O init=rtn``) chooses it for any recipe.
 
 Range factors: implemented (``enable_minmax=True``, bounds ``scale_bounds`` (0.5, 1.5), lr ``minmax_lr``,
 default lr/10) but off in every recipe: on SmolLM2-135M (block 3, Q4_0/Q8_0/Q6_K, 100 iters) the block
@@ -122,14 +127,14 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "light": Recipe(iters=50, nsamples=64, seqlen=256, batch_size=2),
-    "default": Recipe(iters=100, nsamples=64, seqlen=256, batch_size=2),
-    "best": Recipe(iters=200, nsamples=128, seqlen=512, batch_size=4),
+    "default": Recipe(iters=100, nsamples=64, seqlen=256, batch_size=2, init="gptq"),
+    "best": Recipe(iters=200, nsamples=128, seqlen=512, batch_size=4, init="gptq"),
 }
 
 RECIPE_HELP = ("autoround recipes: light (50 iters), default (100 iters), best (200 iters, 128 x 512 tokens, "
                "mini-batches of 4); light/default: 64 calibration sequences of 256 tokens, mini-batches of 2; "
-               "signed gradient descent on the rounding, lr 1/iters decayed linearly, from llama.cpp's "
-               "importance-weighted scales (~50 s per SmolLM2-135M block at default on 2 CPU cores)")
+               "signed gradient descent on the rounding, lr 1/iters decayed linearly, from GPTQ's codes "
+               "(light: from llama.cpp's importance-weighted scales) (~50 s per SmolLM2-135M block at default on 2 CPU cores)")
 
 
 def make_recipe(name: str = "default", **overrides) -> Recipe:
