@@ -42,6 +42,42 @@ def padded(nbytes: int, align: int = ALIGNMENT) -> int:
     return (int(nbytes) + align - 1) // align * align
 
 
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}   # GGUFValueType -> bytes
+
+
+def _value_bytes(value, vtype, sub_type=None) -> int:
+    from gguf import GGUFValueType as V
+    if vtype == V.STRING:
+        return 8 + len(str(value).encode("utf-8"))
+    if vtype == V.ARRAY:
+        return 4 + 8 + sum(_value_bytes(v, sub_type) for v in value)
+    return _SCALAR_BYTES[int(vtype)]
+
+
+def kv_bytes(key: str, mv) -> int:
+    """Bytes of one metadata key/value pair in a GGUF header."""
+    return 8 + len(key.encode("utf-8")) + 4 + _value_bytes(mv.value, mv.vtype, mv.sub_type)
+
+
+def tensor_info_bytes(name: str, ndims: int) -> int:
+    """Bytes of one tensor-info record in a GGUF header (name, dims, type, offset)."""
+    return 8 + len(name.encode("utf-8")) + 4 + 8 * int(ndims) + 4 + 8
+
+
+def file_bytes(name: str, shape, qt) -> int:
+    """Bytes ``name`` adds to a file in type ``qt`` beyond its tensor-info record as a standard type: the data
+    padded to the alignment, and for a codebook type (qgguf's AQ/VQ) every companion padded, the companions'
+    tensor-info records and the ``qgguf.tensor.NAME.*`` keys, less the one record of the standard tensor (the
+    header of the file this tensor goes into counts it already). For standard types: the padded data."""
+    from ..gguf_types.codebook import is_codebook
+    shape = tuple(int(s) for s in shape)
+    if not is_codebook(qt):
+        return padded(qt.nbytes(shape))
+    nb = sum(padded(c.nbytes) + tensor_info_bytes(name + c.suffix, len(c.shape)) for c in qt.companion_specs(shape))
+    nb += sum(kv_bytes(k, mv) for k, mv in qt.metadata(name, shape).items())
+    return nb - tensor_info_bytes(name, len(shape))
+
+
 # ------------------------------------------------------------------------------------------------
 # sizes on the command line
 
@@ -288,6 +324,9 @@ class Recipe:
             pc = self.proxy_check
             lines.append(f"  proxy check: Spearman {pc.get('spearman', float('nan')):.3f} over {pc.get('pairs', 0)} "
                          "single-tensor KLD measurements")
+        cb = sorted({t for t in self.types.values() if t.lower().startswith(("aq-", "vq-"))})
+        if cb:
+            lines.append(f"  qgguf codebook types ({', '.join(cb)}): the file needs the qgguf runner")
         if self.search_seconds is not None:
             lines.append(f"  search {self.search_seconds:.1f} s")
         return "\n".join(lines)
@@ -334,4 +373,4 @@ def recipe_metadata(recipe: Recipe) -> dict:
 
 
 __all__ = ["Option", "TensorOptions", "Allocation", "allocate", "Recipe", "load_recipe", "recipe_metadata",
-           "parse_size", "padded", "ALIGNMENT"]
+           "parse_size", "padded", "file_bytes", "kv_bytes", "tensor_info_bytes", "ALIGNMENT"]

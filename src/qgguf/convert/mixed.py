@@ -5,7 +5,9 @@ Three ways in:
 * a budget (``target_size``: the whole file in bytes, header included; ``target_bpw``: bits per weight over
   every tensor as the conversion report counts them): every quantizable tensor may take any candidate type
   (``compat="llama.cpp"``: the llama.cpp-loadable types of :data:`~qgguf.quantize.sensitivity.STANDARD_CANDIDATES`
-  whose block divides the row; ``"any"``: the same list for now, see README);
+  whose block divides the row; ``"any"`` with a codebook method (``--method aq``, ``codebook=True``): also
+  qgguf's AQ configurations :data:`~qgguf.quantize.sensitivity.AQ_CANDIDATES` for the block linears, whose
+  files need the qgguf runner; the embedding/output matrix always takes a standard type);
 * ``dynamic``: the plan of ``--type`` (presets' mixing rules included) is the floor; tensors are upgraded to
   larger types, the most damaging first (the allocator's optimum), until ``1 + dynamic_extra`` times the
   quantized tensors' bytes;
@@ -16,6 +18,7 @@ and count as fixed bytes. The result is a set of exact per-tensor overrides for 
 """
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -28,6 +31,12 @@ from .budget import ALIGNMENT, Recipe, allocate, load_recipe, padded, parse_size
 from .presets import normalize_type, parse_tensor_types, plan_types
 
 COMPAT = ("llama.cpp", "any")
+_LINEAR_RX = re.compile(r"^blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight$")
+
+
+def is_block_linear(name: str) -> bool:
+    """The tensors a codebook method (AQ) can store in its own types."""
+    return bool(_LINEAR_RX.match(name))
 
 
 def _base_plan(source, **kw):
@@ -60,7 +69,8 @@ def _header_bytes(source, plan, out: Path, recipe: Recipe, ftype) -> int:
     return padded(n, ALIGNMENT)
 
 
-def check_recipe(recipe: Recipe, source, path) -> None:
+def check_recipe(recipe: Recipe, source, path, codebook: bool = False) -> None:
+    from ..gguf_types.codebook import is_codebook
     shapes = {t.name: tuple(t.shape) for t in source.tensors}
     for name, typ in recipe.types.items():
         if name not in shapes:
@@ -69,6 +79,12 @@ def check_recipe(recipe: Recipe, source, path) -> None:
             qt = gguf_types.get(normalize_type(typ, "recipe type"))
         except Exception:
             raise InputFileError(f"recipe gives {name} the unknown type {typ!r}", path) from None
+        if is_codebook(qt):
+            if not codebook:
+                raise OptionError(f"recipe {path} gives {name} qgguf's codebook type {typ}: convert with --method aq")
+            if not is_block_linear(name):
+                raise InputFileError(f"recipe gives {name} the codebook type {typ}, which only block linears take",
+                                     path)
         if not qt.fits(shapes[name][-1]):
             raise InputFileError(f"recipe gives {name} type {typ}, whose blocks do not divide rows of "
                                  f"{shapes[name][-1]}", path)
@@ -103,18 +119,18 @@ def plan_mixed(source, out: Path, *, type: str, method: str, pure: bool = False,
                target_bpw: float | None = None, compat: str | None = None, dynamic: bool = False,
                dynamic_extra: float = 0.10, recipe=None, calib=None, imatrix=None, seed: int = 0,
                sensitivity: dict | None = None, progress: bool = True, threads: int | None = None,
-               metadata_margin: int = 1024) -> Recipe:
+               metadata_margin: int = 1024, codebook: bool = False) -> Recipe:
     """The recipe of a mixed-precision conversion (module docstring)."""
     modes = [m for m, on in (("recipe", recipe is not None), ("target-size", target_size is not None),
                              ("target-bpw", target_bpw is not None), ("dynamic", dynamic)) if on]
     if len(modes) > 1:
         raise OptionError(f"choose one of --recipe FILE, --target-size, --target-bpw, --dynamic (got {', '.join(modes)})")
-    compat = compat or "llama.cpp"
+    compat = compat or ("any" if codebook else "llama.cpp")
     if compat not in COMPAT:
         raise OptionError(f"--compat {compat!r}: expected one of {', '.join(COMPAT)}")
     if recipe is not None:
         r = load_recipe(recipe)
-        check_recipe(r, source, recipe)
+        check_recipe(r, source, recipe, codebook)
         return r
     t0 = time.perf_counter()
     mode = modes[0]
@@ -136,21 +152,25 @@ def plan_mixed(source, out: Path, *, type: str, method: str, pure: bool = False,
     so = dict(sensitivity or {})
     if not free:
         raise OptionError("every quantizable tensor is pinned by --tensor-type: nothing to choose")
-    from ..quantize.sensitivity import STANDARD_CANDIDATES, candidate_types, measure
+    from ..quantize.sensitivity import AQ_CANDIDATES, STANDARD_CANDIDATES, candidate_types, measure
 
+    aq_pool = AQ_CANDIDATES if (codebook and compat == "any") else ()
     pool = STANDARD_CANDIDATES
     if so.get("types"):   # the user's candidate list (--mix-types)
-        pool = tuple(normalize_type(t, "--mix-types type") for t in so["types"])
-        bad = [t for t in pool if t not in STANDARD_CANDIDATES]
+        known = {normalize_type(t): t for t in STANDARD_CANDIDATES + aq_pool}
+        wanted = [normalize_type(t, "--mix-types type") for t in so["types"]]
+        bad = [t for t in wanted if t not in known]
         if bad:
             raise OptionError(f"--mix-types {bad[0]}: not a measured candidate type "
-                              f"({', '.join(STANDARD_CANDIDATES)})")
+                              f"({', '.join(STANDARD_CANDIDATES + aq_pool)})")
+        pool = tuple(known[t] for t in wanted if known[t] in STANDARD_CANDIDATES)
+        aq_pool = tuple(known[t] for t in wanted if known[t] in aq_pool)
 
     def types_for(name, shape):
         c = free.get(name)
         if c is None:
             return []
-        types = candidate_types(shape, pool)
+        types = candidate_types(shape, pool + (aq_pool if is_block_linear(name) else ()))
         if dynamic:   # the preset's type and the larger ones
             floor = gguf_types.get(c.type).nbytes(shape)
             types = [c.type] + [q for q in types if q != c.type and gguf_types.get(q).nbytes(shape) > floor]
@@ -168,12 +188,13 @@ def plan_mixed(source, out: Path, *, type: str, method: str, pure: bool = False,
         sens = measure(source, types_for=types_for, calib=calib, nsamples=int(so.get("nsamples", 32)),
                        seqlen=int(so.get("seqlen", 512)), seed=seed, imatrix=imp,
                        kld_samples=int(so.get("kld_samples", 4)), kld_seqlen=int(so.get("kld_seqlen", 128)),
-                       alpha_stride=so.get("alpha_stride"),
+                       alpha_stride=so.get("alpha_stride"), aq_options=so.get("aq_options"),
                        check=int(so.get("check", 0)), progress=progress, threads=threads, log=log)
     missing = set(free) - set(sens.tensors)
     if missing:
         raise OptionError(f"no candidate type fits {sorted(missing)[0]} (and {len(missing) - 1} more)")
-    fixed = sum(padded(gguf_types.get(c.type).nbytes(c.shape)) for c in base.choices if c.name not in free)
+    # tensors that keep their type: their data (the base plan's header, counted apart, has their records)
+    fixed = sum(padded(n) for c in base.choices if c.name not in free for n in _data_sizes(c))
     n_params = sum(int(np.prod(c.shape)) for c in base.choices)
     target: dict = {}
     tables = []
@@ -185,15 +206,15 @@ def plan_mixed(source, out: Path, *, type: str, method: str, pure: bool = False,
         tables.append(ts.options(allowed))
     recipe_obj = Recipe({}, mode=mode, method=method, compat=compat, source=str(source.path))
     if mode == "target-size":
-        file_bytes = parse_size(target_size)
-        target = {"file_bytes": file_bytes}
+        file_bytes_target = parse_size(target_size)
+        target = {"file_bytes": file_bytes_target}
         recipe_obj.target = target
         recipe_obj.tensor_kld = {n: 0.0 for n in sens.tensors}
         recipe_obj.predicted_kld = 0.0
         header = _header_bytes(source, base, out, recipe_obj, base.ftype)
-        budget = file_bytes - header - metadata_margin - fixed
+        budget = file_bytes_target - header - metadata_margin - fixed
         if budget <= 0:
-            raise OptionError(f"--target-size {file_bytes:,} bytes is smaller than the file's header and float "
+            raise OptionError(f"--target-size {file_bytes_target:,} bytes is smaller than the file's header and float "
                               f"tensors ({header + fixed:,} bytes)")
     elif mode == "target-bpw":
         target = {"bpw": float(target_bpw)}
@@ -213,10 +234,29 @@ def plan_mixed(source, out: Path, *, type: str, method: str, pure: bool = False,
     recipe_obj.sensitivity = {n: ts.to_json() for n, ts in sens.tensors.items()}
     recipe_obj.sensitivity["_calibration"] = {"dataset": sens.dataset, "tokens": sens.tokens,
                                               "kld_tokens": sens.kld_tokens, "allocator": alloc.how,
+                                              "aq_search_seconds": float(getattr(sens, "aq_seconds", 0.0)),
                                               "budget_tensor_bytes": int(budget + fixed)}
     recipe_obj.proxy_check = sens.proxy_check
+    if mode == "target-size":   # the file as planned, header included, must fit (sizes are exact; margin 1 KiB)
+        final = _base_plan(source, type=type, pure=pure, token_embedding_type=token_embedding_type,
+                           output_tensor_type=output_tensor_type, tensor_types=[*recipe_obj.overrides(), *tensor_types],
+                           has_imatrix=has_imatrix)
+        planned = _header_bytes(source, final, out, recipe_obj, final.ftype) + sum(
+            padded(s) for c in final.choices for s in _data_sizes(c))
+        recipe_obj.sensitivity["_calibration"]["planned_file_bytes"] = int(planned)
+        if planned > file_bytes_target:
+            raise OptionError(f"internal: the plan needs {planned:,} bytes, more than --target-size {file_bytes_target:,}")
     recipe_obj.search_seconds = time.perf_counter() - t0
     return recipe_obj
 
 
-__all__ = ["plan_mixed", "check_recipe", "COMPAT"]
+def _data_sizes(c) -> list[int]:
+    """Bytes of each tensor the writer stores for plan choice ``c`` (a codebook type: its companions)."""
+    from ..gguf_types.codebook import is_codebook
+    qt = gguf_types.get(c.type)
+    if is_codebook(qt):
+        return [s.nbytes for s in qt.companion_specs(c.shape)]
+    return [qt.nbytes(c.shape)]
+
+
+__all__ = ["plan_mixed", "check_recipe", "is_block_linear", "COMPAT"]

@@ -185,9 +185,14 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
     if resume and not blockwise:
         raise OptionError(f"--resume applies to block methods (gptq, quantease, autoround), not {method}")
 
+    mixed_wanted = recipe_file is not None or target_size is not None or target_bpw is not None or dynamic
+    if mixed_wanted and (vq_wanted or aq_config is not None or bits is not None or tensor_methods):
+        raise OptionError("mixed precision (--target-size/--target-bpw/--dynamic/--recipe) takes --method aq alone "
+                          "(the recipe gives each block linear its AQ configuration or a standard type), not "
+                          "--aq-config, --bits, --tensor-method or VQ")
     source = open_source(src)
     try:
-        if aq_wanted or vq_wanted:   # the AQ/VQ configuration and the tensors it applies to -> type overrides
+        if (aq_wanted or vq_wanted) and not mixed_wanted:   # the AQ/VQ configuration and its tensors -> overrides
             if vq_wanted:
                 from ..quantize.vq import plan_vq
                 aqp = plan_vq([(t.name, t.shape) for t in source.tensors], type=type, vq_config=vq_config,
@@ -207,10 +212,7 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
                       "per weight counting every byte" + (f" ({len(aqp.fallback)} in their fallback type)"
                                                           if aqp.fallback else ""), file=sys.stderr)
         recipe = None
-        if recipe_file is not None or target_size is not None or target_bpw is not None or dynamic:
-            if aq_wanted or vq_wanted:
-                raise OptionError("mixed precision (--target-size/--target-bpw/--dynamic/--recipe) is not combined "
-                                  "with AQ/VQ options yet")
+        if mixed_wanted:
             from .mixed import plan_mixed
             recipe = plan_mixed(source, Path(out) if out is not None else default_output(src, type), type=type,
                                 method=m.describe(), pure=pure, token_embedding_type=token_embedding_type,
@@ -218,7 +220,7 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
                                 has_imatrix=m.needs_calibration, target_size=target_size, target_bpw=target_bpw,
                                 compat=compat, dynamic=dynamic, dynamic_extra=dynamic_extra, recipe=recipe_file,
                                 calib=calib, imatrix=imatrix, seed=seed, sensitivity=sensitivity,
-                                progress=progress, threads=threads)
+                                progress=progress, threads=threads, codebook=aq_wanted)
             tensor_types = [*recipe.overrides(), *tensor_types]
             if save_recipe:
                 recipe.save(save_recipe)

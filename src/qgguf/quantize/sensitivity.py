@@ -24,6 +24,14 @@ interpolated per role (attn_q, ..., ffn_down) in the layer index; the embedding/
 measured. The allocator (:mod:`qgguf.convert.budget`) adds these single-tensor
 predictions.
 
+qgguf's own AQ types (``aq-MxB-gG``, :data:`AQ_CANDIDATES`; offered by ``--compat any`` with ``--method aq``)
+are measured the same way: the tensor is quantized by the layer-wise AQ algorithm of the conversion
+(:func:`qgguf.quantize.aq_core.quantize_matrix`: residual k-means, beam search, Adam on codebooks and scales)
+against the same ``H``, with fewer rounds (:data:`AQ_MEASURE`; no block fine-tuning), and ``e(t, q)`` times the
+tensor's ``alpha_t`` is its prediction. Their sizes count every byte the writer stores (companions padded, their
+tensor-info records and ``qgguf.tensor.*`` keys: :func:`qgguf.convert.budget.file_bytes`). The reference type of
+``alpha_t`` is always a standard type.
+
 ``check``: that many more single-tensor measurements with other types, whose Spearman rank correlation with
 the prediction (and with the bare layer error) is reported: the proxy checked against real KL divergence.
 """
@@ -38,11 +46,19 @@ import torch
 import torch.nn.functional as F
 
 from .. import gguf_types
-from ..convert.budget import Option, TensorOptions, padded
+from ..convert.budget import Option, TensorOptions, file_bytes
+from ..gguf_types.codebook import is_codebook
 from ..runtime import model as rm
 
 #: llama.cpp-loadable candidates, most bytes first (BF16: same size as F16 and less precise, left out)
 STANDARD_CANDIDATES = ("F16", "Q8_0", "Q6_K", "Q5_1", "Q5_K", "Q5_0", "Q4_1", "Q4_K", "IQ4_NL", "Q4_0", "Q3_K", "Q2_K")
+#: qgguf's AQ candidates of block linears (``--compat any``, ``--method aq``): about 1.1 to 4.2 bits per weight
+#: on SmolLM2's rows of 576, every byte counted; aq-3x8-g16 is the configuration ``--method aq --bits 2`` picks
+AQ_CANDIDATES = ("aq-4x8-g8", "aq-3x8-g8", "aq-2x8-g8", "aq-3x8-g16", "aq-1x8-g8")
+#: the AQ search of the measurement: the conversion's algorithm with one round and a smaller k-means
+#: (the conversion: quantize/aq.py METHOD_DEFAULTS, up to 4 rounds, then block fine-tuning)
+AQ_MEASURE = dict(beam=1, max_rounds=1, tol=0.01, adam_steps=10, adam_later=5, lr=5e-3, kmeans_iters=8,
+                  kmeans_points=8192)
 REF_BPW = 4.5
 MAX_ERROR_ROWS = 4096    # tensors with more rows (embeddings) measure e on every k-th row
 
@@ -57,7 +73,7 @@ def candidate_types(shape, types=STANDARD_CANDIDATES) -> list[str]:
 class TensorSensitivity:
     name: str
     shape: tuple[int, ...]
-    nbytes: dict[str, int]                 # type -> padded bytes in the file
+    nbytes: dict[str, int]                 # type -> bytes in the file (budget.file_bytes)
     error: dict[str, float]                # type -> layer output error e(t, q)
     ref: str = ""                          # the type of the real KLD measurement
     ref_kld: float = 0.0
@@ -83,6 +99,7 @@ class Sensitivity:
     kld_tokens: int = 0
     seconds: float = 0.0
     proxy_check: dict = field(default_factory=dict)
+    aq_seconds: float = 0.0          # of ``seconds``: the AQ search of codebook candidates
 
 
 def _err(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor, N: float) -> float:
@@ -144,6 +161,20 @@ def _quantized(qt, w: np.ndarray, imp: np.ndarray | None) -> torch.Tensor:
     return torch.from_numpy(np.array(qt.dequantize(data, w.shape), dtype=np.float32))
 
 
+def _aq_quantized(qt, w: np.ndarray, H: torch.Tensor, name: str, seed: int, options: dict | None = None
+                  ) -> torch.Tensor:
+    """``w`` through the layer-wise AQ search (:data:`AQ_MEASURE`, or ``options``) against ``H``, dequantized as
+    stored (float16 codebooks)."""
+    import zlib
+
+    from .aq_core import AQOptions, dequantize, parse_config, quantize_matrix
+    cfg = parse_config(qt.name)
+    opts = AQOptions(**{**AQ_MEASURE, **(options or {})})
+    seed = (zlib.crc32(name.encode()) * 7919 + int(seed)) % (2 ** 63)
+    res = quantize_matrix(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)), H, cfg, opts, seed=seed)
+    return dequantize(res.codes, res.codebooks.half().float(), res.scales).to(torch.float32)
+
+
 def _spearman(a, b) -> float:
     a, b = np.asarray(a, float), np.asarray(b, float)
     if len(a) < 3:
@@ -156,11 +187,13 @@ def _spearman(a, b) -> float:
 def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None, nsamples: int = 32,
             seqlen: int = 512, seed: int = 0, imatrix: dict[str, np.ndarray] | None = None,
             kld_samples: int = 4, kld_seqlen: int = 128, check: int = 0, progress: bool = True,
-            threads: int | None = None, log=None, alpha_stride: int | None = None) -> Sensitivity:
+            threads: int | None = None, log=None, alpha_stride: int | None = None,
+            aq_options: dict | None = None) -> Sensitivity:
     """Sensitivities of every quantizable tensor (``types_for(name, shape)`` -> its candidate types; a tensor
     with no candidates is skipped). ``imatrix``: importance vectors by tensor name (else ``diag(H)/N``).
     ``alpha_stride``: measure the propagation factors of the block linears in every k-th layer (and the last;
-    default ``n_layer // 6``), interpolate the others."""
+    default ``n_layer // 6``), interpolate the others. ``aq_options``: the AQ search of codebook candidates
+    (default :data:`AQ_MEASURE`)."""
     from .blockwise import _calibration, chunk_samples
 
     t0 = time.perf_counter()
@@ -181,8 +214,10 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
     layer_inputs: list[torch.Tensor] = []
     keys_of: dict[str, tuple[int, str]] = {}
     imp_used: dict[str, np.ndarray] = {}     # the importance each tensor was quantized with
+    grams: dict[str, torch.Tensor] = {}      # float32 H of the tensors with AQ candidates (proxy check only)
+    aq_seconds = [0.0]
 
-    def candidates(name: str, w: torch.Tensor, H: torch.Tensor, n_tok: float) -> None:
+    def candidates(name: str, w: torch.Tensor, H: torch.Tensor, n_tok: float, Hf: torch.Tensor | None = None) -> None:
         shape = M.shapes[name]
         types = types_for(name, shape)
         if not types:
@@ -195,13 +230,21 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
             imp = (torch.diagonal(H) / n_tok).to(torch.float32).numpy()
         imp = np.ascontiguousarray(imp, dtype=np.float32)
         imp_used[name] = imp
-        Hf = H.to(torch.float32)
+        Hf = H.to(torch.float32) if Hf is None else Hf
         wt = torch.from_numpy(ws)
         ts = TensorSensitivity(name, shape, {}, {})
         for q in types:
             qt = gguf_types.get(q)
-            ts.nbytes[q] = padded(qt.nbytes(shape))
-            ts.error[q] = _err(wt, _quantized(qt, ws, imp), Hf, n_tok) * step
+            ts.nbytes[q] = file_bytes(name, shape, qt)
+            if is_codebook(qt):
+                t_aq = time.perf_counter()
+                wq = _aq_quantized(qt, ws, Hf, name, seed, aq_options)
+                aq_seconds[0] += time.perf_counter() - t_aq
+                if check:
+                    grams[name] = Hf
+            else:
+                wq = _quantized(qt, ws, imp)
+            ts.error[q] = _err(wt, wq, Hf, n_tok) * step
         sens[name] = ts
 
     bar = None
@@ -227,11 +270,12 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
             x[sl] = x1 + rm.linear(w, "ffn_down", h)
         group = {"attn_q": "qkv", "attn_k": "qkv", "attn_v": "qkv", "attn_output": "o", "ffn_gate": "gu",
                  "ffn_up": "gu", "ffn_down": "d"}
+        Hf = {g: h.to(torch.float32) for g, h in Hs.items()}   # one float32 copy per group (shared by q, k, v)
         for k in rm.BLOCK_LINEARS:
             if k in keys:
                 keys_of[keys[k]] = (il, k)
-                candidates(keys[k], w[k], Hs[group[k]], N)
-        del Hs
+                candidates(keys[k], w[k], Hs[group[k]], N, Hf[group[k]])
+        del Hs, Hf
         xs = rm.block_forward(hp, w, xs, M.rope)
         if bar is not None:
             bar.update(1)
@@ -250,7 +294,8 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
         candidates("token_embd.weight", M.emb, H_out, N)   # an untied embedding: proxy by the head's inputs
     ids_s = M.ids[:ks, :kt]
     say(f"sensitivity: layer errors of {len(sens)} tensors x {np.mean([len(s.error) for s in sens.values()]):.1f} "
-        f"types in {time.perf_counter() - t0:.1f} s")
+        f"types in {time.perf_counter() - t0:.1f} s" + (f" ({aq_seconds[0]:.1f} s of it in the AQ search)"
+                                                          if aq_seconds[0] else ""))
 
     def real_kld(name: str, q: str) -> float:
         """KL divergence with only ``name`` quantized to ``q`` (as for e: the same importance)."""
@@ -260,7 +305,9 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
         if name in keys_of:
             il, k = keys_of[name]
             w = M.layers[il][k]
-            wq = _quantized(qt, np.ascontiguousarray(w.reshape(-1, shape[-1]).numpy()), imp).reshape(w.shape)
+            w2 = np.ascontiguousarray(w.reshape(-1, shape[-1]).numpy())
+            wq = (_aq_quantized(qt, w2, grams[name], name, seed, aq_options) if is_codebook(qt)
+                  else _quantized(qt, w2, imp)).reshape(w.shape)
             return M.tail_kld(il, layer_inputs[il], {k: wq})
         if name == "token_embd.weight":
             wq = _quantized(qt, M.emb.numpy(), imp).reshape(M.emb.shape)
@@ -276,7 +323,7 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
         from tqdm import tqdm
         it = tqdm(it, desc="single-tensor KLD", unit="t", leave=False)
     for ts in it:
-        quant = [q for q in ts.error if not gguf_types.get(q).is_float]
+        quant = [q for q in ts.error if not gguf_types.get(q).is_float and not is_codebook(gguf_types.get(q))]
         if not quant:
             continue
         ts.ref = min(quant, key=lambda q: (abs(8.0 * ts.nbytes[q] / np.prod(ts.shape) - REF_BPW), -ts.nbytes[q]))
@@ -287,6 +334,7 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
     say(f"sensitivity: {len(it)} single-tensor KLD measurements (layers {measured_layers}, the others' factors "
         f"interpolated per role) on {ks} x {kt} tokens in {time.perf_counter() - t1:.1f} s")
     result = Sensitivity(sens, dataset, int(N), ks * kt)
+    result.aq_seconds = aq_seconds[0]
     if check:
         result.proxy_check = _check(sens, real_kld, check, seed)
         pc = result.proxy_check
@@ -327,10 +375,12 @@ def _check(sens: dict[str, TensorSensitivity], real_kld, n: int, seed: int) -> d
                       "real": real_kld(ts.name, q)})
     pred = [p["predicted"] for p in pairs]
     real = [p["real"] for p in pairs]
+    aq = [p for p in pairs if p["type"].lower().startswith("aq-")]
     return {"pairs": len(pairs), "spearman": _spearman(pred, real),
+            "aq_pairs": len(aq), "spearman_aq": _spearman([p["predicted"] for p in aq], [p["real"] for p in aq]),
             "spearman_layer_error": _spearman([p["layer_error"] for p in pairs], real),
             "ratio_median": float(np.median(np.asarray(real) / np.maximum(1e-12, np.asarray(pred)))),
             "items": pairs}
 
 
-__all__ = ["STANDARD_CANDIDATES", "candidate_types", "TensorSensitivity", "Sensitivity", "measure"]
+__all__ = ["STANDARD_CANDIDATES", "AQ_CANDIDATES", "AQ_MEASURE", "candidate_types", "TensorSensitivity", "Sensitivity", "measure"]

@@ -1,0 +1,157 @@
+"""Mixed precision with qgguf's AQ types (issue 6, ``--compat any --method aq``): exact AQ sizes, the allocator
+choosing AQ below the standard-only minimum, per-tensor AQ configurations honoured by the conversion (several in
+one block, fine-tuned together), recipe metadata and reuse."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGUFReader, GGUFValueType
+
+import qgguf
+from qgguf import gguf_types
+from qgguf.convert.budget import file_bytes, padded
+from qgguf.convert.inspect import inspect_file
+from qgguf.convert.writer import OutputFile
+from qgguf.errors import OptionError
+
+from _shared import one_torch_thread, synthetic_tool  # noqa: F401
+
+STORIES = Path("/work/shared/models/stories260K.gguf")
+if not STORIES.is_file():
+    STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K.gguf"
+C4 = STORIES.parents[1] / "data" / "c4-sample-1000.jsonl"
+WIKI = STORIES.parents[1] / "data" / "wikitext-2-raw-test.txt"
+pytestmark = [pytest.mark.skipif(not STORIES.is_file() or not C4.is_file(), reason="shared test data missing"),
+              pytest.mark.usefixtures("one_torch_thread")]
+
+FAST_AQ = {"max_rounds": 1, "adam_steps": 4, "adam_later": 2, "kmeans_iters": 4, "kmeans_points": 4096,
+           "ft_epochs": 1}
+CAL = dict(method="aq", calib=str(C4), nsamples=8, seqlen=64, progress=False, method_options=FAST_AQ)
+SENS = {"nsamples": 8, "seqlen": 64, "kld_samples": 2, "kld_seqlen": 64}
+
+
+def _types(path) -> dict[str, str]:
+    return {r["name"]: r["type"].lower() for r in inspect_file(path)["tensors"]}
+
+
+def _write(path, tensors):
+    of = OutputFile(path, "llama")
+    for name, shape, qt in tensors:
+        of.plan_qtensor(name, shape, qt)
+    of.open()
+    for name, shape, qt in tensors:
+        if qt.name.startswith("aq-"):
+            R, C = shape
+            data = qt.pack({"codes": np.zeros((C // qt.g, qt.M, R), np.uint8),
+                            "codebooks": np.zeros((qt.M, qt.K, qt.g), np.float16),
+                            "scales": np.ones(R, np.float32)})
+        else:
+            data = np.zeros(qt.nbytes(shape), np.uint8)
+        of.write_tensor(name, data)
+    of.commit()
+
+
+@pytest.mark.parametrize("cfg", ["aq-1x8-g8", "aq-3x8-g16", "aq-4x8-g8"])
+def test_aq_candidate_bytes_are_the_written_bytes(tmp_path, cfg):
+    """file_bytes(AQ) - file_bytes(Q8_0) is what storing the tensor in AQ instead of Q8_0 adds to a real file
+    (the data of every companion exactly; the header within its 32-byte alignment)."""
+    shape = (192, 576)
+    aq, q8, f32 = gguf_types.get(cfg), gguf_types.get("Q8_0"), gguf_types.get("F32")
+    other = ("blk.0.attn_norm.weight", (576,), f32)
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    _write(a, [("blk.0.attn_k.weight", shape, q8), other])
+    _write(b, [("blk.0.attn_k.weight", shape, aq), other])
+    r = GGUFReader(b)
+    data = sum(padded(int(t.n_bytes)) for t in r.tensors if t.name.startswith("blk.0.attn_k.weight"))
+    assert data == sum(padded(c.nbytes) for c in aq.companion_specs(shape))
+    want = file_bytes("blk.0.attn_k.weight", shape, aq) - file_bytes("blk.0.attn_k.weight", shape, q8)
+    version_kv = 8 + len("qgguf.version") + 4 + 4            # written once per file with codebook tensors
+    got = b.stat().st_size - a.stat().st_size - version_kv
+    assert abs(got - want) < 32, (got, want)
+    assert want > aq.nbytes(shape) - q8.nbytes(shape)        # the header records and keys are counted
+
+
+def _mid_model(tmp_path) -> Path:
+    """A random llama of dim 256 (2 layers, ffn 512), where AQ is smaller than any standard type."""
+    mod = synthetic_tool()
+    mod.SHAPES["mid-aq"] = mod.Shape(256, 2, 4, 2, 512, 10000.0, True, 512, 512)
+    p = tmp_path / "mid.gguf"
+    mod.write_synthetic(p, shape="mid-aq", type="F32")
+    return p
+
+
+def test_allocator_picks_aq_below_standard_minimum_and_recipe_reuse(tmp_path):
+    src = _mid_model(tmp_path)
+    sens = dict(SENS, types=["Q8_0", "Q4_0", "aq-2x8-g8", "aq-1x8-g8"])
+    # the standard-only minimum: every block linear in Q4_0, the tied embedding in Q4_0
+    std = qgguf.convert(src, tmp_path / "q4.gguf", method="imatrix", type="Q4_0", token_embedding_type="Q4_0",
+                        output_tensor_type="Q4_0", calib=str(C4), nsamples=8, seqlen=64, progress=False)
+    with pytest.raises(OptionError, match="below the smallest"):
+        qgguf.convert(src, tmp_path / "x.gguf", target_size=std.file_bytes - 20_000, compat="llama.cpp",
+                      sensitivity=dict(sens, types=["Q8_0", "Q4_0"]), **CAL)
+    target = std.file_bytes - 20_000
+    rep = qgguf.convert(src, tmp_path / "mix.gguf", target_size=target, save_recipe=tmp_path / "r.json",
+                        sensitivity=sens, **CAL)
+    size = (tmp_path / "mix.gguf").stat().st_size
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert size <= target and size == rep.file_bytes
+    assert r["sensitivity"]["_calibration"]["planned_file_bytes"] == size   # sizes exact, header included
+    assert r["compat"] == "any"
+    aq = {n: t for n, t in r["types"].items() if t.startswith("aq-")}
+    assert aq, r["types"]          # below the standard-only minimum: only AQ makes it fit
+    assert rep.needs_qgguf_runner and rep.codebook_types
+    got = _types(tmp_path / "mix.gguf")
+    assert {n: got[n] for n in r["types"]} == {n: t.lower() for n, t in r["types"].items()}
+    info = inspect_file(tmp_path / "mix.gguf")
+    assert info["needs_qgguf_runner"] and info["recipe"]["compat"] == "any"
+    assert "needs the qgguf runner" in rep.summary()
+    # the AQ candidates were measured, through H, with their exact sizes
+    s = r["sensitivity"]["blk.0.ffn_up.weight"]["candidates"]
+    assert s["aq-1x8-g8"][0] == file_bytes("blk.0.ffn_up.weight", (512, 256), gguf_types.get("aq-1x8-g8"))
+    assert s["aq-2x8-g8"][1] < s["aq-1x8-g8"][1]
+    # --recipe reproduces the file byte for byte
+    qgguf.convert(src, tmp_path / "again.gguf", recipe_file=tmp_path / "r.json", **CAL)
+    assert (tmp_path / "again.gguf").read_bytes() == (tmp_path / "mix.gguf").read_bytes()
+    from qgguf.runtime.evaluate import evaluate
+    res = evaluate(tmp_path / "mix.gguf", WIKI, ctx=64, chunks=2, base=src, progress=False)
+    assert np.isfinite(res["kld"]) and res["kld"] >= 0
+
+
+def test_recipe_with_several_aq_configs_in_a_block(tmp_path):
+    """A hand-written recipe: three AQ configurations and standard types in the same blocks of stories260K;
+    the conversion honours each one (fine-tuning the block's codebooks together) and the runner loads it."""
+    from qgguf.convert.sources import open_source
+    src = open_source(STORIES)
+    shapes = {t.name: tuple(t.shape) for t in src.tensors}
+    src.close()
+    types = {}
+    for il in range(5):
+        types.update({f"blk.{il}.attn_q.weight": "aq-2x8-g8", f"blk.{il}.attn_k.weight": "aq-1x8-g8",
+                      f"blk.{il}.attn_v.weight": "aq-1x8-g16", f"blk.{il}.attn_output.weight": "Q4_0",
+                      f"blk.{il}.ffn_gate.weight": "aq-2x8-g16", f"blk.{il}.ffn_up.weight": "Q8_0",
+                      f"blk.{il}.ffn_down.weight": "F16"})
+    types.update({"token_embd.weight": "Q4_0", "output.weight": "Q8_0"})
+    assert set(types) <= set(shapes)
+    (tmp_path / "r.json").write_text(json.dumps({"types": types, "mode": "target-size", "compat": "any"}))
+    rep = qgguf.convert(STORIES, tmp_path / "m.gguf", recipe_file=tmp_path / "r.json", **CAL)
+    assert _types(tmp_path / "m.gguf") == {**{n: t.lower() for n, t in types.items()},
+                                             **{n: "f32" for n in shapes if n not in types}}
+    assert set(rep.codebook_types) == {"aq-2x8-g8", "aq-1x8-g8", "aq-1x8-g16", "aq-2x8-g16"}
+    assert rep.needs_qgguf_runner
+    from qgguf.runtime.evaluate import evaluate
+    res = evaluate(tmp_path / "m.gguf", WIKI, ctx=64, chunks=2, base=STORIES, progress=False)
+    assert np.isfinite(res["kld"]) and 0 <= res["kld"] < 1.0
+    # a codebook type on a tensor that is not a block linear, or without --method aq: one-line errors
+    bad = dict(types, **{"token_embd.weight": "aq-2x8-g8"})
+    (tmp_path / "bad.json").write_text(json.dumps({"types": bad}))
+    with pytest.raises(qgguf.errors.QggufError, match="only block linears"):
+        qgguf.convert(STORIES, tmp_path / "x.gguf", recipe_file=tmp_path / "bad.json", **CAL)
+    with pytest.raises(OptionError, match="--method aq"):
+        qgguf.convert(STORIES, tmp_path / "x.gguf", recipe_file=tmp_path / "r.json", method="imatrix",
+                      calib=str(C4), nsamples=8, seqlen=64, progress=False)
+    with pytest.raises(OptionError, match="takes --method aq alone"):
+        qgguf.convert(STORIES, tmp_path / "x.gguf", recipe_file=tmp_path / "r.json", aq_config="aq-2x8-g8", **CAL)
+    assert not (tmp_path / "x.gguf").exists()
