@@ -342,6 +342,83 @@ class AQTensor:
         return Y
 
 
+# ---------------------------------------------------------------- several tensors, one input
+_MULTI_MAX = 16
+
+
+def _multi_args(tensors, x, outs, threads):
+    """Checked (tensors, x float32, outs, threads) of :func:`matvec_multi` / :class:`BoundMatvec`."""
+    _require()
+    if isinstance(tensors, (AQTensor, VQTensor)):
+        tensors = [tensors]
+    if not isinstance(tensors, (list, tuple)) or not 1 <= len(tensors) <= _MULTI_MAX:
+        raise QggufError(f"tensors must be a list of 1 to {_MULTI_MAX} AQTensor/VQTensor")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, (AQTensor, VQTensor)):
+            raise QggufError(f"tensors[{i}] must be an AQTensor or VQTensor, got {type(t).__name__}")
+    C = tensors[0].C
+    for i, t in enumerate(tensors):
+        if t.C != C:
+            raise QggufError(f"tensors[{i}] has C={t.C}, tensors[0] has C={C}: one input needs one C")
+    x = _float_input("x", x, (C,))
+    n = _threads(threads)
+    if outs is None:
+        outs = [np.empty(t.R, np.float32) for t in tensors]
+    else:
+        if not isinstance(outs, (list, tuple)) or len(outs) != len(tensors):
+            raise QggufError(f"outs must be a list of {len(tensors)} arrays (one per tensor)")
+        outs = [_out(f"outs[{i}]", o, (t.R,), (x,)) for i, (o, t) in enumerate(zip(outs, tensors))]
+        for i in range(len(outs)):
+            for j in range(i):
+                if np.may_share_memory(outs[i], outs[j]):
+                    raise QggufError(f"outs[{i}] overlaps outs[{j}]")
+    return list(tensors), x, outs, n
+
+
+def matvec_multi(tensors, x, threads: int = 1, outs=None) -> list[np.ndarray]:
+    """``[W x for W in tensors]`` for AQ/VQ tensors of the same C, in one native call (one parallel job: the
+    input tables of all tensors, then the rows of all tensors). Results are bit-identical to
+    ``t.matvec(x, threads)`` per tensor. ``outs``: optional float32 output arrays (one per tensor)."""
+    tensors, x, outs, n = _multi_args(tensors, x, outs, threads)
+    BoundMatvec(tensors, x, outs, n)()
+    return outs
+
+
+class BoundMatvec:
+    """``outs[i] = tensors[i] @ x`` on fixed arrays, with the pointers computed (and the arguments checked) once:
+    each call is one native call (the decoder's per-token path). ``x`` and ``outs`` must be float32 arrays that
+    stay alive and in place (their contents may change between calls): x C-contiguous float32 of shape (C,),
+    each out a writable float32 array of shape (R_i,) not overlapping x or another out."""
+
+    def __init__(self, tensors, x, outs, threads: int = 1):
+        x = _array("x", x)
+        if x.dtype != np.float32 or not x.flags.c_contiguous or not x.flags.aligned:
+            raise QggufError("x must be an aligned, C-contiguous float32 array (it is read in place at each call)")
+        if outs is None:
+            raise QggufError("outs must be given (the arrays each call writes)")
+        tensors, _, outs, n = _multi_args(tensors, x, outs, threads)
+        self.tensors, self.x, self.outs, self.threads = tensors, x, outs, n
+        self._lib = tensors[0]._lib
+        self._keep = [_ffi.from_buffer(x, require_writable=False)] + [_ffi.from_buffer(o) for o in outs]
+        self._ts = _ffi.new("const qg_tensor *[]", [t._t for t in tensors])
+        self._ys = _ffi.new("float *[]", [_ffi.cast("float *", k) for k in self._keep[1:]])
+        self._x = _ffi.cast("const float *", self._keep[0])
+        self._n = len(tensors)
+        if self._n == 1:
+            t0, px, py, fn = tensors[0]._t, self._x, self._ys[0], self._lib.qg_matvec
+            self._call = lambda: fn(t0, px, py, n)
+        else:
+            ts, ys, k, fn = self._ts, self._ys, self._n, self._lib.qg_matvec_multi
+            self._call = lambda: fn(ts, k, self._x, ys, n)
+
+    def __call__(self) -> None:
+        if self._call() != 0:
+            raise QggufError(f"matvec: {_ffi.string(self._lib.qg_last_error()).decode()}")
+
+
+__all__ += ["matvec_multi", "BoundMatvec"]
+
+
 # ---------------------------------------------------------------- VQ
 _TYPE_VQ = 1
 

@@ -307,6 +307,51 @@ int qg_dequantize_rows(const qg_tensor *t, int64_t r0, int64_t r1, float *out, i
     return 0;
 }
 
+/* ---------------------------------------------------------------- scratch for prepared inputs
+ * The lookup tables of one call (256 KiB for a 2x8-g8 tensor of C = 2048, 1 MiB for C = 8192) live in a
+ * buffer kept per calling thread, so that decoding does not allocate (and fault in fresh pages of) a table per
+ * weight per token.  Buffers up to QG_SCRATCH_KEEP bytes are kept (freed when the thread exits); larger ones
+ * (many-token matmuls) are allocated per call. */
+#define QG_SCRATCH_KEEP ((size_t)16 << 20)
+static pthread_key_t g_scratch_key;
+static pthread_once_t g_scratch_once = PTHREAD_ONCE_INIT;
+typedef struct { float *p; size_t cap; int busy; } scratch_buf;
+static void scratch_free(void *v) {
+    scratch_buf *s = v;
+    if (s) { free(s->p); free(s); }
+}
+static void scratch_init(void) {
+    if (pthread_key_create(&g_scratch_key, scratch_free) != 0) g_scratch_key = (pthread_key_t)-1;
+}
+/* 64-byte aligned room for nfloat floats; release with scratch_release */
+static float *scratch(int64_t nfloat) {
+    const size_t bytes = ((size_t)nfloat * sizeof(float) + 63) / 64 * 64;
+    pthread_once(&g_scratch_once, scratch_init);
+    scratch_buf *s = g_scratch_key == (pthread_key_t)-1 ? NULL : pthread_getspecific(g_scratch_key);
+    if (bytes > QG_SCRATCH_KEEP || g_scratch_key == (pthread_key_t)-1 || (s && s->busy))
+        return aligned_alloc(64, bytes);
+    if (!s) {
+        s = calloc(1, sizeof *s);
+        if (!s) return aligned_alloc(64, bytes);
+        if (pthread_setspecific(g_scratch_key, s) != 0) { free(s); return aligned_alloc(64, bytes); }
+    }
+    if (s->cap < bytes) {
+        float *p = aligned_alloc(64, bytes);
+        if (!p) return NULL;
+        free(s->p);
+        s->p = p;
+        s->cap = bytes;
+    }
+    s->busy = 1;
+    return s->p;
+}
+static void scratch_release(float *p) {
+    if (!p) return;
+    scratch_buf *s = g_scratch_key == (pthread_key_t)-1 ? NULL : pthread_getspecific(g_scratch_key);
+    if (s && s->p == p && s->busy) s->busy = 0;
+    else free(p);
+}
+
 /* ---------------------------------------------------------------- matvec / small-N matmul */
 typedef struct {
     const qg_tensor *t;
@@ -354,7 +399,7 @@ static int matvec_n(const qg_tensor *t, const qg_type_traits *tr, const float *X
     c.psz = tr->prep_size ? tr->prep_size(t) : 0;
     c.nblk = (t->C / t->g + QG_JTILE - 1) / QG_JTILE;
     if (c.psz > 0) {
-        c.prep = aligned_alloc(64, ((size_t)(c.psz * N) * sizeof(float) + 63) / 64 * 64);
+        c.prep = scratch(c.psz * N);
         if (!c.prep) return fail("out of memory (lookup table)");
     }
     const int nth = clamp_threads(nthreads, (t->R + QG_ROW_ALIGN - 1) / QG_ROW_ALIGN);
@@ -363,7 +408,7 @@ static int matvec_n(const qg_tensor *t, const qg_type_traits *tr, const float *X
     atomic_store(&c.prep_done, 0);
     atomic_store(&c.row_next, 0);
     parallel(mv_task, &c, nth);
-    free(c.prep);
+    scratch_release(c.prep);
     return 0;
 }
 int qg_matvec(const qg_tensor *t, const float *x, float *y, int nthreads) {
@@ -371,6 +416,96 @@ int qg_matvec(const qg_tensor *t, const float *x, float *y, int nthreads) {
     if (!tr) return -1;
     if (!x || !y) return fail("null vector");
     return matvec_n(t, tr, x, 1, y, nthreads);
+}
+
+/* ---------------------------------------------------------------- several tensors, one input
+ * y_i = W_i x for up to QG_MULTI_MAX tensors of the same C (q/k/v, gate/up of a decoder layer) in one
+ * parallel job: the threads prepare every tensor's input tables (tiles of all tensors from one counter), wait
+ * once, then run the row chunks of all tensors from one counter.  Each row gets exactly the arithmetic of
+ * qg_matvec (the same kernels on the same 64-aligned row ranges), so the results are bit-identical; what is
+ * saved is a dispatch and a barrier per extra tensor, and the small tensors' tails balance against the others. */
+typedef struct {
+    int n;
+    const float *x;
+    const qg_tensor *t[QG_MULTI_MAX];
+    const qg_type_traits *tr[QG_MULTI_MAX];
+    float *y[QG_MULTI_MAX];
+    float *prep[QG_MULTI_MAX];     /* NULL: the row kernel reads x */
+    int64_t tile_end[QG_MULTI_MAX]; /* cumulative prepare tiles */
+    int64_t ch_end[QG_MULTI_MAX];   /* cumulative row chunks */
+    int64_t chunk[QG_MULTI_MAX];
+    atomic_int_fast64_t prep_next, prep_done, row_next;
+} mvm_ctx;
+static void mvm_task(void *p, int ith, int nth) {
+    (void)ith; (void)nth;
+    mvm_ctx *c = p;
+    const int64_t ntiles = c->tile_end[c->n - 1];
+    if (ntiles > 0) {
+        int i = 0;
+        for (;;) {
+            const int64_t b = atomic_fetch_add(&c->prep_next, 1);
+            if (b >= ntiles) break;
+            while (b >= c->tile_end[i]) i++;   /* b only grows for this thread */
+            const qg_tensor *t = c->t[i];
+            const int64_t J = t->C / t->g, j0 = (b - (i ? c->tile_end[i - 1] : 0)) * QG_JTILE;
+            const int64_t j1 = j0 + QG_JTILE < J ? j0 + QG_JTILE : J;
+            c->tr[i]->prepare(t, c->x, c->prep[i], j0, j1);
+            atomic_fetch_add_explicit(&c->prep_done, 1, memory_order_release);
+        }
+        spin_until(&c->prep_done, ntiles);
+    }
+    const int64_t nch = c->ch_end[c->n - 1];
+    int i = 0;
+    for (;;) {
+        const int64_t k = atomic_fetch_add(&c->row_next, 1);
+        if (k >= nch) break;
+        while (k >= c->ch_end[i]) i++;
+        const qg_tensor *t = c->t[i];
+        const int64_t a = (k - (i ? c->ch_end[i - 1] : 0)) * c->chunk[i];
+        const int64_t e = a + c->chunk[i] < t->R ? a + c->chunk[i] : t->R;
+        c->tr[i]->vec_rows(t, c->x, c->prep[i], c->y[i], a, e);
+    }
+}
+int qg_matvec_multi(const qg_tensor **ts, int n, const float *x, float **ys, int nthreads) {
+    if (!ts || !ys || n < 1 || n > QG_MULTI_MAX) return fail("matvec_multi: 1 to 16 tensors");
+    if (!x) return fail("null vector");
+    mvm_ctx c;
+    memset(&c, 0, sizeof c);
+    c.n = n; c.x = x;
+    int64_t tiles = 0, rows = 0, psz[QG_MULTI_MAX], ptotal = 0;
+    for (int i = 0; i < n; i++) {
+        const qg_type_traits *tr = check(ts[i]);
+        if (!tr) return -1;
+        if (!ys[i]) return fail("null vector");
+        if (ts[i]->C != ts[0]->C) return fail("matvec_multi: the tensors differ in C");
+        c.t[i] = ts[i]; c.tr[i] = tr; c.y[i] = ys[i];
+        psz[i] = tr->prep_size ? tr->prep_size(ts[i]) : 0;
+        ptotal += (psz[i] + 15) / 16 * 16;    /* each table 64-byte aligned */
+        if (psz[i] > 0) tiles += (ts[i]->C / ts[i]->g + QG_JTILE - 1) / QG_JTILE;
+        c.tile_end[i] = tiles;
+        rows += ts[i]->R;
+    }
+    const int nth = clamp_threads(nthreads, (rows + QG_ROW_ALIGN - 1) / QG_ROW_ALIGN);
+    int64_t chunks = 0;
+    for (int i = 0; i < n; i++) {
+        c.chunk[i] = chunk_rows(ts[i]->R, nth, QG_ROW_ALIGN, 1024);
+        chunks += (ts[i]->R + c.chunk[i] - 1) / c.chunk[i];
+        c.ch_end[i] = chunks;
+    }
+    float *buf = NULL;
+    if (ptotal > 0) {
+        buf = scratch(ptotal);
+        if (!buf) return fail("out of memory (lookup table)");
+        float *q = buf;
+        for (int i = 0; i < n; i++)
+            if (psz[i] > 0) { c.prep[i] = q; q += (psz[i] + 15) / 16 * 16; }
+    }
+    atomic_store(&c.prep_next, 0);
+    atomic_store(&c.prep_done, 0);
+    atomic_store(&c.row_next, 0);
+    parallel(mvm_task, &c, nth);
+    scratch_release(buf);
+    return 0;
 }
 
 /* ---------------------------------------------------------------- large-N matmul: tiles */

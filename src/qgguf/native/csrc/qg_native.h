@@ -149,6 +149,9 @@ int qg_has_kernel(int type, int isa);
 int qg_dequantize_rows(const qg_tensor *t, int64_t r0, int64_t r1, float *out, int nthreads);
 int qg_matvec(const qg_tensor *t, const float *x, float *y, int nthreads);
 int qg_matmul(const qg_tensor *t, const float *X, int64_t N, float *Y, int nthreads);
+/* ys[i] = W_i x for n (1..QG_MULTI_MAX) tensors of the same C, one parallel job; bit-identical to n qg_matvec */
+#define QG_MULTI_MAX 16
+int qg_matvec_multi(const qg_tensor **ts, int n, const float *x, float **ys, int nthreads);
 int qg_matmul_lut_max(void);
 int qg_tile_groups(void);      /* QG_JTILE, for building codes_tiled */
 const char *qg_last_error(void);
