@@ -39,53 +39,78 @@ def rss_bytes() -> int:
         return int(r if sys.platform == "darwin" else r * 1024)
 
 
+def _native_of(lin):
+    """The native codebook tensor (AQTensor/VQTensor) behind ``lin``, or None."""
+    return getattr(lin, "native", None)
+
+
 class _Mat:
-    """One weight's y = W x into a fixed output buffer from a fixed input buffer."""
+    """One weight's y = W x into a fixed output buffer from a fixed input buffer. Native AQ/VQ weights are one
+    C call with pointers computed once (:class:`qgguf.native.BoundMatvec`); dense weights use torch.mv, on
+    ``dense_threads`` torch threads (the output matrix: the one large dense product of a decode step)."""
 
-    def __init__(self, lin, x: torch.Tensor, y: torch.Tensor, threads: int):
-        from .linear import AQLinear
+    def __init__(self, lin, x: torch.Tensor, y: torch.Tensor, threads: int, dense_threads: int = 1):
         self.lin, self.x, self.y = lin, x, y
-        self.call = None
-        nat = getattr(lin, "native", None) if isinstance(lin, AQLinear) else None
+        nat = _native_of(lin)
         if nat is not None:
-            ffi, lib = _native_ffi()
-            self._keep = (x.numpy(), y.numpy())
-            px = ffi.cast("float *", ffi.from_buffer(self._keep[0]))
-            py = ffi.cast("float *", ffi.from_buffer(self._keep[1]))
-            t, fn, n = nat._t, lib.qg_matvec, int(threads)
-
-            def call():
-                if fn(t, px, py, n) != 0:
-                    nat._check(1, "matvec")
-            self.call = call
+            from ..native import BoundMatvec
+            self.call = BoundMatvec([nat], x.numpy(), [y.numpy()], int(threads))
         elif hasattr(lin, "weight") and isinstance(lin.weight, torch.Tensor):
             w = lin.weight
             rin = getattr(lin, "round_input", None)     # llama.cpp's activation rounding, when the runner does it
-            if rin is None:
-                def call():
+            nt = max(1, int(dense_threads))
+
+            def mv():
+                if rin is None:
                     torch.mv(w, x, out=y)
+                else:
+                    torch.mv(w, rin(x.view(1, -1)).view(-1), out=y)
+            if nt == 1:
+                self.call = mv
             else:
                 def call():
-                    torch.mv(w, rin(x.view(1, -1)).view(-1), out=y)
-            self.call = call
+                    prev = torch.get_num_threads()
+                    torch.set_num_threads(nt)
+                    try:
+                        mv()
+                    finally:
+                        torch.set_num_threads(prev)
+                self.call = call
         else:
             def call():
                 y.copy_(lin(x.view(1, -1)).view(-1))
             self.call = call
 
 
-def _native_ffi():
-    from ..native import _ffi, _lib
-    return _ffi, _lib
+class _Group:
+    """Several weights that read the same input buffer (q/k/v; gate/up): one native call for all of them when
+    every one is a native codebook tensor (:func:`qgguf.native.matvec_multi`: one parallel job, bit-identical
+    to separate calls), else one :class:`_Mat` each."""
+
+    def __init__(self, lins, x: torch.Tensor, ys, threads: int, fuse: bool = True):
+        nats = [_native_of(lin) for lin in lins]
+        self.fused = fuse and len(lins) > 1 and all(n is not None for n in nats)
+        if self.fused:
+            from ..native import BoundMatvec
+            self.call = BoundMatvec(nats, x.numpy(), [y.numpy() for y in ys], int(threads))
+        else:
+            mats = [_Mat(lin, x, y, threads) for lin, y in zip(lins, ys)]
+
+            def call():
+                for m in mats:
+                    m.call()
+            self.call = call
 
 
 class LeanDecoder:
     """Single-token decoding on a :class:`~qgguf.runtime.model.LlamaModel` (module docstring).
 
     ``step(token, pos)`` -> logits (a float32 tensor of n_vocab that the next step overwrites: copy it to keep
-    it). ``pos`` must equal the number of cached positions (``model.n_past``)."""
+    it). ``pos`` must equal the number of cached positions (``model.n_past``). ``threads``: threads of the native
+    weight kernels; ``fuse``: q/k/v and gate/up as one native call each (bit-identical to separate calls);
+    ``dense_threads``: torch threads for a dense output matrix (default ``threads``)."""
 
-    def __init__(self, model, threads: int | None = None):
+    def __init__(self, model, threads: int | None = None, fuse: bool = True, dense_threads: int | None = None):
         self.m = model
         hp = model.hp
         self.hp = hp
@@ -111,10 +136,10 @@ class LeanDecoder:
         self.layers = []
         for L in model.layers:
             self.layers.append(dict(
-                L=L, q=_Mat(L.wq, self.n, self.q, T), k=_Mat(L.wk, self.n, self.k, T), v=_Mat(L.wv, self.n, self.v, T),
-                o=_Mat(L.wo, self.a, self.o, T), gate=_Mat(L.w_gate, self.n, self.g, T),
-                up=_Mat(L.w_up, self.n, self.u, T), down=_Mat(L.w_down, self.h, self.d, T)))
-        self.out = _Mat(model.output, self.n, self.logits, T)
+                L=L, qkv=_Group((L.wq, L.wk, L.wv), self.n, (self.q, self.k, self.v), T, fuse),
+                o=_Mat(L.wo, self.a, self.o, T), gateup=_Group((L.w_gate, L.w_up), self.n, (self.g, self.u), T, fuse),
+                down=_Mat(L.w_down, self.h, self.d, T)))
+        self.out = _Mat(model.output, self.n, self.logits, T, T if dense_threads is None else dense_threads)
         self.scale = 1.0 / math.sqrt(dk)
 
     def _norm(self, w: torch.Tensor) -> None:
@@ -140,9 +165,7 @@ class LeanDecoder:
         for il, P in enumerate(self.layers):
             L = P["L"]
             self._norm(L.attn_norm)
-            P["q"].call()
-            P["k"].call()
-            P["v"].call()
+            P["qkv"].call()
             if L.bq is not None:
                 self.q.add_(L.bq)
             if L.bk is not None:
@@ -184,8 +207,7 @@ class LeanDecoder:
                 self.o.add_(L.bo)
             self.x.add_(self.o)
             self._norm(L.ffn_norm)
-            P["gate"].call()
-            P["up"].call()
+            P["gateup"].call()
             if L.b_gate is not None:
                 self.g.add_(L.b_gate)
             if L.b_up is not None:
