@@ -128,6 +128,8 @@ class LeanDecoder:
             self._t0, self._t1 = z(H + Hkv, dk // 2), z(H + Hkv, dk // 2)
             self._t2 = z(H + Hkv, dk // 2)
         self.a = z(H * dv)
+        self._k16, self._v16 = z(Hkv, dk, dtype=torch.float16), z(Hkv, dv, dtype=torch.float16)
+        self._q16, self._q32 = z(1, H, dk, dtype=torch.float16), z(1, H, dk)
         self.o = z(E)
         self.g, self.u, self.h = z(ff), z(ff), z(ff)
         self.d = z(E)
@@ -189,12 +191,13 @@ class LeanDecoder:
                 q = m._rope(self.q.view(1, H, dk), cos, sin)
                 k = m._rope(self.k.view(1, Hkv, dk), cos, sin)
             Kc, Vc = cache.k[il], cache.v[il]
-            Kc[:, pos] = k[0]
-            Vc[:, pos] = self.v.view(Hkv, dv)
-            if f16:                                                      # the model's fp16 KV cache numerics
-                Kc[:, pos] = Kc[:, pos].to(torch.float16).to(torch.float32)
-                Vc[:, pos] = Vc[:, pos].to(torch.float16).to(torch.float32)
-                q = q.to(torch.float16).to(torch.float32)
+            if f16:        # the model's fp16 KV cache numerics (fp16 values held as float32), no temporaries
+                Kc[:, pos].copy_(self._k16.copy_(k[0]))
+                Vc[:, pos].copy_(self._v16.copy_(self.v.view(Hkv, dv)))
+                q = self._q32.copy_(self._q16.copy_(q))
+            else:
+                Kc[:, pos] = k[0]
+                Vc[:, pos] = self.v.view(Hkv, dv)
             K, V = Kc[:, :end], Vc[:, :end]                              # (Hkv, end, d)
             s = torch.matmul(q.view(Hkv, G, dk), K.transpose(1, 2))      # (Hkv, G, end)
             s.mul_(self.scale)
