@@ -32,12 +32,14 @@ SHARED = ROOT.parent / "shared"
 QG = [sys.executable, "-m", "qgguf"]
 
 
-def run(cmd: list[str], log: Path) -> float:
+def run(cmd: list[str], log: Path, stdout: Path | None = None) -> float:
+    """Run ``cmd`` (output appended to ``log``; stdout to ``stdout`` when given); returns the wall seconds."""
     t0 = time.perf_counter()
-    with open(log, "ab") as f:
+    with open(log, "ab") as f, open(stdout or os.devnull, "wb") as o:
         f.write(("$ " + " ".join(map(str, cmd)) + "\n").encode())
         f.flush()
-        r = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        r = subprocess.run([str(c) for c in cmd], stdout=o if stdout else f, stderr=subprocess.STDOUT if not stdout
+                           else f, cwd=ROOT)
     if r.returncode:
         raise SystemExit(f"failed ({r.returncode}): {' '.join(map(str, cmd))}; see {log}")
     return time.perf_counter() - t0
@@ -168,11 +170,16 @@ def main() -> int:
                 cmd += ["--nsamples", str(args.nsamples)]
             if args.mix_types:
                 cmd += ["--mix-types", args.mix_types]
-            dt = run(cmd, log)
+            cjson = dest.with_suffix(".convert.json")
+            dt = run(cmd, log, stdout=cjson)
             r = json.loads(rjson.read_text())
+            c = json.loads(cjson.read_text())
             e.clear()
             e.update({"convert_s": dt, "predicted_kld": r.get("predicted_kld"), "types": _count(r["types"]),
-                      "command": " ".join(map(str, cmd)), "tensor_bytes": r.get("tensor_bytes")})
+                      "command": " ".join(map(str, cmd)), "tensor_bytes": r.get("tensor_bytes"),
+                      "search_s": r.get("search_seconds"), "peak_rss_bytes": c.get("peak_rss_bytes"),
+                      "needs_qgguf_runner": c.get("needs_qgguf_runner"),
+                      "aq_search_s": r.get("sensitivity", {}).get("_calibration", {}).get("aq_search_seconds")})
             if measuring:
                 sens.write_text(rjson.read_text())
                 results["_measure"] = {"file": key, "convert_wall_s": dt, "search_s": r.get("search_seconds"),
@@ -189,7 +196,7 @@ def main() -> int:
             p = Path(e["file"])
             r = evaluate(p, args, log)
             e.update({k: r.get(k) for k in ("ppl", "ppl_err", "kld", "kld_err", "kld_p99", "same_top", "eval_s")})
-            e["llama_cpp_loads"] = loads_in_llamacpp(p)
+            e["llama_cpp_loads"] = None if e.get("needs_qgguf_runner") else loads_in_llamacpp(p)
             save()
             print(f"{key}: {e['file_bytes']:,} bytes, KLD {e['kld']:.4f} ± {e['kld_err']:.4f}, PPL {e['ppl']:.3f}",
                   file=sys.stderr)
