@@ -20,7 +20,10 @@ CSRC = Path(__file__).resolve().parents[1] / "src" / "qgguf" / "native" / "csrc"
 CASES = [("vq-v8-k256", 64, 96), ("vq-v8-k4096-256-o2-g3", 128, 200), ("vq-v16-k1024-16", 96, 72),
          ("vq-v4-k64-o5", 40, 52), ("vq-v2-k32-8-g2", 18, 30), ("vq-v8-k32-128", 72, 64),
          ("vq-v8-k65536", 16, 40), ("vq-v16-k8192-2048-o1-g2", 32, 130), ("vq-v4-k128-4096", 12, 24),
-         ("vq-v8-k4-2", 8, 9)]
+         ("vq-v8-k4-2", 8, 9),
+         # the AVX-512 register-table kernel (k, kr <= 32): full 16-position steps, segment tails, the stream end
+         ("vq-v4-k16-16-o2-g8", 64, 300), ("vq-v16-k32-o3", 32, 100), ("vq-v8-k16-4-g3", 24, 77),
+         ("vq-v2-k8-32-o4-g5", 14, 181), ("vq-v4-k32-16-g2", 20, 16)]
 
 
 def make(name, R, C, seed=0):
