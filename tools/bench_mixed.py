@@ -104,7 +104,13 @@ def main() -> int:
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--no-eval", action="store_true", help="make the files only")
     ap.add_argument("--table", action="store_true", help="only print OUT/results.json as a markdown table")
+    ap.add_argument("--aq-rounds-check", type=int, default=None, metavar="LAYER",
+                    help="only compare, on the linears of block LAYER, the AQ layer errors of the measurement's short "
+                         "search with the conversion's full one (does the cheap proxy rank the same?)")
     args = ap.parse_args()
+    if args.aq_rounds_check is not None:
+        print(json.dumps(aq_rounds_check(args.f32, args.calib, args.aq_rounds_check, args.mix_types), indent=1))
+        return 0
     if args.table:
         print(table(json.loads((Path(args.out) / "results.json").read_text())))
         return 0
@@ -202,6 +208,78 @@ def main() -> int:
                   file=sys.stderr)
     print(json.dumps(results, indent=1, sort_keys=True))
     return 0
+
+
+def aq_rounds_check(f32: str, calib: str, layer: int, types: str | None, nsamples: int = 8, seqlen: int = 256) -> dict:
+    """Layer errors e(t, q) = tr(dW H dW^T)/N of block ``layer``'s linears for every AQ candidate, with the
+    sensitivity measurement's short AQ search (AQ_MEASURE) and with the conversion's (quantize/aq.py defaults,
+    without block fine-tuning); Spearman rank correlation over all (tensor, type) pairs and per tensor."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from qgguf import gguf_types
+    from qgguf.convert.sources import open_source
+    from qgguf.quantize.aq import METHOD_DEFAULTS
+    from qgguf.quantize.blockwise import _calibration
+    from qgguf.quantize.sensitivity import AQ_CANDIDATES, _aq_quantized, _err, _spearman
+    from qgguf.runtime import model as rm
+
+    torch.set_num_threads(1)
+    src = open_source(f32)
+    md = {k: v.value for k, v in src.metadata.items()}
+    md["general.architecture"] = src.arch
+    names = {t.name for t in src.tensors}
+    seqs, _ = _calibration(src, md, names, calib, nsamples, seqlen, 0, False, 1)
+    emb = torch.from_numpy(np.array(src.load("token_embd.weight"), np.float32))
+    hp = rm.hparams_from_metadata(md, emb.shape[0], src.path)
+    rope = rm.rope_tables(hp, seqlen, None)
+    x = rm.embed(emb, torch.tensor(seqs, dtype=torch.long))
+    shapes = {t.name: tuple(t.shape) for t in src.tensors}
+    from qgguf.quantize.blockwise import short_key
+    with torch.no_grad():
+        for il in range(layer + 1):
+            keys = {short_key(n, il): n for n in names if short_key(n, il) is not None}
+            w = {k: torch.from_numpy(np.array(src.load(n), np.float32).reshape(shapes[n])) for k, n in keys.items()}
+            if il < layer:
+                x = rm.block_forward(hp, w, x, rope)
+        n = rm.rms_norm(x, w["attn_norm"], hp.norm_eps)
+        a = rm.attention(hp, w, n, rope)
+        x1 = x + rm.linear(w, "attn_output", a)
+        m = rm.rms_norm(x1, w["ffn_norm"], hp.norm_eps)
+        h = rm.ffn_hidden(w, m)
+    N = float(x.shape[0] * x.shape[1])
+    inputs = {"attn_q": n, "attn_k": n, "attn_v": n, "attn_output": a, "ffn_gate": m, "ffn_up": m, "ffn_down": h}
+    cands = [t for t in (types.split(",") if types else AQ_CANDIDATES)]
+    full = {k: v for k, v in METHOD_DEFAULTS.items()}
+    pairs, per_tensor = [], {}
+    for k, inp in inputs.items():
+        t2 = inp.reshape(-1, inp.shape[-1])
+        H = (t2.T @ t2).to(torch.float32)
+        name = keys[k]
+        W = w[k].reshape(-1, shapes[name][-1])
+        ws = np.ascontiguousarray(W.numpy())
+        row = {}
+        for q in cands:
+            qt = gguf_types.get(q)
+            t0 = time.perf_counter()
+            e_cheap = _err(W, _aq_quantized(qt, ws, H, name, 0), H, N)
+            t1 = time.perf_counter()
+            e_full = _err(W, _aq_quantized(qt, ws, H, name, 0, full), H, N)
+            t2_ = time.perf_counter()
+            row[q] = {"cheap": e_cheap, "full": e_full, "cheap_s": t1 - t0, "full_s": t2_ - t1}
+            pairs.append((e_cheap, e_full))
+            print(f"{name} {q}: cheap {e_cheap:.4g} ({t1 - t0:.1f} s), full {e_full:.4g} ({t2_ - t1:.1f} s)",
+                  file=sys.stderr, flush=True)
+        per_tensor[name] = row
+    c, f = np.array(pairs).T
+    same_order = sum(_spearman([v["cheap"] for v in r.values()], [v["full"] for v in r.values()]) > 0.999
+                     for r in per_tensor.values())
+    return {"layer": layer, "types": cands, "pairs": len(pairs), "spearman": _spearman(c, f),
+            "ratio_full_to_cheap_median": float(np.median(f / c)), "tensors_same_type_order": int(same_order),
+            "tensors": per_tensor, "nsamples": nsamples, "seqlen": seqlen,
+            "cheap_s": sum(v["cheap_s"] for r in per_tensor.values() for v in r.values()),
+            "full_s": sum(v["full_s"] for r in per_tensor.values() for v in r.values())}
 
 
 def table(results: dict) -> str:

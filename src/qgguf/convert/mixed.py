@@ -157,14 +157,16 @@ def plan_mixed(source, out: Path, *, type: str, method: str, pure: bool = False,
     aq_pool = AQ_CANDIDATES if (codebook and compat == "any") else ()
     pool = STANDARD_CANDIDATES
     if so.get("types"):   # the user's candidate list (--mix-types)
-        known = {normalize_type(t): t for t in STANDARD_CANDIDATES + aq_pool}
+        from ..quantize.aq import available_configs
+        aq_known = tuple(c.name for c in available_configs()) if aq_pool else ()
+        known = {normalize_type(t): t for t in STANDARD_CANDIDATES + aq_known}
         wanted = [normalize_type(t, "--mix-types type") for t in so["types"]]
         bad = [t for t in wanted if t not in known]
         if bad:
             raise OptionError(f"--mix-types {bad[0]}: not a measured candidate type "
-                              f"({', '.join(STANDARD_CANDIDATES + aq_pool)})")
+                              f"({', '.join(STANDARD_CANDIDATES + (aq_known or ('(AQ configurations with --method aq --compat any)',)))})")
         pool = tuple(known[t] for t in wanted if known[t] in STANDARD_CANDIDATES)
-        aq_pool = tuple(known[t] for t in wanted if known[t] in aq_pool)
+        aq_pool = tuple(known[t] for t in wanted if known[t] in aq_known)
 
     def types_for(name, shape):
         c = free.get(name)

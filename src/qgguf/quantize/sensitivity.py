@@ -52,12 +52,16 @@ from ..runtime import model as rm
 
 #: llama.cpp-loadable candidates, most bytes first (BF16: same size as F16 and less precise, left out)
 STANDARD_CANDIDATES = ("F16", "Q8_0", "Q6_K", "Q5_1", "Q5_K", "Q5_0", "Q4_1", "Q4_K", "IQ4_NL", "Q4_0", "Q3_K", "Q2_K")
-#: qgguf's AQ candidates of block linears (``--compat any``, ``--method aq``): about 1.1 to 4.2 bits per weight
-#: on SmolLM2's rows of 576, every byte counted; aq-3x8-g16 is the configuration ``--method aq --bits 2`` picks
-AQ_CANDIDATES = ("aq-4x8-g8", "aq-3x8-g8", "aq-2x8-g8", "aq-3x8-g16", "aq-1x8-g8")
-#: the AQ search of the measurement: the conversion's algorithm with one round and a smaller k-means
+#: qgguf's AQ candidates of block linears (``--compat any``, ``--method aq``; ``--mix-types`` may name any other
+#: AQ configuration): one codebook apart, about 1.1, 2.1, 3.2 and 4.2 bits per weight on SmolLM2's rows of 576,
+#: every byte counted. Left out: aq-3x8-g16 (``--bits 2``'s choice, 1.8 bpw), which on a SmolLM2 ffn_up lies above
+#: the line between aq-1x8-g8 and aq-2x8-g8 (relative error 0.160 against 0.266 and 0.088), so the allocator's
+#: convex-hull greedy would not take it, and the 16-entry-codebook configurations (their codebooks alone are
+#: 128 KiB per tensor)
+AQ_CANDIDATES = ("aq-4x8-g8", "aq-3x8-g8", "aq-2x8-g8", "aq-1x8-g8")
+#: the AQ search of the measurement: the conversion's algorithm with two rounds, fewer Adam steps and a smaller k-means
 #: (the conversion: quantize/aq.py METHOD_DEFAULTS, up to 4 rounds, then block fine-tuning)
-AQ_MEASURE = dict(beam=1, max_rounds=1, tol=0.01, adam_steps=10, adam_later=5, lr=5e-3, kmeans_iters=8,
+AQ_MEASURE = dict(beam=1, max_rounds=2, tol=0.01, adam_steps=10, adam_later=5, lr=5e-3, kmeans_iters=8,
                   kmeans_points=8192)
 REF_BPW = 4.5
 MAX_ERROR_ROWS = 4096    # tensors with more rows (embeddings) measure e on every k-th row
