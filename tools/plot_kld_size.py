@@ -6,7 +6,8 @@
 
 Every point is a measured file: llama.cpp's presets (with importance matrix) and qgguf's budgets; ``--point``
 adds a measured figure from elsewhere (NAME=BYTES:KLD, e.g. the AQ 2-bit file of docs/BENCHMARKS.md).
-Entries without a KLD (not evaluated yet) are skipped. One panel per results file.
+Entries without a KLD (not evaluated yet) are skipped. One panel per results argument; ``A.json+B.json`` draws
+several results files in one panel (e.g. the SmolLM2 presets and the AQ mix of bench-out/mixed-aq).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("results", nargs="+", help="results.json of tools/bench_mixed.py")
+    ap.add_argument("results", nargs="+", help="results.json of tools/bench_mixed.py (A.json+B.json: one panel)")
     ap.add_argument("-o", "--out", default="docs/kld_vs_size.png")
     ap.add_argument("--point", action="append", default=[], metavar="NAME=BYTES:KLD")
     ap.add_argument("--titles", nargs="*", default=[], help="one title per results file (one panel each)")
@@ -31,7 +32,10 @@ def main() -> int:
     panels = []
     for i, path in enumerate(args.results):
         series: dict[str, list[tuple[float, float, str]]] = {}
-        for key, e in json.loads(Path(path).read_text()).items():
+        entries = {}
+        for part in path.split("+"):
+            entries.update(json.loads(Path(part).read_text()))
+        for key, e in entries.items():
             if key.startswith("_") or e.get("kld") is None:
                 continue
             if e.get("kind") == "llama.cpp":
@@ -46,7 +50,7 @@ def main() -> int:
                 b_, _, k = rest.partition(":")
                 series.setdefault(name, []).append((int(b_) / 1e6, float(k), name))
         if series:
-            panels.append((args.titles[i] if i < len(args.titles) else Path(path).parent.name, series))
+            panels.append((args.titles[i] if i < len(args.titles) else Path(path.split("+")[0]).parent.name, series))
     if not panels:
         raise SystemExit("no evaluated entries")
 
