@@ -69,9 +69,22 @@ def test_aq_candidate_bytes_are_the_written_bytes(tmp_path, cfg):
     assert data == sum(padded(c.nbytes) for c in aq.companion_specs(shape))
     want = file_bytes("blk.0.attn_k.weight", shape, aq) - file_bytes("blk.0.attn_k.weight", shape, q8)
     version_kv = 8 + len("qgguf.version") + 4 + 4            # written once per file with codebook tensors
-    got = b.stat().st_size - a.stat().st_size - version_kv
-    assert abs(got - want) < 32, (got, want)
+    # exactly, with the header unpadded (the header's padding to 32 bytes is per file, in the 1 KiB margin)
+    got = (_unpadded(b) + _data(b)) - (_unpadded(a) + _data(a)) - version_kv
+    assert got == want, (got, want)
+    assert abs(b.stat().st_size - a.stat().st_size - version_kv - want) < 32
     assert want > aq.nbytes(shape) - q8.nbytes(shape)        # the header records and keys are counted
+
+
+def _unpadded(path) -> int:
+    """Bytes of the GGUF header up to the end of its last tensor-info record."""
+    r = GGUFReader(path)
+    return max(t.field.offset + sum(p.nbytes for p in t.field.parts) for t in r.tensors)
+
+
+def _data(path) -> int:
+    r = GGUFReader(path)
+    return path.stat().st_size - r.data_offset
 
 
 def _mid_model(tmp_path) -> Path:
