@@ -1,5 +1,6 @@
 """The lean decoder's fused native calls (q/k/v and gate/up as one qg_matvec_multi each) and its multi-threaded
-dense output matrix give bit-identical logits to one call per weight on one thread; and match the model."""
+dense output matrix give bit-identical logits to one call per weight on one thread; its native attention
+(qg_decode_attn) writes the same KV cache and agrees to float rounding; all match the model's forward."""
 from __future__ import annotations
 
 import pytest
@@ -37,17 +38,25 @@ def test_fused_and_threaded_decoder_bit_identical(files, t):
     torch.set_num_threads(1)
     m = load_llama(files[t], threads=1)
     toks = [1, 17, 300, 42, 5, 77, 410, 3, 9]
-    base = LeanDecoder(m, threads=1, fuse=False, dense_threads=1)
+    base = LeanDecoder(m, threads=1, fuse=False, dense_threads=1, native_attention=False)
     assert not base.layers[0]["qkv"].fused
     ref = _run(m, base, toks)
     for threads in (1, 2, 3):
-        dec = LeanDecoder(m, threads=threads, fuse=True)
+        dec = LeanDecoder(m, threads=threads, fuse=True, native_attention=False)
         L = m.layers[0]
         for key, lins in (("qkv", (L.wq, L.wk, L.wv)), ("gateup", (L.w_gate, L.w_up))):
             # fused exactly when every weight of the group is native (tiny's ffn of 172 rows is F16 under VQ)
             assert dec.layers[0][key].fused == all(getattr(w, "native", None) is not None for w in lins)
         assert dec.layers[0]["qkv"].fused
         assert torch.equal(_run(m, dec, toks), ref), threads
+    n = len(toks)
+    kv = (m.cache.k[0][:, :n].clone(), m.cache.v[0][:, :n].clone())
+    # native rope + cache store + attention: the same cache bits, logits equal to float rounding
+    nat = LeanDecoder(m, threads=2, native_attention=True)
+    assert nat._attn is not None
+    got = _run(m, nat, toks)
+    assert torch.equal(m.cache.k[0][:, :n], kv[0]) and torch.equal(m.cache.v[0][:, :n], kv[1])
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     # and the model's own forward (the same kernels, one token at a time)
     m.reset()
     fwd = torch.stack([m.forward([tok], i)[0] for i, tok in enumerate(toks)])

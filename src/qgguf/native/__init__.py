@@ -419,6 +419,48 @@ class BoundMatvec:
 __all__ += ["matvec_multi", "BoundMatvec"]
 
 
+def decode_attention(qk, v, cos, sin, K, V, pos: int, n_head: int, scale: float, round16: bool = True,
+                     threads: int = 1, out=None) -> np.ndarray:
+    """One decoding token's attention, as the runner's single-token path computes it (qg_decode_attn):
+    rope (adjacent pairs over whole heads) of q and k in place in ``qk`` = [q (n_head*dk) | k (n_kv*dk)],
+    ``K[:, pos] = k``, ``V[:, pos] = v`` (fp16-rounded when ``round16``), then per query head h
+    ``softmax(scale * q_h . K[h//G, :pos+1]) . V[h//G, :pos+1]`` (q and the probabilities fp16-rounded when
+    ``round16``). ``K`` (n_kv, cap, dk) and ``V`` (n_kv, cap, dv) are float32 caches written in place; ``cos``/``sin``
+    hold the position's dk/2 angles. Returns ``out`` float32 (n_head*dv)."""
+    _require()
+    H = _int("n_head", n_head, 1, 4096)
+    for name, arr in (("qk", qk), ("v", v), ("cos", cos), ("sin", sin), ("K", K), ("V", V)):
+        arr = _array(name, arr)
+        if arr.dtype != np.float32 or not arr.flags.c_contiguous or not arr.flags.aligned:
+            raise QggufError(f"{name} must be an aligned, C-contiguous float32 array")
+    for name, arr in (("qk", qk), ("K", K), ("V", V)):
+        if not arr.flags.writeable:
+            raise QggufError(f"{name} must be writable (it is updated in place)")
+    if K.ndim != 3 or V.ndim != 3 or K.shape[:2] != V.shape[:2]:
+        raise QggufError(f"K and V must be (n_kv, cap, d) with the same n_kv and cap, got {K.shape} and {V.shape}")
+    Hkv, cap, dk = K.shape
+    dv = V.shape[2]
+    if H % Hkv:
+        raise QggufError(f"n_head={H} is not a multiple of the cache's {Hkv} kv heads")
+    if dk % 2:
+        raise QggufError(f"head size {dk} must be even (rope pairs)")
+    if qk.shape != ((H + Hkv) * dk,) or v.shape != (Hkv * dv,):
+        raise QggufError(f"qk must have shape ({(H + Hkv) * dk},) and v ({Hkv * dv},), got {qk.shape} and {v.shape}")
+    if cos.shape != (dk // 2,) or sin.shape != (dk // 2,):
+        raise QggufError(f"cos and sin must have shape ({dk // 2},)")
+    pos = _int("pos", pos, 0, cap - 1)
+    n = _threads(threads)
+    a = _out("out", out, (H * dv,), (qk, v, K, V))
+    rc = _lib.qg_decode_attn(_fptr(qk), _fptr(v), _fptr(cos), _fptr(sin), _fptr(K), _fptr(V), _fptr(a), H, Hkv,
+                             dk, dv, pos, cap, float(scale), 1 if round16 else 0, n)
+    if rc != 0:
+        raise QggufError(f"decode_attention: {_ffi.string(_lib.qg_last_error()).decode()}")
+    return a
+
+
+__all__ += ["decode_attention"]
+
+
 # ---------------------------------------------------------------- VQ
 _TYPE_VQ = 1
 

@@ -56,6 +56,9 @@ int qg_dequantize_rows(const qg_tensor *t, int64_t r0, int64_t r1, float *out, i
 int qg_matvec(const qg_tensor *t, const float *x, float *y, int nthreads);
 int qg_matmul(const qg_tensor *t, const float *X, int64_t N, float *Y, int nthreads);
 int qg_matvec_multi(const qg_tensor **ts, int n, const float *x, float **ys, int nthreads);
+int qg_decode_attn(float *qk, const float *v, const float *cosv, const float *sinv, float *Kc, float *Vc,
+                   float *a, int H, int Hkv, int dk, int dv, int64_t pos, int64_t cap, float scale, int round16,
+                   int nthreads);
 int qg_matmul_lut_max(void);
 int qg_tile_groups(void);
 const char *qg_last_error(void);
@@ -95,7 +98,7 @@ def make_ffibuilder(extra_compile_args=(), extra_link_args=(), path=_rel) -> FFI
         depends=[path(os.path.join(CSRC, h)) for h in HEADERS],
         extra_compile_args=_compile_args() + list(extra_compile_args),
         extra_link_args=list(extra_link_args),
-        libraries=[] if sys.platform == "win32" else ["pthread"],
+        libraries=[] if sys.platform == "win32" else ["pthread", "m"],
     )
     return b
 

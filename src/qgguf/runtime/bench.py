@@ -39,6 +39,11 @@ def rss_bytes() -> int:
         return int(r if sys.platform == "darwin" else r * 1024)
 
 
+def _native_ffi():
+    from ..native import _ffi, _lib
+    return _ffi, _lib
+
+
 def _native_of(lin):
     """The native codebook tensor (AQTensor/VQTensor) behind ``lin``, or None."""
     return getattr(lin, "native", None)
@@ -108,9 +113,13 @@ class LeanDecoder:
     ``step(token, pos)`` -> logits (a float32 tensor of n_vocab that the next step overwrites: copy it to keep
     it). ``pos`` must equal the number of cached positions (``model.n_past``). ``threads``: threads of the native
     weight kernels; ``fuse``: q/k/v and gate/up as one native call each (bit-identical to separate calls);
-    ``dense_threads``: torch threads for a dense output matrix (default ``threads``)."""
+    ``dense_threads``: torch threads for a dense output matrix (default ``threads``); ``native_attention``: rope,
+    cache store and attention in one native call (:func:`qgguf.native.decode_attention`; rope and cache bit-identical,
+    the attention sums in another order than torch's), when the native module is built and rope covers whole
+    heads; else torch ops."""
 
-    def __init__(self, model, threads: int | None = None, fuse: bool = True, dense_threads: int | None = None):
+    def __init__(self, model, threads: int | None = None, fuse: bool = True, dense_threads: int | None = None,
+                 native_attention: bool = True):
         self.m = model
         hp = model.hp
         self.hp = hp
@@ -142,12 +151,55 @@ class LeanDecoder:
                 o=_Mat(L.wo, self.a, self.o, T), gateup=_Group((L.w_gate, L.w_up), self.n, (self.g, self.u), T, fuse),
                 down=_Mat(L.w_down, self.h, self.d, T)))
         self.out = _Mat(model.output, self.n, self.logits, T, T if dense_threads is None else dense_threads)
+        self._attn = None
+        from .. import native
+        if native_attention and self._rope_inplace and native.available():
+            ffi, lib = _native_ffi()
+            self._attn_keep = [ffi.from_buffer(t.numpy()) for t in (self.qk, self.v, self.a)]
+            self._attn = (lib.qg_decode_attn, ffi, *(ffi.cast("float *", b) for b in self._attn_keep))
         self.scale = 1.0 / math.sqrt(dk)
 
     def _norm(self, w: torch.Tensor) -> None:
         # the same expression as model.rms_norm (bit-equal results: activation rounding downstream is discontinuous)
         x = self.x
         torch.mul(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.hp.norm_eps), w, out=self.n)
+
+    def _torch_attention(self, il: int, pos: int, cos: torch.Tensor, sin: torch.Tensor, f16: bool) -> None:
+        """rope of q and k, the cache store and the attention into ``self.a`` with torch ops."""
+        m, hp, cache = self.m, self.hp, self.m.cache
+        H, Hkv, dk, dv = hp.n_head, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v
+        G, end = H // Hkv, pos + 1
+        if self._rope_inplace:
+            # rope_apply's arithmetic (x0*c - x1*s, x0*s + x1*c), in place on q and k together
+            c, sn = cos[0], sin[0]
+            x0, x1, t0, t1, t2 = self._x0, self._x1, self._t0, self._t1, self._t2
+            torch.mul(x0, c, out=t0)
+            torch.mul(x1, sn, out=t2)
+            t0.sub_(t2)
+            torch.mul(x0, sn, out=t1)
+            torch.mul(x1, c, out=t2)
+            t1.add_(t2)
+            x0.copy_(t0)
+            x1.copy_(t1)
+            q, k = self.q.view(1, H, dk), self.k.view(1, Hkv, dk)
+        else:
+            q = m._rope(self.q.view(1, H, dk), cos, sin)
+            k = m._rope(self.k.view(1, Hkv, dk), cos, sin)
+        Kc, Vc = cache.k[il], cache.v[il]
+        if f16:        # the model's fp16 KV cache numerics (fp16 values held as float32), no temporaries
+            Kc[:, pos].copy_(self._k16.copy_(k[0]))
+            Vc[:, pos].copy_(self._v16.copy_(self.v.view(Hkv, dv)))
+            q = self._q32.copy_(self._q16.copy_(q))
+        else:
+            Kc[:, pos] = k[0]
+            Vc[:, pos] = self.v.view(Hkv, dv)
+        K, V = Kc[:, :end], Vc[:, :end]                              # (Hkv, end, d)
+        s = torch.matmul(q.view(Hkv, G, dk), K.transpose(1, 2))      # (Hkv, G, end)
+        s.mul_(self.scale)
+        p = torch.softmax(s, dim=-1)
+        if f16:
+            p = p.to(torch.float16).to(torch.float32)
+        torch.matmul(p, V, out=self.a.view(Hkv, G, dv))
 
     @torch.inference_mode()
     def step(self, token: int, pos: int) -> torch.Tensor:
@@ -161,9 +213,18 @@ class LeanDecoder:
         cos_t, sin_t = m._rope_tables(end)
         cos, sin = cos_t[pos:end], sin_t[pos:end]
         H, Hkv, dk, dv = hp.n_head, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v
-        G = H // Hkv
         f16 = bool(getattr(m, "kv_f16", False))
         self.x.copy_(m.tok_embd.embed(torch.tensor([int(token)])).view(-1))
+        attn = self._attn
+        if attn is not None:
+            fn, ffi, pqk, pv, pa = attn
+            if not (cos_t.is_contiguous() and sin_t.is_contiguous() and cos_t.dtype == torch.float32
+                    and sin_t.dtype == torch.float32 and cos_t.shape[1] == dk // 2):
+                attn = None
+            else:
+                half = dk // 2
+                pcos = ffi.cast("float *", cos_t.data_ptr()) + pos * half
+                psin = ffi.cast("float *", sin_t.data_ptr()) + pos * half
         for il, P in enumerate(self.layers):
             L = P["L"]
             self._norm(L.attn_norm)
@@ -174,37 +235,15 @@ class LeanDecoder:
                 self.k.add_(L.bk)
             if L.bv is not None:
                 self.v.add_(L.bv)
-            if self._rope_inplace:
-                # rope_apply's arithmetic (x0*c - x1*s, x0*s + x1*c), in place on q and k together
-                c, sn = cos[0], sin[0]
-                x0, x1, t0, t1, t2 = self._x0, self._x1, self._t0, self._t1, self._t2
-                torch.mul(x0, c, out=t0)
-                torch.mul(x1, sn, out=t2)
-                t0.sub_(t2)
-                torch.mul(x0, sn, out=t1)
-                torch.mul(x1, c, out=t2)
-                t1.add_(t2)
-                x0.copy_(t0)
-                x1.copy_(t1)
-                q, k = self.q.view(1, H, dk), self.k.view(1, Hkv, dk)
+            if attn is not None and cache.k[il].is_contiguous() and cache.v[il].is_contiguous():
+                # rope of q and k, the cache store and the attention: one native call
+                if fn(pqk, pv, pcos, psin, ffi.cast("float *", cache.k[il].data_ptr()),
+                      ffi.cast("float *", cache.v[il].data_ptr()), pa, H, Hkv, dk, dv, pos, cache.capacity,
+                      self.scale, 1 if f16 else 0, self.threads) != 0:
+                    from ..errors import QggufError
+                    raise QggufError(f"decode attention: {ffi.string(_native_ffi()[1].qg_last_error()).decode()}")
             else:
-                q = m._rope(self.q.view(1, H, dk), cos, sin)
-                k = m._rope(self.k.view(1, Hkv, dk), cos, sin)
-            Kc, Vc = cache.k[il], cache.v[il]
-            if f16:        # the model's fp16 KV cache numerics (fp16 values held as float32), no temporaries
-                Kc[:, pos].copy_(self._k16.copy_(k[0]))
-                Vc[:, pos].copy_(self._v16.copy_(self.v.view(Hkv, dv)))
-                q = self._q32.copy_(self._q16.copy_(q))
-            else:
-                Kc[:, pos] = k[0]
-                Vc[:, pos] = self.v.view(Hkv, dv)
-            K, V = Kc[:, :end], Vc[:, :end]                              # (Hkv, end, d)
-            s = torch.matmul(q.view(Hkv, G, dk), K.transpose(1, 2))      # (Hkv, G, end)
-            s.mul_(self.scale)
-            p = torch.softmax(s, dim=-1)
-            if f16:
-                p = p.to(torch.float16).to(torch.float32)
-            torch.matmul(p, V, out=self.a.view(Hkv, G, dv))
+                self._torch_attention(il, pos, cos, sin, f16)
             P["o"].call()
             if L.bo is not None:
                 self.o.add_(L.bo)

@@ -9,6 +9,7 @@
 #include <time.h>
 #include <limits.h>
 #include <stdio.h>
+#include <math.h>
 
 #if defined(QG_X86)
 #include <immintrin.h>
@@ -568,5 +569,131 @@ int qg_matmul(const qg_tensor *t, const float *X, int64_t N, float *Y, int nthre
     parallel(mm_task, &c, clamp_threads(nthreads, (t->R + c.tile - 1) / c.tile));
     /* a thread that could not get its tile leaves the rows to the others */
     if (atomic_load(&c.next) < t->R) return fail("out of memory (matmul tile)");
+    return 0;
+}
+
+/* ---------------------------------------------------------------- single-token attention (decoding)
+ * The part of a decoder layer between the q/k/v and output projections, for one token at position pos:
+ *   rope (ggml NORM mode: adjacent pairs, n_rot = dk) of q and k in place in qk = [q (H*dk) | k (Hkv*dk)],
+ *   K[h][pos] = k_h, V[h][pos] = v_h (rounded to fp16 when round16: llama.cpp's F16 cache),
+ *   a_h = softmax(scale * q_h . K[h/G][0..pos]) . V[h/G][0..pos]   (q and the probabilities rounded to fp16
+ *   when round16), G = H / Hkv.
+ * rope and the cache stores are bit-identical to the runner's torch code (products then one add, no FMA); the
+ * dot products and the softmax are float32 in another summation order than torch's (rounding-level
+ * differences).  Heads are spread over the thread pool. */
+#if defined(__FLT16_MAX__)
+static inline float round_half(float f) { return (float)(_Float16)f; }
+#else
+static inline float round_half(float f) {   /* float -> IEEE half (nearest even) -> float, in software */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint32_t sign = u & 0x80000000u, a = u & 0x7fffffffu;
+    float r;
+    if (a >= 0x7f800000u) return f;                                   /* inf, nan */
+    if (a >= 0x477ff000u) { uint32_t inf = sign | 0x7f800000u; memcpy(&r, &inf, 4); return r; } /* overflow */
+    if (a < 0x38800000u) {                                            /* half subnormal: multiples of 2^-24 */
+        const float q = (float)(f * 16777216.0f);
+        const float n = __builtin_rintf(q);                           /* ties to even */
+        return n / 16777216.0f;
+    }
+    const uint32_t lsb = (a >> 13) & 1u, rounded = (a + 0x0fffu + lsb) & ~0x1fffu;
+    const uint32_t v = sign | rounded;
+    memcpy(&r, &v, 4);
+    return r;
+}
+#endif
+
+typedef struct {
+    const float *q;
+    const float *K, *V;
+    float *a;
+    int H, G, dk, dv, round16;
+    int64_t n, cap;
+    float scale;
+    atomic_int_fast64_t next;
+    atomic_int fail;
+} attn_ctx;
+static void attn_task(void *p, int ith, int nth) {
+    (void)ith; (void)nth;
+    attn_ctx *c = p;
+    const int dk = c->dk, dv = c->dv;
+    const int64_t n = c->n;
+    float *s = malloc((size_t)(n + dk + dv) * sizeof(float));
+    if (!s) { atomic_store(&c->fail, 1); return; }
+    float *qh = s + n, *acc = qh + dk;
+    for (;;) {
+        const int64_t h = atomic_fetch_add(&c->next, 1);
+        if (h >= c->H) break;
+        const int64_t kvh = h / c->G;
+        const float *K = c->K + kvh * c->cap * dk, *V = c->V + kvh * c->cap * dv;
+        for (int d = 0; d < dk; d++) qh[d] = c->round16 ? round_half(c->q[h * dk + d]) : c->q[h * dk + d];
+        float mx = -INFINITY;
+        for (int64_t i = 0; i < n; i++) {
+            const float *kr = K + i * dk;
+            float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
+            int d = 0;
+            for (; d + 4 <= dk; d += 4) {
+                d0 += qh[d] * kr[d]; d1 += qh[d + 1] * kr[d + 1];
+                d2 += qh[d + 2] * kr[d + 2]; d3 += qh[d + 3] * kr[d + 3];
+            }
+            for (; d < dk; d++) d0 += qh[d] * kr[d];
+            const float v = ((d0 + d1) + (d2 + d3)) * c->scale;
+            s[i] = v;
+            if (v > mx) mx = v;
+        }
+        float sum = 0.f;
+        for (int64_t i = 0; i < n; i++) { s[i] = expf(s[i] - mx); sum += s[i]; }
+        const float inv = 1.f / sum;
+        for (int d = 0; d < dv; d++) acc[d] = 0.f;
+        for (int64_t i = 0; i < n; i++) {
+            const float pi = c->round16 ? round_half(s[i] * inv) : s[i] * inv;
+            const float *vr = V + i * dv;
+            for (int d = 0; d < dv; d++) acc[d] += pi * vr[d];
+        }
+        memcpy(c->a + h * dv, acc, (size_t)dv * sizeof(float));
+    }
+    free(s);
+}
+
+int qg_decode_attn(float *qk, const float *v, const float *cosv, const float *sinv, float *Kc, float *Vc,
+                   float *a, int H, int Hkv, int dk, int dv, int64_t pos, int64_t cap, float scale, int round16,
+                   int nthreads) {
+    if (!qk || !v || !cosv || !sinv || !Kc || !Vc || !a) return fail("decode_attn: null pointer");
+    if (H < 1 || Hkv < 1 || H % Hkv || dk < 2 || dk % 2 || dv < 1 || dk > 4096 || dv > 4096)
+        return fail("decode_attn: bad head layout");
+    if (pos < 0 || pos >= cap) return fail("decode_attn: position outside the cache");
+    /* rope: adjacent pairs of every q and k head; x0*c - x1*s and x0*s + x1*c as two products and one add */
+    const int half = dk / 2;
+    for (int h = 0; h < H + Hkv; h++) {
+        float *x = qk + (int64_t)h * dk;
+        for (int i = 0; i < half; i++) {
+            const float x0 = x[2 * i], x1 = x[2 * i + 1], c = cosv[i], s = sinv[i];
+            const float p0 = x0 * c, p1 = x1 * s, p2 = x0 * s, p3 = x1 * c;
+            x[2 * i] = p0 - p1;
+            x[2 * i + 1] = p2 + p3;
+        }
+    }
+    const float *k = qk + (int64_t)H * dk;
+    for (int h = 0; h < Hkv; h++) {
+        float *kd = Kc + ((int64_t)h * cap + pos) * dk, *vd = Vc + ((int64_t)h * cap + pos) * dv;
+        for (int d = 0; d < dk; d++) kd[d] = round16 ? round_half(k[h * dk + d]) : k[h * dk + d];
+        for (int d = 0; d < dv; d++) vd[d] = round16 ? round_half(v[h * dv + d]) : v[h * dv + d];
+    }
+    attn_ctx c;
+    memset(&c, 0, sizeof c);
+    c.q = qk; c.K = Kc; c.V = Vc; c.a = a;
+    c.H = H; c.G = H / Hkv; c.dk = dk; c.dv = dv; c.round16 = round16;
+    c.n = pos + 1; c.cap = cap; c.scale = scale;
+    atomic_store(&c.next, 0);
+    atomic_store(&c.fail, 0);
+    /* a thread pays off only with enough positions to share (a job hand-off costs a few microseconds) */
+    const int nth = c.n * (int64_t)H * (dk + dv) < 65536 ? 1 : clamp_threads(nthreads, H);
+    parallel(attn_task, &c, nth);
+    if (atomic_load(&c.fail)) {   /* a thread without scratch left heads to the others; redo any it claimed */
+        atomic_store(&c.next, 0);
+        atomic_store(&c.fail, 0);
+        attn_task(&c, 0, 1);
+        if (atomic_load(&c.fail)) return fail("out of memory (attention scratch)");
+    }
     return 0;
 }
