@@ -88,38 +88,93 @@ static int64_t prep_size_avx512(const qg_tensor *t) {
     return J * t->M * 512 / 4 + nb + 16; /* floats: byte tables, then block scales */
 }
 
+/* float tables of groups [jb, je) (g <= 16) into buf[(j-jb)*M + m][256], as prepare_avx512; returns the largest
+ * |entry| (the block scale's amax), tracked while the entries are in registers */
+static float lut_tile_max(const qg_tensor *t, const float *x, float *buf, int64_t jb, int64_t je) {
+    const int64_t g = t->g, M = t->M;
+    __m512 mx = _mm512_setzero_ps();
+    for (int64_t j = jb; j < je; j++) {
+        __m512 xs[16];
+        for (int64_t d = 0; d < g; d++) xs[d] = _mm512_set1_ps(x[j * g + d]);
+        for (int64_t m = 0; m < M; m++) {
+            const float *cb = t->cbT + m * g * 256;
+            float *l = buf + ((j - jb) * M + m) * 256;
+            for (int kb = 0; kb < 256; kb += 64) {
+                __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(cb + kb), xs[0]);
+                __m512 a1 = _mm512_mul_ps(_mm512_loadu_ps(cb + kb + 16), xs[0]);
+                __m512 a2 = _mm512_mul_ps(_mm512_loadu_ps(cb + kb + 32), xs[0]);
+                __m512 a3 = _mm512_mul_ps(_mm512_loadu_ps(cb + kb + 48), xs[0]);
+                for (int64_t d = 1; d < g; d++) {
+                    const float *p = cb + d * 256 + kb;
+                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(p), xs[d], a0);
+                    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(p + 16), xs[d], a1);
+                    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(p + 32), xs[d], a2);
+                    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(p + 48), xs[d], a3);
+                }
+                _mm512_store_ps(l + kb, a0);
+                _mm512_store_ps(l + kb + 16, a1);
+                _mm512_store_ps(l + kb + 32, a2);
+                _mm512_store_ps(l + kb + 48, a3);
+                mx = _mm512_max_ps(mx, _mm512_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)),
+                                                     _mm512_max_ps(_mm512_abs_ps(a2), _mm512_abs_ps(a3))));
+            }
+        }
+    }
+    return _mm512_reduce_max_ps(mx);
+}
+
+/* byte permutation of _mm512_packus_epi32(qa, qb) (lane l holds qa[4l..4l+3], qb[4l..4l+3] as words) that puts
+ * the low bytes of entries 0..31 (qa = entries 0..15, qb = 16..31) in bytes 0..31 and the high bytes in 32..63 */
+static const uint8_t split_idx[64] __attribute__((aligned(64))) = {
+#define W(e) ((e) < 16 ? ((e) / 4) * 8 + (e) % 4 : (((e) - 16) / 4) * 8 + 4 + ((e) - 16) % 4)
+#define ROW8(b, o) 2 * W(b) + o, 2 * W(b + 1) + o, 2 * W(b + 2) + o, 2 * W(b + 3) + o, \
+                   2 * W(b + 4) + o, 2 * W(b + 5) + o, 2 * W(b + 6) + o, 2 * W(b + 7) + o
+    ROW8(0, 0), ROW8(8, 0), ROW8(16, 0), ROW8(24, 0), ROW8(0, 1), ROW8(8, 1), ROW8(16, 1), ROW8(24, 1)
+#undef ROW8
+#undef W
+};
+
 static void prepare_vbmi(const qg_tensor *t, const float *x, float *prep, int64_t j0, int64_t j1) {
     const int64_t M = t->M, J = t->C / t->g;
     uint8_t *tab = (uint8_t *)prep;
     float *bscale = prep + J * M * 512 / 4;
-    float *buf = aligned_alloc(64, (size_t)QG_JTILE * M * 256 * sizeof(float));
+    if (t->g > 16) { /* no such configuration reaches here (g is 8 or 16); keep a defined result */
+        memset(tab + j0 * M * 512, 0x80, (size_t)((j1 - j0) * M * 512));
+        for (int64_t b = j0 / QG_JTILE; b * QG_JTILE < j1; b++) bscale[b] = 0.f;
+        return;
+    }
+    /* one tile's float tables: on the stack up to M = 4 (64 KiB), else on the heap */
+    float stackbuf[QG_JTILE * 4 * 256] __attribute__((aligned(64)));
+    float *buf = M <= 4 ? stackbuf : aligned_alloc(64, (size_t)QG_JTILE * M * 256 * sizeof(float));
     if (!buf) { /* cannot happen in practice; keep a defined result */
         memset(tab + j0 * M * 512, 0x80, (size_t)((j1 - j0) * M * 512));
         for (int64_t b = j0 / QG_JTILE; b * QG_JTILE < j1; b++) bscale[b] = 0.f;
         return;
     }
+    const __m512i perm = _mm512_load_si512(split_idx);
     for (int64_t jb = j0; jb < j1; jb += QG_JTILE) { /* j0 is a multiple of QG_JTILE */
         const int64_t je = jb + QG_JTILE < J ? jb + QG_JTILE : J;
-        prepare_avx512(t, x, buf - jb * M * 256, jb, je);
-        const int64_t n = (je - jb) * M * 256;
-        __m512 mx = _mm512_setzero_ps();
-        for (int64_t i = 0; i < n; i += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_load_ps(buf + i)));
-        const float amax = _mm512_reduce_max_ps(mx);
+        const float amax = lut_tile_max(t, x, buf, jb, je);
         const float S = amax > 0.f ? amax / 32767.f : 0.f;
         bscale[jb / QG_JTILE] = S;
         const __m512 inv = _mm512_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
-        const __m512i off = _mm512_set1_epi32(32768), lo8 = _mm512_set1_epi32(255);
+        const __m512i off = _mm512_set1_epi32(32768), one = _mm512_set1_epi32(1), top = _mm512_set1_epi32(65535);
         for (int64_t jm = 0; jm < (je - jb) * M; jm++) {
             uint8_t *lo = tab + (jb * M + jm) * 512, *hi = lo + 256;
-            for (int k = 0; k < 256; k += 16) {
-                __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(buf + jm * 256 + k), inv)), off);
-                q = _mm512_min_epi32(_mm512_max_epi32(q, _mm512_set1_epi32(1)), _mm512_set1_epi32(65535));
-                _mm_storeu_si128((__m128i *)(lo + k), _mm512_cvtepi32_epi8(_mm512_and_si512(q, lo8)));
-                _mm_storeu_si128((__m128i *)(hi + k), _mm512_cvtepi32_epi8(_mm512_srli_epi32(q, 8)));
+            const float *src = buf + jm * 256;
+            for (int k = 0; k < 256; k += 32) {
+                /* q = clamp(round(v / S) + 32768, 1, 65535) as 16 bits: low bytes to lo, high bytes to hi */
+                __m512i qa = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(src + k), inv)), off);
+                __m512i qb = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(src + k + 16), inv)), off);
+                qa = _mm512_min_epi32(_mm512_max_epi32(qa, one), top);
+                qb = _mm512_min_epi32(_mm512_max_epi32(qb, one), top);
+                const __m512i w = _mm512_permutexvar_epi8(perm, _mm512_packus_epi32(qa, qb));
+                _mm256_storeu_si256((__m256i *)(lo + k), _mm512_castsi512_si256(w));
+                _mm256_storeu_si256((__m256i *)(hi + k), _mm512_extracti64x4_epi64(w, 1));
             }
         }
     }
-    free(buf);
+    if (buf != stackbuf) free(buf);
 }
 
 #ifndef QG_PREFETCH_BLOCKS
