@@ -63,31 +63,33 @@ AI void vql_open(vql_stream *st, const uint8_t *s, uint64_t nbytes, uint64_t e0,
 }
 
 /* NM: the lookup reads only the w low bits of an index (w = 4 with vpermps, 5 with vpermt2ps) */
-AI __m512i vql_spread(const vql_stream *st, __m128i raw, const int NM) {
-    const __m512i v = _mm512_srlv_epi32(_mm512_shuffle_epi8(_mm512_broadcast_i32x4(raw), st->ctrl), st->sh);
+AI __m512i vql_spread(const vql_stream *st, __m512i win, const int NM) {
+    const __m512i v = _mm512_srlv_epi32(_mm512_shuffle_epi8(win, st->ctrl), st->sh);
     return NM ? v : _mm512_and_si512(v, st->msk);
 }
 
+/* the next 16 elements; the 16-byte window is broadcast to the four 128-bit lanes by the load itself
+ * (vbroadcasti32x4 m128: no shuffle) where it stays inside the stream */
 AI __m512i vql_next(vql_stream *st, const int NM) {
-    const __m128i raw = st->safe ? _mm_loadu_si128((const __m128i *)st->p) : _mm_maskz_loadu_epi8(st->lm, st->p);
+    const __m512i win = st->safe ? _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)st->p))
+                                 : _mm512_broadcast_i32x4(_mm_maskz_loadu_epi8(st->lm, st->p));
     st->p += 2 * st->w;
-    return vql_spread(st, raw, NM);
+    return vql_spread(st, win, NM);
 }
 
 /* the n < 16 remaining elements: only the bytes they occupy are read */
 AI __m512i vql_tail(const vql_stream *st, int64_t n, const int NM) {
     const __mmask16 lm = (__mmask16)((1u << ((st->off + n * st->w + 7) >> 3)) - 1u);
-    return vql_spread(st, _mm_maskz_loadu_epi8(lm, st->p), NM);
+    return vql_spread(st, _mm512_broadcast_i32x4(_mm_maskz_loadu_epi8(lm, st->p)), NM);
 }
 
 AI __m512 vql_look(const __m512 lo, const __m512 hi, __m512i ix, const int K32) {
     return K32 ? _mm512_permutex2var_ps(lo, ix, hi) : _mm512_permutexvar_ps(ix, lo);
 }
 
-/* positions [p, pe) of NR rows: acc[r][i] += xs * (T_i[idx] (+ R_i[ridx])) */
+/* positions [p, pe) of one vector row: acc[i] += xs * (T_i[idx] (+ R_i[ridx])) */
 AI void vql_seg(const float *prep, int64_t p, int64_t pe, vql_stream *ms, vql_stream *rs, const float *mt,
-                const float *rt, __m512 (*acc)[16], const int NR, const int V, const int RES, const int K32,
-                const int NM) {
+                const float *rt, __m512 *acc, const int V, const int RES, const int K32, const int NM) {
     __m512 tl[16], th[16], rl[16], rh[16];
 #pragma GCC unroll 16
     for (int i = 0; i < V; i++) {
@@ -98,77 +100,61 @@ AI void vql_seg(const float *prep, int64_t p, int64_t pe, vql_stream *ms, vql_st
     }
     for (; p + 16 <= pe; p += 16) {
         const __m512 xv = _mm512_loadu_ps(prep + p);
-#pragma GCC unroll 2
-        for (int r = 0; r < NR; r++) {
-            const __m512i mi = vql_next(&ms[r], NM);
-            const __m512i ri = RES ? vql_next(&rs[r], NM) : mi;
+        const __m512i mi = vql_next(ms, NM);
+        const __m512i ri = RES ? vql_next(rs, NM) : mi;
 #pragma GCC unroll 16
-            for (int i = 0; i < V; i++) {
-                __m512 c = vql_look(tl[i], th[i], mi, K32);
-                if (RES) c = _mm512_add_ps(c, vql_look(rl[i], rh[i], ri, K32));
-                acc[r][i] = _mm512_fmadd_ps(xv, c, acc[r][i]);
-            }
+        for (int i = 0; i < V; i++) {
+            __m512 c = vql_look(tl[i], th[i], mi, K32);
+            if (RES) c = _mm512_add_ps(c, vql_look(rl[i], rh[i], ri, K32));
+            acc[i] = _mm512_fmadd_ps(xv, c, acc[i]);
         }
     }
     if (p < pe) {
         const int64_t n = pe - p;
         const __mmask16 m = (__mmask16)((1u << n) - 1u);
         const __m512 xv = _mm512_maskz_loadu_ps(m, prep + p);
-#pragma GCC unroll 2
-        for (int r = 0; r < NR; r++) {
-            const __m512i mi = vql_tail(&ms[r], n, NM);
-            const __m512i ri = RES ? vql_tail(&rs[r], n, NM) : mi;
+        const __m512i mi = vql_tail(ms, n, NM);
+        const __m512i ri = RES ? vql_tail(rs, n, NM) : mi;
 #pragma GCC unroll 16
-            for (int i = 0; i < V; i++) {
-                __m512 c = vql_look(tl[i], th[i], mi, K32);
-                if (RES) c = _mm512_add_ps(c, vql_look(rl[i], rh[i], ri, K32));
-                acc[r][i] = _mm512_mask3_fmadd_ps(xv, c, acc[r][i], m);
-            }
+        for (int i = 0; i < V; i++) {
+            __m512 c = vql_look(tl[i], th[i], mi, K32);
+            if (RES) c = _mm512_add_ps(c, vql_look(rl[i], rh[i], ri, K32));
+            acc[i] = _mm512_mask3_fmadd_ps(xv, c, acc[i], m);
         }
     }
 }
 
-/* vector rows [b, b + NR): the outlier positions, then each codebook group */
-AI void vql_rows(const qg_tensor *t, const float *prep, float *y, int64_t b, float beta, const float *tabs,
-                 const __m512i *cs, const int NR, const int V, const int RES, const int K32, const int NM) {
+/* vector rows [b0, b1), one at a time (two or four rows per pass measured slower: register spills in
+ * the per-segment set-up): the outlier positions, then each codebook group */
+AI void vql_range(const qg_tensor *t, const float *prep, float *y, int64_t b0, int64_t b1, const float *tabs,
+                  const __m512i *cs, const int V, const int RES, const int K32, const int NM) {
     const int64_t C = t->C, n_out = t->iparam[3], nc = C - n_out, G = t->iparam[4], gs = t->iparam[5];
     const int kb = t->B, rb = (int)t->iparam[1];
     const uint64_t nb = (uint64_t)(t->R / V);
     const uint64_t mbytes = (nb * C * kb + 7) / 8 + 3, rbytes = RES ? (nb * nc * rb + 7) / 8 + 3 : 0;
     const uint8_t *s = (const uint8_t *)t->codes, *rsb = (const uint8_t *)t->aux0;
-    __m512 acc[2][16];
-#pragma GCC unroll 2
-    for (int r = 0; r < NR; r++)
-#pragma GCC unroll 16
-        for (int i = 0; i < V; i++) acc[r][i] = _mm512_setzero_ps();
-    vql_stream ms[2], rs[2];
-    if (n_out) {
-        for (int r = 0; r < NR; r++) vql_open(&ms[r], s, mbytes, (b + r) * C, (b + r) * C + n_out, kb, cs);
-        /* the outlier codebook has k entries: the main index width, so NM holds for it too */
-        vql_seg(prep, 0, n_out, ms, NULL, tabs, NULL, acc, NR, V, 0, K32, NM);
-    }
-    for (int64_t g = 0; g < G; g++) {
-        const int64_t p0 = n_out + g * gs, p1 = p0 + gs < C ? p0 + gs : C;
-        if (p0 >= p1) break;
-        for (int r = 0; r < NR; r++) {
-            vql_open(&ms[r], s, mbytes, (b + r) * C + p0, (b + r) * C + p1, kb, cs);
-            if (RES) vql_open(&rs[r], rsb, rbytes, (b + r) * nc + p0 - n_out, (b + r) * nc + p1 - n_out, rb, cs + 16);
-        }
-        const float *mt = tabs + (1 + g) * (RES ? 2 : 1) * V * 32;
-        vql_seg(prep, p0, p1, ms, rs, mt, mt + V * 32, acc, NR, V, RES, K32, NM);
-    }
-#pragma GCC unroll 2
-    for (int r = 0; r < NR; r++)
-#pragma GCC unroll 16
-        for (int i = 0; i < V; i++) y[(b + r) * V + i] = _mm512_reduce_add_ps(acc[r][i]) + beta;
-}
-
-AI void vql_range(const qg_tensor *t, const float *prep, float *y, int64_t b0, int64_t b1, const float *tabs,
-                  const __m512i *cs, const int V, const int RES, const int K32, const int NM) {
     const float beta = qg_vq_bias_term(t, prep);
-    int64_t b = b0;
-    for (; b + 2 <= b1; b += 2) vql_rows(t, prep, y, b, beta, tabs, cs, 2, V, RES, K32, NM);
-    if (b < b1) vql_rows(t, prep, y, b, beta, tabs, cs, 1, V, RES, K32, NM);
+    for (int64_t b = b0; b < b1; b++) {
+        __m512 acc[16];
+#pragma GCC unroll 16
+        for (int i = 0; i < V; i++) acc[i] = _mm512_setzero_ps();
+        vql_stream ms, rs;
+        if (n_out) {
+            /* the outlier codebook has k entries: the main index width, so NM holds for it too */
+            vql_open(&ms, s, mbytes, b * C, b * C + n_out, kb, cs);
+            vql_seg(prep, 0, n_out, &ms, NULL, tabs, NULL, acc, V, 0, K32, NM);
+        }
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t p0 = n_out + g * gs, p1 = p0 + gs < C ? p0 + gs : C;
+            if (p0 >= p1) break;
+            vql_open(&ms, s, mbytes, b * C + p0, b * C + p1, kb, cs);
+            if (RES) vql_open(&rs, rsb, rbytes, b * nc + p0 - n_out, b * nc + p1 - n_out, rb, cs + 16);
+            const float *mt = tabs + (1 + g) * (RES ? 2 : 1) * V * 32;
+            vql_seg(prep, p0, p1, &ms, &rs, mt, mt + V * 32, acc, V, RES, K32, NM);
+        }
+#pragma GCC unroll 16
+        for (int i = 0; i < V; i++) y[b * V + i] = _mm512_reduce_add_ps(acc[i]) + beta;
+    }
 }
 
 /* 1 if the register-table kernel ran rows [r0, r1) */
