@@ -61,3 +61,18 @@ def test_fused_and_threaded_decoder_bit_identical(files, t):
     m.reset()
     fwd = torch.stack([m.forward([tok], i)[0] for i, tok in enumerate(toks)])
     torch.testing.assert_close(ref, fwd, rtol=1e-4, atol=1e-4)
+
+
+def test_bench_profile(files, capsys):
+    import json
+
+    from qgguf.cli import main
+    assert main(["bench", str(files["aq-2x8-g8"]), "-p", "0", "-n", "4", "-t", "2", "-r", "1", "--profile",
+                 "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)["decode_profile_ms"]
+    for k in ("qkv", "o", "gateup", "down", "output", "weights", "other", "total"):
+        assert p[k] >= 0, k
+    assert abs(p["weights"] - sum(p[k] for k in ("qkv", "o", "gateup", "down", "output"))) < 1e-9
+    assert abs(p["total"] - p["weights"] - p["other"]) < 1e-9
+    assert main(["bench", str(files["aq-2x8-g8"]), "-p", "0", "-n", "2", "-r", "1", "--profile"]) == 0
+    assert "decode ms/token" in capsys.readouterr().out

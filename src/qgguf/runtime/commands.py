@@ -105,7 +105,7 @@ def cmd_bench(args) -> int:
     from .bench import bench, format_result
 
     res = bench(args.model, n_prompt=args.n_prompt, n_gen=args.n_gen, threads=_threads(args), reps=args.reps,
-                torch_threads_decode=args.torch_threads_decode)
+                torch_threads_decode=args.torch_threads_decode, profile=args.profile)
     if args.json:
         print(json.dumps(res))
     else:
@@ -178,6 +178,9 @@ def add_parsers(sub) -> None:
     p.add_argument("-r", "--reps", type=int, default=3, help="repetitions (default 3)")
     p.add_argument("--torch-threads-decode", type=int, default=1,
                    help="torch threads for the small ops of decoding (default 1; weights use --threads)")
+    p.add_argument("--profile", action="store_true",
+                   help="also time the weight calls of decoding (ms per token: q/k/v, output proj, gate/up, down, "
+                        "output matrix; the rest is norms, attention and Python) in an extra decode run")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
 
