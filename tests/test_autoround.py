@@ -334,22 +334,26 @@ def test_block_with_gptq_start():
         start[k] = qt.pack(f)
     r0 = make_recipe("light", iters=0, nsamples=8, seqlen=32)
     res0 = autoround_block(hp, w, qtypes, xq, x, imp, r0, forward=block_forward, start=start)
-    assert set(res0.losses) == {"tuned", "imatrix", "rtn", "gptq"}
-    assert res0.losses["tuned"] == res0.losses["gptq"]        # 0 iterations: exactly the start
+    assert set(res0.losses) == {"tuned", "imatrix", "rtn", "start"}    # "start": named by recipe.init if set
+    assert res0.losses["tuned"] == res0.losses["start"]       # 0 iterations: exactly the start
+    rq = make_recipe("light", iters=0, nsamples=8, seqlen=32, init="quantease")
+    assert set(autoround_block(hp, w, qtypes, xq, x, imp, rq, forward=block_forward, start=start).losses) == \
+        {"tuned", "imatrix", "rtn", "quantease"}
     r = make_recipe("light", iters=30, nsamples=8, seqlen=32, batch_size=2)
     res = autoround_block(hp, w, qtypes, xq, x, imp, r, forward=block_forward, start=start)
-    assert res.losses["tuned"] < res.losses["gptq"]          # the tuning improves on its start
+    assert res.losses["tuned"] < res.losses["start"]         # the tuning improves on its start
     assert res.loss == min(res.losses.values())
     _check_result(res, hp, w, qtypes, xq, x)
 
 
 @pytest.mark.skipif(not (STORIES.is_file() and C4.is_file()), reason="shared test data not available")
-def test_convert_with_gptq_start(tmp_path):
+@pytest.mark.parametrize("init", ["gptq", "quantease"])
+def test_convert_with_error_feedback_start(tmp_path, init):
     from qgguf.convert.pipeline import convert
-    out = tmp_path / "ar-gptq.gguf"
-    opts = {"recipe": "light", "iters": 8, "batch_size": 2, "init": "gptq"}
+    out = tmp_path / f"ar-{init}.gguf"
+    opts = {"recipe": "light", "iters": 8, "batch_size": 2, "init": init}
     rep = convert(STORIES, out, method="autoround", type="Q4_0", calib=C4, nsamples=8, seqlen=64,
                   progress=False, method_options=opts)
-    assert "init=gptq" in rep.method
+    assert f"init={init}" in rep.method
     with pytest.raises(OptionError):
         make_recipe("default", init="magic")

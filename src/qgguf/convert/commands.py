@@ -40,7 +40,7 @@ def add_parsers(sub) -> None:
     g.add_argument("--actorder", action="store_true", default=None,
                    help="gptq: process columns by decreasing activation energy")
     g.add_argument("--passes", type=int, help="quantease: coordinate-descent passes (20)")
-    g.add_argument("--init", choices=["rtn", "gptq"], help="quantease, autoround: start point (rtn: the type's importance-weighted rounding; gptq: GPTQ's result)")
+    g.add_argument("--init", choices=["rtn", "gptq", "quantease"], help="quantease, autoround: start point (rtn: the type's importance-weighted rounding; gptq: GPTQ's result; quantease: QuantEase's result, autoround only)")
     g.add_argument("--outliers", type=float, metavar="FRAC",
                    help="quantease: keep this fraction of weights as sparse float16 outliers (e.g. 0.01); "
                         "the file then needs the qgguf runner")

@@ -155,7 +155,7 @@ def estimate_peak_memory(source, plan, method, blockwise: bool, nsamples: int, s
         wide = max(n_ff, attn, n_embd)
         name = str(getattr(method, "name", "")).lower()
         # AutoRound tunes against block outputs; it builds Gram matrices only to start from GPTQ (--init gptq)
-        uses_grams = name != "autoround" or getattr(getattr(method, "recipe", None), "init", "gptq") == "gptq"
+        uses_grams = name != "autoround" or getattr(getattr(method, "recipe", None), "init", "gptq") != "rtn"
         grams = wide * wide * (8 * 8 + 4) if uses_grams else 0
         copies = 6 if name in ("autoround", "aq", "vq") else 3
         weights = sum(_numel(s) for s in blk.values()) * 4 * copies

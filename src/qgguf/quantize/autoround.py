@@ -36,6 +36,8 @@ GPTQ code and its nearest code, so ``V = 0`` is exactly GPTQ's result and the si
 ``[-0.5, 0.5]`` around it. This combines error feedback (GPTQ), the importance-weighted scale search (GPTQ
 chooses each block's scales with llama.cpp's search on the updated weights) and SignRound's tuning of the
 rounding against the block output; GPTQ's own bytes are one more candidate of the final choice.
+``init="quantease"`` does the same from QuantEase's coordinate-descent result (20 passes), which reaches a
+lower layer error than GPTQ at 2-3 bits.
 
 The final fields go through ``qtype.pack`` and the dequantized bytes are checked to be bit-identical to the
 weights the last loss was computed with.
@@ -67,7 +69,7 @@ MSE went 0.01027 (imatrix start) -> 0.00578 with V only, 0.00676 with range fact
 little left for them to find, and their large moves disturb the rounding (intel/auto-round's own GGUF
 double-quant path also disables them). The rounding tuning is what pays.
 
-Options: ``init`` ("rtn" | "gptq"), ``gptq_damp`` (0.01), ``iters``, ``nsamples``, ``seqlen``, ``batch_size``, ``lr``, ``minmax_lr``, ``enable_minmax``
+Options: ``init`` ("rtn" | "gptq" | "quantease"), ``gptq_damp`` (0.01), ``iters``, ``nsamples``, ``seqlen``, ``batch_size``, ``lr``, ``minmax_lr``, ``enable_minmax``
 (False), ``scale_bounds`` ((0.5, 1.5)), ``tune_super`` (False: k-quant super-scale factors), ``seed``,
 ``threads_tune`` (torch threads of the tuning loop, default 1: on the shared 2-core machine a step of a
 SmolLM2 block took 0.27 s with one thread and 4.9 s with two, the OpenMP threads spinning against the
@@ -113,7 +115,8 @@ class Recipe:
     scale_bounds: tuple[float, float] = (0.5, 1.5)
     tune_super: bool = False
     seed: int = 0
-    init: str = "rtn"                  # "rtn": llama.cpp's importance-weighted search; "gptq": GPTQ's result
+    init: str = "rtn"                  # "rtn": llama.cpp's importance-weighted search; "gptq" / "quantease":
+                                       # that method's result on the block (true-sequential Gram matrices)
     gptq_damp: float = 0.01
 
     @property
@@ -124,6 +127,9 @@ class Recipe:
     def minmax_lr_value(self) -> float:
         return float(self.minmax_lr) if self.minmax_lr is not None else self.lr_value / 10
 
+
+#: block methods whose codes AutoRound can start from (``init``)
+START_METHODS = ("gptq", "quantease")
 
 RECIPES: dict[str, Recipe] = {
     "light": Recipe(iters=50, nsamples=64, seqlen=256, batch_size=2),
@@ -152,8 +158,8 @@ def make_recipe(name: str = "default", **overrides) -> Recipe:
                 raise OptionError(f"autoround {k} must be {'>= 0' if k in ('iters', 'seed') else '>= 1'}, got {v}")
         elif k == "init":
             v = str(v).lower()
-            if v not in ("rtn", "imatrix", "gptq"):
-                raise OptionError(f"autoround init must be rtn or gptq, got {v!r}")
+            if v not in ("rtn", "imatrix", "gptq", "quantease"):
+                raise OptionError(f"autoround init must be rtn, gptq or quantease, got {v!r}")
             v = "rtn" if v == "imatrix" else v
         elif k == "gptq_damp":
             v = float(v)
@@ -460,8 +466,8 @@ def autoround_block(hp, weights: Mapping[str, np.ndarray], qtypes: Mapping[str, 
     rtn_w: dict[str, torch.Tensor] = {}
     imx_w: dict[str, torch.Tensor] = {}
     imx_packed: dict[str, np.ndarray] = {}
-    gptq_packed: dict[str, np.ndarray] = {}
-    gptq_w: dict[str, torch.Tensor] = {}
+    start_packed: dict[str, np.ndarray] = {}
+    start_w: dict[str, torch.Tensor] = {}
     rtn_packed: dict[str, np.ndarray] = {}
     w_fp = {k: torch.from_numpy(np.ascontiguousarray(v, np.float32)) for k, v in weights.items()}
     for k, v in weights.items():
@@ -484,8 +490,8 @@ def autoround_block(hp, weights: Mapping[str, np.ndarray], qtypes: Mapping[str, 
         imx_w[k] = torch.from_numpy(qt.dequantize(data, W.shape))
         if start is not None and k in start:
             sd = np.ascontiguousarray(start[k]).view(np.uint8).reshape(W.shape[0], -1)
-            gptq_packed[k] = sd
-            gptq_w[k] = torch.from_numpy(qt.dequantize(sd, W.shape))
+            start_packed[k] = sd
+            start_w[k] = torch.from_numpy(qt.dequantize(sd, W.shape))
             tuners[k] = TypeQuantizer(qt, W, imp, start_fields=qt.unpack(sd))
             moved = tuners[k].start_from_codes()
             if log is not None:
@@ -569,8 +575,8 @@ def autoround_block(hp, weights: Mapping[str, np.ndarray], qtypes: Mapping[str, 
     if tuners:
         cands["tuned"] = (tuned_packed, {k: torch.from_numpy(v) for k, v in tuned_w.items()})
         cands["imatrix"] = (imx_packed, imx_w)
-        if gptq_packed and len(gptq_packed) == len(tuners):
-            cands["gptq"] = (gptq_packed, gptq_w)
+        if start_packed and len(start_packed) == len(tuners):
+            cands[r.init if r.init in START_METHODS else "start"] = (start_packed, start_w)
         if len(rtn_w) == len(tuners):
             cands["rtn"] = (rtn_packed, rtn_w)
     losses = {}
@@ -638,7 +644,7 @@ class AutoRound(BlockMethod):
             def log(msg: str) -> None:
                 _write(f"autoround block {index}: {msg.strip()}")
         x_fp = block.x_fp if block.x_fp is not None else block.x_q
-        start = self._gptq_start(block, ctx, r) if r.init == "gptq" and hasattr(block, "chunks") else None
+        start = self._start_codes(block, ctx, r) if r.init in START_METHODS and hasattr(block, "chunks") else None
         weights = block.current() if hasattr(block, "current") else block.weights
         weights = {k: (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in weights.items()}
         old = torch.get_num_threads()
@@ -674,16 +680,25 @@ class AutoRound(BlockMethod):
 
 
     @staticmethod
-    def _gptq_start(block, ctx: QuantContext, r: Recipe) -> dict[str, np.ndarray]:
-        """GPTQ on this block (true-sequential Gram matrices of the same calibration inputs ``x_q``): the start
-        point of ``init="gptq"``, so that the signed-gradient tuning refines GPTQ's error-feedback rounding."""
+    def _start_codes(block, ctx: QuantContext, r: Recipe) -> dict[str, np.ndarray]:
+        """GPTQ or QuantEase on this block (true-sequential Gram matrices of the same calibration inputs
+        ``x_q``): the start point of ``init="gptq"`` / ``init="quantease"``, so that the signed-gradient tuning
+        refines that method's rounding."""
         from .blockwise import GramAdapter, sequential_quantize
         from .gptq import GPTQ
+        from .quantease import QuantEase
 
         saved = dict(block.stats)
         if ctx.grams is None:
             ctx.grams = {}
-        packed = sequential_quantize(block, ctx, GramAdapter(GPTQ(damp=r.gptq_damp)).quantize_linear)
+        method = GPTQ(damp=r.gptq_damp) if r.init == "gptq" else QuantEase()
+        # the start method sees only its own prefixed options ("quantease.passes=..."), not AutoRound's
+        opts = ctx.options
+        ctx.options = {k: v for k, v in (opts or {}).items() if k.startswith(method.name + ".")}
+        try:
+            packed = sequential_quantize(block, ctx, GramAdapter(method).quantize_linear)
+        finally:
+            ctx.options = opts
         block.stats.clear()
         block.stats.update(saved)
         return packed
