@@ -419,7 +419,7 @@ void qg_vq_dequantize_rows_avx2(const qg_tensor *t, int64_t r0, int64_t r1, floa
     const int64_t v = t->M, C = t->C, n_out = t->iparam[3], nc = C - n_out, k = t->iparam[0];
     const int64_t kr = t->iparam[2], gs = t->iparam[5];
     const int rbits = (int)t->iparam[1];
-    if (v != 8 && v != 16) { qg_vq_dequantize_rows_scalar(t, r0, r1, out); return; }
+    if (v != 4 && v != 8 && v != 16) { qg_vq_dequantize_rows_scalar(t, r0, r1, out); return; }
     const qg_vq_side *sd = VQ_SIDE(t);
     const uint8_t *s = (const uint8_t *)t->codes, *rs = (const uint8_t *)t->aux0;
     float q[16] __attribute__((aligned(32)));
@@ -436,8 +436,13 @@ void qg_vq_dequantize_rows_avx2(const qg_tensor *t, int64_t r0, int64_t r1, floa
                 e = t->codebooks + (g * k + ix) * v;
                 if (rbits) re = sd->rbooks + (g * kr + qg_vq_get(rs, b * nc + p - n_out, rbits)) * v;
             }
+            if (v == 4) {
+                __m128 c = _mm_loadu_ps(e);
+                if (re) c = _mm_add_ps(c, _mm_loadu_ps(re));
+                _mm_store_ps(q, _mm_add_ps(_mm_mul_ps(c, _mm_set1_ps(t->scales[p])), _mm_set1_ps(sd->colbias[p])));
+            }
             const __m256 sc = _mm256_set1_ps(t->scales[p]), bi = _mm256_set1_ps(sd->colbias[p]);
-            for (int64_t h = 0; h < v; h += 8) {
+            for (int64_t h = 0; h < v && v >= 8; h += 8) {
                 __m256 c = _mm256_loadu_ps(e + h);
                 if (re) c = _mm256_add_ps(c, _mm256_loadu_ps(re + h));
                 _mm256_store_ps(q + h, _mm256_add_ps(_mm256_mul_ps(c, sc), bi));

@@ -1,5 +1,6 @@
-/* VQ kernels, AVX-512: dequantization of vectors of 16 in one 512-bit lane; the matvec runs the AVX2
- * kernels (faster, see below; every AVX-512 CPU the core selects has AVX2). */
+/* VQ kernels, AVX-512: the matvec of small codebooks (k, kr <= 32) with register lookup tables, other
+ * codebooks through the AVX2 kernels (faster there, see below; every AVX-512 CPU the core selects has
+ * AVX2); dequantization of vectors of 16 in one 512-bit lane. */
 #include "qg_native.h"
 #if defined(QG_X86)
 #define QG_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"
