@@ -21,9 +21,10 @@ CASES = [("vq-v8-k256", 64, 96), ("vq-v8-k4096-256-o2-g3", 128, 200), ("vq-v16-k
          ("vq-v4-k64-o5", 40, 52), ("vq-v2-k32-8-g2", 18, 30), ("vq-v8-k32-128", 72, 64),
          ("vq-v8-k65536", 16, 40), ("vq-v16-k8192-2048-o1-g2", 32, 130), ("vq-v4-k128-4096", 12, 24),
          ("vq-v8-k4-2", 8, 9),
-         # the AVX-512 register-table kernel (k, kr <= 32): full 16-position steps, segment tails, the stream end
+         # the AVX-512 register-table kernel (k, kr <= 128): full 16-position steps, segment tails, the stream end
          ("vq-v4-k16-16-o2-g8", 64, 300), ("vq-v16-k32-o3", 32, 100), ("vq-v8-k16-4-g3", 24, 77),
          ("vq-v2-k8-32-o4-g5", 14, 181), ("vq-v4-k32-16-g2", 20, 16),
+         ("vq-v4-k128-32-o2-g4", 24, 170), ("vq-v2-k64-o3", 10, 140), ("vq-v4-k64-128-g3", 16, 97),
          # ... and the AVX2 one (k, kr <= 16; 8 positions per step)
          ("vq-v4-k8-8-o3", 16, 203), ("vq-v16-k16-o1-g2", 48, 90)]
 

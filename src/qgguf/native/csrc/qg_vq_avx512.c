@@ -1,4 +1,4 @@
-/* VQ kernels, AVX-512: the matvec of small codebooks (k, kr <= 32) with register lookup tables, other
+/* VQ kernels, AVX-512: the matvec of small codebooks (k, kr <= 128) with register lookup tables, other
  * codebooks through the AVX2 kernels (faster there, see below; every AVX-512 CPU the core selects has
  * AVX2); dequantization of vectors of 16 in one 512-bit lane. */
 #include "qg_native.h"
@@ -11,20 +11,21 @@
 #define AI static inline __attribute__((always_inline))
 #define VQ_SIDE(t) ((const qg_vq_side *)(t)->aux1)
 
-/* ---- small codebooks (k <= 32, kr <= 32 or none): register lookup tables ----
+/* ---- small codebooks (k <= 128, kr <= 128 or none): register lookup tables ----
  * The dot form: for vector row b and component i, y[b*v+i] = sum_p xs[p] * T_i[idx(b, p)] with
  * T_i[j] = book[j][i] (+ the same with the residual table).  Sixteen consecutive positions of one row
- * are one zmm: their packed indices (16 x w <= 80 bits, contiguous) go to 32-bit lanes with one byte
- * shuffle, a variable shift and (unless the lookup ignores the high bits anyway) a mask; vpermps (k <= 16)
- * or vpermt2ps (k <= 32) looks each component up in its table held in registers, and one FMA per
- * component accumulates 16 positions.  No gather and no per-vector scalar decode: measured on 8192x2048,
- * one thread, vq-v4-k16-16-o2-g8 went from 7.5 ms (the AVX2 gather kernel) to 0.7 ms. */
+ * are one zmm: their packed indices (16 x w <= 112 bits, contiguous) go to 32-bit lanes with one byte
+ * shuffle, a variable shift and (unless the lookup ignores the high bits anyway) a mask.  A table of E
+ * entries is looked up with vpermps (E = 16), vpermt2ps (32), or 2 / 4 vpermt2ps and blends on index
+ * bits 5 and 6 (64, 128); one FMA per component accumulates 16 positions.  No gather and no per-vector
+ * scalar decode.  Measured on 8192x2048, one thread: vq-v4-k16-16-o2-g8 7.5 ms (the AVX2 gather
+ * kernel) -> 0.56 ms. */
 #define VQL_TABF 16384 /* floats of transposed tables on the stack (64 KiB) */
 
-/* tab[i*32 + j] = book[j*V + i] for j < k, 0 beyond (so that any index < 32 reads a finite value) */
-static void vql_tables(const float *book, int64_t k, int64_t V, float *tab) {
+/* tab[i*E + j] = book[j*V + i] for j < k, 0 beyond (so that any index < E reads a finite value) */
+static void vql_tables(const float *book, int64_t k, int64_t V, int64_t E, float *tab) {
     for (int64_t i = 0; i < V; i++)
-        for (int64_t j = 0; j < 32; j++) tab[i * 32 + j] = j < k ? book[j * V + i] : 0.f;
+        for (int64_t j = 0; j < E; j++) tab[i * E + j] = j < k ? book[j * V + i] : 0.f;
 }
 
 /* one packed stream over a row segment: byte pointer, the shuffle control and shifts that put element
@@ -37,14 +38,16 @@ typedef struct {
     __mmask16 lm;
 } vql_stream;
 
-/* cs[off] and cs[8 + off] (off = 0..7): the shuffle control and shifts of width w at bit offset off */
+/* cs[off] and cs[8 + off] (off = 0..7): the shuffle control and shifts of width w (<= 9) at bit offset
+ * off.  An element spans at most 2 bytes (shift + w <= 16); the other two bytes of its lane are zeroed
+ * (control 0x80), so that no control byte points past the 16-byte window. */
 static void vql_ctrls(int w, __m512i *cs) {
     const __m512i j = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     for (int off = 0; off < 8; off++) {
         const __m512i b = _mm512_add_epi32(_mm512_set1_epi32(off), _mm512_mullo_epi32(j, _mm512_set1_epi32(w)));
         cs[8 + off] = _mm512_and_si512(b, _mm512_set1_epi32(7));
-        cs[off] = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_srli_epi32(b, 3), _mm512_set1_epi32(0x01010101)),
-                                   _mm512_set1_epi32(0x03020100));
+        cs[off] = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_srli_epi32(b, 3), _mm512_set1_epi32(0x0101)),
+                                   _mm512_set1_epi32((int)0x80800100u));
     }
 }
 
@@ -63,7 +66,7 @@ AI void vql_open(vql_stream *st, const uint8_t *s, uint64_t nbytes, uint64_t e0,
     st->lm = (__mmask16)((1u << ((st->off + 16 * w + 7) >> 3)) - 1u);
 }
 
-/* NM: the lookup reads only the w low bits of an index (w = 4 with vpermps, 5 with vpermt2ps) */
+/* NM: the lookup reads only the w low bits of an index (w = log2 E) */
 AI __m512i vql_spread(const vql_stream *st, __m512i win, const int NM) {
     const __m512i v = _mm512_srlv_epi32(_mm512_shuffle_epi8(win, st->ctrl), st->sh);
     return NM ? v : _mm512_and_si512(v, st->msk);
@@ -84,29 +87,32 @@ AI __m512i vql_tail(const vql_stream *st, int64_t n, const int NM) {
     return vql_spread(st, _mm512_broadcast_i32x4(_mm_maskz_loadu_epi8(lm, st->p)), NM);
 }
 
-AI __m512 vql_look(const __m512 lo, const __m512 hi, __m512i ix, const int K32) {
-    return K32 ? _mm512_permutex2var_ps(lo, ix, hi) : _mm512_permutexvar_ps(ix, lo);
+/* entry ix of the E-entry table t (E/16 zmm) */
+AI __m512 vql_look(const float *t, __m512i ix, const int E) {
+    if (E == 16) return _mm512_permutexvar_ps(ix, _mm512_load_ps(t));
+    const __m512 a = _mm512_permutex2var_ps(_mm512_load_ps(t), ix, _mm512_load_ps(t + 16));
+    if (E == 32) return a;
+    const __mmask16 b5 = _mm512_test_epi32_mask(ix, _mm512_set1_epi32(32));
+    const __m512 ab = _mm512_mask_blend_ps(b5, a, _mm512_permutex2var_ps(_mm512_load_ps(t + 32), ix,
+                                                                         _mm512_load_ps(t + 48)));
+    if (E == 64) return ab;
+    const __m512 c = _mm512_permutex2var_ps(_mm512_load_ps(t + 64), ix, _mm512_load_ps(t + 80));
+    const __m512 cd = _mm512_mask_blend_ps(b5, c, _mm512_permutex2var_ps(_mm512_load_ps(t + 96), ix,
+                                                                         _mm512_load_ps(t + 112)));
+    return _mm512_mask_blend_ps(_mm512_test_epi32_mask(ix, _mm512_set1_epi32(64)), ab, cd);
 }
 
 /* positions [p, pe) of one vector row: acc[i] += xs * (T_i[idx] (+ R_i[ridx])) */
 AI void vql_seg(const float *prep, int64_t p, int64_t pe, vql_stream *ms, vql_stream *rs, const float *mt,
-                const float *rt, __m512 *acc, const int V, const int RES, const int K32, const int NM) {
-    __m512 tl[16], th[16], rl[16], rh[16];
-#pragma GCC unroll 16
-    for (int i = 0; i < V; i++) {
-        tl[i] = _mm512_load_ps(mt + i * 32);
-        th[i] = K32 ? _mm512_load_ps(mt + i * 32 + 16) : tl[i];
-        rl[i] = RES ? _mm512_load_ps(rt + i * 32) : tl[i];
-        rh[i] = RES && K32 ? _mm512_load_ps(rt + i * 32 + 16) : rl[i];
-    }
+                const float *rt, __m512 *acc, const int V, const int RES, const int E, const int NM) {
     for (; p + 16 <= pe; p += 16) {
         const __m512 xv = _mm512_loadu_ps(prep + p);
         const __m512i mi = vql_next(ms, NM);
         const __m512i ri = RES ? vql_next(rs, NM) : mi;
 #pragma GCC unroll 16
         for (int i = 0; i < V; i++) {
-            __m512 c = vql_look(tl[i], th[i], mi, K32);
-            if (RES) c = _mm512_add_ps(c, vql_look(rl[i], rh[i], ri, K32));
+            __m512 c = vql_look(mt + i * E, mi, E);
+            if (RES) c = _mm512_add_ps(c, vql_look(rt + i * E, ri, E));
             acc[i] = _mm512_fmadd_ps(xv, c, acc[i]);
         }
     }
@@ -118,8 +124,8 @@ AI void vql_seg(const float *prep, int64_t p, int64_t pe, vql_stream *ms, vql_st
         const __m512i ri = RES ? vql_tail(rs, n, NM) : mi;
 #pragma GCC unroll 16
         for (int i = 0; i < V; i++) {
-            __m512 c = vql_look(tl[i], th[i], mi, K32);
-            if (RES) c = _mm512_add_ps(c, vql_look(rl[i], rh[i], ri, K32));
+            __m512 c = vql_look(mt + i * E, mi, E);
+            if (RES) c = _mm512_add_ps(c, vql_look(rt + i * E, ri, E));
             acc[i] = _mm512_mask3_fmadd_ps(xv, c, acc[i], m);
         }
     }
@@ -128,7 +134,7 @@ AI void vql_seg(const float *prep, int64_t p, int64_t pe, vql_stream *ms, vql_st
 /* vector rows [b0, b1), one at a time (two or four rows per pass measured slower: register spills in
  * the per-segment set-up): the outlier positions, then each codebook group */
 AI void vql_range(const qg_tensor *t, const float *prep, float *y, int64_t b0, int64_t b1, const float *tabs,
-                  const __m512i *cs, const int V, const int RES, const int K32, const int NM) {
+                  const __m512i *cs, const int V, const int RES, const int E, const int NM) {
     const int64_t C = t->C, n_out = t->iparam[3], nc = C - n_out, G = t->iparam[4], gs = t->iparam[5];
     const int kb = t->B, rb = (int)t->iparam[1];
     const uint64_t nb = (uint64_t)(t->R / V);
@@ -143,15 +149,15 @@ AI void vql_range(const qg_tensor *t, const float *prep, float *y, int64_t b0, i
         if (n_out) {
             /* the outlier codebook has k entries: the main index width, so NM holds for it too */
             vql_open(&ms, s, mbytes, b * C, b * C + n_out, kb, cs);
-            vql_seg(prep, 0, n_out, &ms, NULL, tabs, NULL, acc, V, 0, K32, NM);
+            vql_seg(prep, 0, n_out, &ms, NULL, tabs, NULL, acc, V, 0, E, NM);
         }
         for (int64_t g = 0; g < G; g++) {
             const int64_t p0 = n_out + g * gs, p1 = p0 + gs < C ? p0 + gs : C;
             if (p0 >= p1) break;
             vql_open(&ms, s, mbytes, b * C + p0, b * C + p1, kb, cs);
             if (RES) vql_open(&rs, rsb, rbytes, b * nc + p0 - n_out, b * nc + p1 - n_out, rb, cs + 16);
-            const float *mt = tabs + (1 + g) * (RES ? 2 : 1) * V * 32;
-            vql_seg(prep, p0, p1, &ms, &rs, mt, mt + V * 32, acc, V, RES, K32, NM);
+            const float *mt = tabs + (1 + g) * (RES ? 2 : 1) * V * E;
+            vql_seg(prep, p0, p1, &ms, &rs, mt, mt + V * E, acc, V, RES, E, NM);
         }
 #pragma GCC unroll 16
         for (int i = 0; i < V; i++) y[b * V + i] = _mm512_reduce_add_ps(acc[i]) + beta;
@@ -162,29 +168,39 @@ AI void vql_range(const qg_tensor *t, const float *prep, float *y, int64_t b0, i
 static int vql_try(const qg_tensor *t, const float *prep, float *y, int64_t r0, int64_t r1) {
     const int64_t V = t->M, k = t->iparam[0], kr = t->iparam[2], G = t->iparam[4], n_out = t->iparam[3];
     const int RES = kr > 0;
-    if (k > 32 || kr > 32 || r0 % V || r1 % V) return 0;
-    const int64_t per = (RES ? 2 : 1) * V * 32;
+    const int64_t kmax = k > kr ? k : kr;
+    if (kmax > 128 || r0 % V || r1 % V) return 0;
+    const int E = kmax <= 16 ? 16 : kmax <= 32 ? 32 : kmax <= 64 ? 64 : 128, wl = E == 16 ? 4 : E == 32 ? 5 : E == 64 ? 6 : 7;
+    /* 64 or 128 entries cost 3 or 7 operations per lookup: with vectors of 8 or 16 the AVX2 gather
+       kernel is as fast (8192x2048 vq-v8-k128: 0.79 ms gather, 1.09 ms tables) */
+    if (E > 32 && V > 4) return 0;
+    const int64_t per = (RES ? 2 : 1) * V * E;
     if ((1 + G) * per > VQL_TABF) return 0;
     float tabs[VQL_TABF] __attribute__((aligned(64)));
     const qg_vq_side *sd = VQ_SIDE(t);
-    if (n_out) vql_tables(sd->obook, k, V, tabs);
+    if (n_out) vql_tables(sd->obook, k, V, E, tabs);
     for (int64_t g = 0; g < G; g++) {
-        vql_tables(t->codebooks + g * k * V, k, V, tabs + (1 + g) * per);
-        if (RES) vql_tables(sd->rbooks + g * kr * V, kr, V, tabs + (1 + g) * per + V * 32);
+        vql_tables(t->codebooks + g * k * V, k, V, E, tabs + (1 + g) * per);
+        if (RES) vql_tables(sd->rbooks + g * kr * V, kr, V, E, tabs + (1 + g) * per + V * E);
     }
     __m512i cs[32];
     vql_ctrls(t->B, cs);
     if (RES) vql_ctrls((int)t->iparam[1], cs + 16);
-    const int K32 = k > 16 || kr > 16, wl = K32 ? 5 : 4;
     const int NM = t->B == wl && (!RES || t->iparam[1] == wl);
     const int64_t b0 = r0 / V, b1 = r1 / V;
-#define VQL_NM(VV, R_, K_)                                                                           \
-    if (NM) vql_range(t, prep, y, b0, b1, tabs, cs, VV, R_, K_, 1);                                       \
-    else vql_range(t, prep, y, b0, b1, tabs, cs, VV, R_, K_, 0);
+#define VQL_NM(VV, R_, E_)                                                                           \
+    if (NM) vql_range(t, prep, y, b0, b1, tabs, cs, VV, R_, E_, 1);                                   \
+    else vql_range(t, prep, y, b0, b1, tabs, cs, VV, R_, E_, 0);
+#define VQL_E(VV, R_)                                                                                \
+    switch (E) {                                                                                     \
+    case 16: VQL_NM(VV, R_, 16) break;                                                               \
+    case 32: VQL_NM(VV, R_, 32) break;                                                               \
+    case 64: VQL_NM(VV, R_, 64) break;                                                               \
+    default: VQL_NM(VV, R_, 128) break;                                                              \
+    }
 #define VQL_CASE(VV)                                                                                 \
     case VV:                                                                                         \
-        if (RES) { if (K32) { VQL_NM(VV, 1, 1) } else { VQL_NM(VV, 1, 0) } }                          \
-        else { if (K32) { VQL_NM(VV, 0, 1) } else { VQL_NM(VV, 0, 0) } }                              \
+        if (RES) { VQL_E(VV, 1) } else { VQL_E(VV, 0) }                                              \
         return 1;
     switch (V) {
     VQL_CASE(2)
@@ -194,6 +210,7 @@ static int vql_try(const qg_tensor *t, const float *prep, float *y, int64_t r0, 
     default: return 0;
     }
 #undef VQL_CASE
+#undef VQL_E
 #undef VQL_NM
 }
 
