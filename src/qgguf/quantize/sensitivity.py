@@ -175,7 +175,12 @@ def _aq_quantized(qt, w: np.ndarray, H: torch.Tensor, name: str, seed: int, opti
     cfg = parse_config(qt.name)
     opts = AQOptions(**{**AQ_MEASURE, **(options or {})})
     seed = (zlib.crc32(name.encode()) * 7919 + int(seed)) % (2 ** 63)
-    res = quantize_matrix(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)), H, cfg, opts, seed=seed)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)   # small operations: one thread is faster on a busy machine (aq.py's linear_threads)
+    try:
+        res = quantize_matrix(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)), H, cfg, opts, seed=seed)
+    finally:
+        torch.set_num_threads(old)
     return dequantize(res.codes, res.codebooks.half().float(), res.scales).to(torch.float32)
 
 
