@@ -84,6 +84,8 @@ def make_file(method: str, qtype: str, args, imatrix: Path, dest: Path, log: Pat
            "--seed", str(args.seed), "-t", str(args.threads), "--json", "-q"]
     if method != "rtn":
         cmd += ["--calib", args.calib]
+    if method not in ("rtn", "autoround"):        # AutoRound's recipe sets its own calibration size
+        cmd += ["--nsamples", str(args.nsamples)]
     if method == "autoround":
         cmd += ["--recipe", args.recipe]
         cmd.remove("-q")     # keep its per-block losses in the log
@@ -169,6 +171,8 @@ def main(argv=None) -> int:
     ap.add_argument("--types", default="Q2_K,Q3_K,Q4_0")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--recipe", default="default", help="AutoRound recipe")
+    ap.add_argument("--nsamples", type=int, default=128,
+                    help="calibration windows of --ctx tokens, for llama-imatrix and qgguf alike (AutoRound: its recipe)")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
@@ -181,7 +185,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = []
     text = calib_text(args.calib, args.seed, out / "calib.txt")
-    imatrix = out / "llamacpp-imatrix.gguf"
+    imatrix = out / ("llamacpp-imatrix.gguf" if args.nsamples == 128 else f"llamacpp-imatrix-{args.nsamples}.gguf")
     for qtype in args.types.split(","):
         for method in args.methods.split(","):
             tag = f"{qtype}-{method.replace('.', '').replace(':', '-').replace(',', '-').replace('=', '')}"
@@ -192,7 +196,7 @@ def main(argv=None) -> int:
             if args.table_only:
                 continue
             if method == "llama.cpp":
-                llamacpp_imatrix(args.model, text, imatrix, 128, args.ctx, args.threads)
+                llamacpp_imatrix(args.model, text, imatrix, args.nsamples, args.ctx, args.threads)
             dest = out / f"{tag}.gguf"
             print(f"== {tag}", file=sys.stderr, flush=True)
             made = make_file(method, qtype, args, imatrix, dest, out / f"{tag}.log")
