@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_methods import ROOT, TOOLS, calib_text, evaluate, llamacpp_imatrix, run, types_of  # noqa: E402
+from compare_methods import (ROOT, TOOLS, calib_text, convert_report, evaluate, llamacpp_imatrix, run,  # noqa: E402
+                             types_of)
 
 
 def make_file(name: str, args, imatrix: Path, dest: Path, log: Path) -> dict:
@@ -56,14 +57,7 @@ def make_file(name: str, args, imatrix: Path, dest: Path, log: Path) -> dict:
     if dest.with_name(dest.name + ".qgguf-resume").is_dir():
         cmd.append("--resume")
     wall = run(cmd, log)
-    body = log.read_text()
-    rep = {}
-    start = body.find("\n{")
-    if start >= 0:
-        try:
-            rep = json.loads(body[start + 1:])
-        except ValueError:
-            pass
+    rep = convert_report(log)
     return {"wall_s": wall, "peak_rss_bytes": rep.get("peak_rss_bytes"), "command": "qgguf " + " ".join(cmd[1:]),
             "resumed": "--resume" in cmd, "codebook_types": rep.get("codebook_types")}
 

@@ -95,16 +95,21 @@ def make_file(method: str, qtype: str, args, imatrix: Path, dest: Path, log: Pat
     if resumed:          # an interrupted run of the same command: continue it (its wall time is then partial)
         cmd.append("--resume")
     wall = run(cmd, log)
-    rep = {}
+    rep = convert_report(log)
+    return {"wall_s": wall, "peak_rss_bytes": rep.get("peak_rss_bytes"), "command": "qgguf " + " ".join(cmd[1:]),
+            "resumed": resumed}
+
+
+def convert_report(log: Path) -> dict:
+    """The ``qgguf convert --json`` report at the end of a conversion's log ({} if there is none)."""
     body = log.read_text()
     start = body.find("\n{")
     if start >= 0:
         try:
-            rep = json.loads(body[start + 1:])
+            return json.loads(body[start + 1:])
         except ValueError:
             pass
-    return {"wall_s": wall, "peak_rss_bytes": rep.get("peak_rss_bytes"), "command": "qgguf " + " ".join(cmd[1:]),
-            "resumed": resumed}
+    return {}
 
 
 def evaluate(path: Path, args) -> dict:
