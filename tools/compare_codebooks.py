@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_methods import (ROOT, TOOLS, calib_text, convert_report, evaluate, llamacpp_imatrix, run,  # noqa: E402
-                             types_of)
+from compare_methods import (ROOT, TOOLS, add_common_args, calib_text, convert_report, evaluate,  # noqa: E402
+                             llamacpp_imatrix, run, types_of)
 
 
 def make_file(name: str, args, imatrix: Path, dest: Path, log: Path) -> dict:
@@ -77,18 +77,11 @@ def table(results: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=str(ROOT / "out" / "smollm2-f32.gguf"))
-    ap.add_argument("--calib", default=str(ROOT.parent / "shared" / "data" / "c4-sample-1000.jsonl"))
-    ap.add_argument("--text", default=str(ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"))
+    add_common_args(ap)
     ap.add_argument("--runs", default="lc-ffn_down-IQ2_XXS,aq-ffn_down-2,lc-Q2_K,aq-3,aq-2")
-    ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--chunks", type=int, default=40)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench-out" / "aq"))
     ap.add_argument("--methods-out", default=str(ROOT / "bench-out" / "methods"),
                     help="where tools/compare_methods.py keeps the importance matrix and the F32 logits cache")
-    ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args(argv)
 
     out, shared = Path(args.out), Path(args.methods_out)
@@ -96,7 +89,6 @@ def main(argv=None) -> int:
     shared.mkdir(parents=True, exist_ok=True)
     text = calib_text(args.calib, args.seed, shared / "calib.txt")
     imatrix = shared / "llamacpp-imatrix.gguf"
-    args.out = str(shared)        # evaluate() keeps the F32 logits cache there
     results = []
     for name in args.runs.split(","):
         res_path = out / f"{name}.json"
@@ -110,7 +102,7 @@ def main(argv=None) -> int:
         dest = out / f"{name}.gguf"
         print(f"== {name}", file=sys.stderr, flush=True)
         made = make_file(name, args, imatrix, dest, out / f"{name}.log")
-        ev = evaluate(dest, args)
+        ev = evaluate(dest, args, shared / "base-logits.npy")
         r = {"run": name, "file": str(dest), "bytes": dest.stat().st_size, "mix": types_of(dest), "make": made,
              "eval": ev, "date": time.strftime("%Y-%m-%d"), "load": os.getloadavg()}
         res_path.write_text(json.dumps(r, indent=1))

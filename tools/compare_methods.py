@@ -112,13 +112,14 @@ def convert_report(log: Path) -> dict:
     return {}
 
 
-def evaluate(path: Path, args) -> dict:
-    """qgguf's evaluator (KLD against the F32 model) and llama.cpp's perplexity, in a child process each."""
+def evaluate(path: Path, args, base_cache: Path) -> dict:
+    """qgguf's evaluator (KLD against the F32 model, whose logits ``base_cache`` keeps) and llama.cpp's perplexity,
+    in a child process each."""
     py = sys.executable
     ours = subprocess.run([str(Path(py).parent / "qgguf"), "eval", str(path), "--text", args.text, "--ctx",
                            str(args.ctx), "--chunks", str(args.chunks), "--base", args.model, "--json", "-t",
                            str(args.threads), "--no-progress", "--base-cache",
-                           str(Path(args.out) / "base-logits.npy")], capture_output=True, text=True)
+                           str(base_cache)], capture_output=True, text=True)
     if ours.returncode != 0:
         raise SystemExit(f"qgguf eval failed on {path}: {ours.stderr[-2000:]}")
     res = {"ours": json.loads(ours.stdout)}
@@ -168,22 +169,27 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """The model, data, evaluation and thread options this tool shares with tools/compare_codebooks.py."""
     ap.add_argument("--model", default=str(ROOT / "out" / "smollm2-f32.gguf"))
     ap.add_argument("--calib", default=str(ROOT.parent / "shared" / "data" / "c4-sample-1000.jsonl"))
     ap.add_argument("--text", default=str(ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"))
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--chunks", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("--table-only", action="store_true", help="print the table of the finished runs")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(ap)
     ap.add_argument("--types", default="Q2_K,Q3_K,Q4_0")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--recipe", default="default", help="AutoRound recipe")
     ap.add_argument("--nsamples", type=int, default=128,
                     help="calibration windows of --ctx tokens, for llama-imatrix and qgguf alike (AutoRound: its recipe)")
-    ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--chunks", type=int, default=40)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench-out" / "methods"))
-    ap.add_argument("--table-only", action="store_true", help="print the table of the finished runs")
     args = ap.parse_args(argv)
 
     out = Path(args.out)
@@ -205,7 +211,7 @@ def main(argv=None) -> int:
             dest = out / f"{tag}.gguf"
             print(f"== {tag}", file=sys.stderr, flush=True)
             made = make_file(method, qtype, args, imatrix, dest, out / f"{tag}.log")
-            ev = evaluate(dest, args)
+            ev = evaluate(dest, args, out / "base-logits.npy")
             r = {"type": qtype, "method": method, "file": str(dest), "bytes": dest.stat().st_size,
                  "mix": types_of(dest), "make": made, "eval": ev,
                  "date": time.strftime("%Y-%m-%d"), "load": os.getloadavg()}
