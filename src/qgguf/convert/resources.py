@@ -154,7 +154,7 @@ def estimate_peak_memory(source, plan, method, blockwise: bool, nsamples: int, s
         acts = int(nsamples) * int(seqlen) * 4 * widths
         wide = max(n_ff, attn, n_embd)
         name = str(getattr(method, "name", "")).lower()
-        # AutoRound tunes against block outputs; it builds Gram matrices only to start from GPTQ (--init gptq)
+        # AutoRound tunes against block outputs; it builds Gram matrices only to start from GPTQ or QuantEase (--init)
         uses_grams = name != "autoround" or getattr(getattr(method, "recipe", None), "init", "gptq") != "rtn"
         grams = wide * wide * (8 * 8 + 4) if uses_grams else 0
         copies = 6 if name in ("autoround", "aq", "vq") else 3
