@@ -43,15 +43,18 @@ static void dequantize_rows_avx512(const qg_tensor *t, int64_t r0, int64_t r1, f
 }
 
 /* ---- Kx8 lookup tables: LUT[j][m][k] = dot(cb[m][k], x_j), from cbT[m][d][k] ---- */
-static void prepare_avx512(const qg_tensor *t, const float *x, float *lut, int64_t j0, int64_t j1) {
+/* the float tables of groups [j0, j1) (g <= 16) into out[(j - jbase)*M + m][256]; with `track` (a constant at
+ * each call) also the largest |entry|, taken while the entries are in registers (else 0) */
+AI float lut_rows(const qg_tensor *t, const float *x, float *out, int64_t j0, int64_t j1, int64_t jbase,
+                  const int track) {
     const int64_t g = t->g, M = t->M;
-    if (g > 16) { qg_aq_prepare_scalar(t, x, lut, j0, j1); return; }
+    __m512 mx = _mm512_setzero_ps();
     for (int64_t j = j0; j < j1; j++) {
         __m512 xs[16];
         for (int64_t d = 0; d < g; d++) xs[d] = _mm512_set1_ps(x[j * g + d]);
         for (int64_t m = 0; m < M; m++) {
             const float *cb = t->cbT + m * g * 256;
-            float *l = lut + (j * M + m) * 256;
+            float *l = out + ((j - jbase) * M + m) * 256;
             for (int kb = 0; kb < 256; kb += 64) {
                 __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(cb + kb), xs[0]);
                 __m512 a1 = _mm512_mul_ps(_mm512_loadu_ps(cb + kb + 16), xs[0]);
@@ -68,9 +71,18 @@ static void prepare_avx512(const qg_tensor *t, const float *x, float *lut, int64
                 _mm512_storeu_ps(l + kb + 16, a1);
                 _mm512_storeu_ps(l + kb + 32, a2);
                 _mm512_storeu_ps(l + kb + 48, a3);
+                if (track)
+                    mx = _mm512_max_ps(mx, _mm512_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)),
+                                                         _mm512_max_ps(_mm512_abs_ps(a2), _mm512_abs_ps(a3))));
             }
         }
     }
+    return track ? _mm512_reduce_max_ps(mx) : 0.f;
+}
+
+static void prepare_avx512(const qg_tensor *t, const float *x, float *lut, int64_t j0, int64_t j1) {
+    if (t->g > 16) { qg_aq_prepare_scalar(t, x, lut, j0, j1); return; }
+    lut_rows(t, x, lut, j0, j1, 0, 0);
 }
 
 /* ---- Kx8 rows, VBMI path (the default on AVX-512): the float LUT of each block of QG_JTILE
@@ -91,38 +103,9 @@ static int64_t prep_size_avx512(const qg_tensor *t) {
 }
 
 /* float tables of groups [jb, je) (g <= 16) into buf[(j-jb)*M + m][256], as prepare_avx512; returns the largest
- * |entry| (the block scale's amax), tracked while the entries are in registers */
+ * |entry| (the block scale's amax) */
 static float lut_tile_max(const qg_tensor *t, const float *x, float *buf, int64_t jb, int64_t je) {
-    const int64_t g = t->g, M = t->M;
-    __m512 mx = _mm512_setzero_ps();
-    for (int64_t j = jb; j < je; j++) {
-        __m512 xs[16];
-        for (int64_t d = 0; d < g; d++) xs[d] = _mm512_set1_ps(x[j * g + d]);
-        for (int64_t m = 0; m < M; m++) {
-            const float *cb = t->cbT + m * g * 256;
-            float *l = buf + ((j - jb) * M + m) * 256;
-            for (int kb = 0; kb < 256; kb += 64) {
-                __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(cb + kb), xs[0]);
-                __m512 a1 = _mm512_mul_ps(_mm512_loadu_ps(cb + kb + 16), xs[0]);
-                __m512 a2 = _mm512_mul_ps(_mm512_loadu_ps(cb + kb + 32), xs[0]);
-                __m512 a3 = _mm512_mul_ps(_mm512_loadu_ps(cb + kb + 48), xs[0]);
-                for (int64_t d = 1; d < g; d++) {
-                    const float *p = cb + d * 256 + kb;
-                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(p), xs[d], a0);
-                    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(p + 16), xs[d], a1);
-                    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(p + 32), xs[d], a2);
-                    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(p + 48), xs[d], a3);
-                }
-                _mm512_store_ps(l + kb, a0);
-                _mm512_store_ps(l + kb + 16, a1);
-                _mm512_store_ps(l + kb + 32, a2);
-                _mm512_store_ps(l + kb + 48, a3);
-                mx = _mm512_max_ps(mx, _mm512_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)),
-                                                     _mm512_max_ps(_mm512_abs_ps(a2), _mm512_abs_ps(a3))));
-            }
-        }
-    }
-    return _mm512_reduce_max_ps(mx);
+    return lut_rows(t, x, buf, jb, je, jb, 1);
 }
 
 /* byte permutation of _mm512_packs_epi32(qa, qb) (lane l holds qa[4l..4l+3], qb[4l..4l+3] as words) that puts

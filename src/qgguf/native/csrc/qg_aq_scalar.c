@@ -94,15 +94,7 @@ void qg_gemm_tile_scalar(const float *X, int64_t N, int64_t C, const float *Wt, 
     for (int64_t n = 0; n < N; n++) {
         const float *xn = X + n * C;
         for (int64_t r = 0; r < nr; r++) {
-            const float *w = Wt + r * C;
-            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-            int64_t c = 0;
-            for (; c + 4 <= C; c += 4) {
-                a0 += xn[c] * w[c]; a1 += xn[c + 1] * w[c + 1];
-                a2 += xn[c + 2] * w[c + 2]; a3 += xn[c + 3] * w[c + 3];
-            }
-            for (; c < C; c++) a0 += xn[c] * w[c];
-            Y[n * ldy + r] = (a0 + a1) + (a2 + a3);
+            Y[n * ldy + r] = qg_dot_f32(xn, Wt + r * C, C);
         }
     }
 }

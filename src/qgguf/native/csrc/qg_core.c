@@ -629,15 +629,7 @@ static void attn_task(void *p, int ith, int nth) {
         for (int d = 0; d < dk; d++) qh[d] = c->round16 ? round_half(c->q[h * dk + d]) : c->q[h * dk + d];
         float mx = -INFINITY;
         for (int64_t i = 0; i < n; i++) {
-            const float *kr = K + i * dk;
-            float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
-            int d = 0;
-            for (; d + 4 <= dk; d += 4) {
-                d0 += qh[d] * kr[d]; d1 += qh[d + 1] * kr[d + 1];
-                d2 += qh[d + 2] * kr[d + 2]; d3 += qh[d + 3] * kr[d + 3];
-            }
-            for (; d < dk; d++) d0 += qh[d] * kr[d];
-            const float v = ((d0 + d1) + (d2 + d3)) * c->scale;
+            const float v = qg_dot_f32(qh, K + i * dk, dk) * c->scale;
             s[i] = v;
             if (v > mx) mx = v;
         }

@@ -113,6 +113,10 @@ static inline uint32_t qg_vq_get(const uint8_t *s, int64_t e, int bits) {
     memcpy(&w, s + (pos >> 3), 4);
     return (w >> (pos & 7)) & ((1u << bits) - 1u);
 }
+/* bytes a kernel may read of a packed stream of n indices of `bits` bits: the data plus the 3 padding bytes */
+static inline uint64_t qg_vq_stream_bytes(uint64_t n, int bits) {
+    return (n * (uint64_t)bits + 7) / 8 + 3;
+}
 void qg_vq_dequantize_rows_scalar(const qg_tensor *t, int64_t r0, int64_t r1, float *out);
 int64_t qg_vq_prep_size(const qg_tensor *t);
 void qg_vq_prepare_scalar(const qg_tensor *t, const float *x, float *prep, int64_t j0, int64_t j1);
@@ -133,6 +137,19 @@ void qg_vq_dequantize_rows_neon(const qg_tensor *t, int64_t r0, int64_t r1, floa
 void qg_vq_vec_rows_neon(const qg_tensor *t, const float *x, const float *prep, float *y,
                          int64_t r0, int64_t r1);
 #endif
+
+/* sum a[i]*b[i] in float32 with four partial sums, ((s0 + s1) + (s2 + s3)), the tail into s0: the one
+ * summation order of the scalar dot products (qg_gemm_tile_scalar, the decode attention's q.k) */
+static inline float qg_dot_f32(const float *a, const float *b, int64_t n) {
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        s0 += a[i] * b[i]; s1 += a[i + 1] * b[i + 1];
+        s2 += a[i + 2] * b[i + 2]; s3 += a[i + 3] * b[i + 3];
+    }
+    for (; i < n; i++) s0 += a[i] * b[i];
+    return (s0 + s1) + (s2 + s3);
+}
 
 /* row-block size the kernels like their ranges aligned to */
 #define QG_ROW_ALIGN 64

@@ -299,7 +299,7 @@ AI void vqs_range(const qg_tensor *t, const float *prep, float *y, int64_t b0, i
     const int64_t C = t->C, n_out = t->iparam[3], nc = C - n_out, G = t->iparam[4], gs = t->iparam[5];
     const int kb = t->B, rb = (int)t->iparam[1];
     const uint64_t nb = (uint64_t)(t->R / V);
-    const uint64_t mbytes = (nb * C * kb + 7) / 8 + 3, rbytes = RES ? (nb * nc * rb + 7) / 8 + 3 : 0;
+    const uint64_t mbytes = qg_vq_stream_bytes(nb * C, kb), rbytes = RES ? qg_vq_stream_bytes(nb * nc, rb) : 0;
     const uint8_t *s = (const uint8_t *)t->codes, *rsb = (const uint8_t *)t->aux0;
     const float beta = qg_vq_bias_term(t, prep);
     for (int64_t b = b0; b < b1; b++) {
