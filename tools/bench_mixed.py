@@ -107,9 +107,17 @@ def main() -> int:
     ap.add_argument("--aq-rounds-check", type=int, default=None, metavar="LAYER",
                     help="only compare, on the linears of block LAYER, the AQ layer errors of the measurement's short "
                          "search with the conversion's full one (does the cheap proxy rank the same?)")
+    ap.add_argument("--aq-sample-check", default=None, metavar="L1,L2,...",
+                    help="only check the sampled AQ search: search the AQ candidates in the layers of the KL divergence "
+                         "measurements and in these layers, predict these layers' AQ errors from the others "
+                         "(sensitivity.predict_aq_errors) and compare with their searched errors")
     args = ap.parse_args()
     if args.aq_rounds_check is not None:
         print(json.dumps(aq_rounds_check(args.f32, args.calib, args.aq_rounds_check, args.mix_types), indent=1))
+        return 0
+    if args.aq_sample_check is not None:
+        print(json.dumps(aq_sample_check(args.f32, args.calib, [int(v) for v in args.aq_sample_check.split(",")]),
+                         indent=1))
         return 0
     if args.table:
         print(table(json.loads((Path(args.out) / "results.json").read_text())))
@@ -280,6 +288,79 @@ def aq_rounds_check(f32: str, calib: str, layer: int, types: str | None, nsample
             "tensors": per_tensor, "nsamples": nsamples, "seqlen": seqlen,
             "cheap_s": sum(v["cheap_s"] for r in per_tensor.values() for v in r.values()),
             "full_s": sum(v["full_s"] for r in per_tensor.values() for v in r.values())}
+
+
+def aq_sample_check(f32: str, calib: str, check: list[int], nsamples: int = 8, seqlen: int = 256) -> dict:
+    """The sampled AQ search checked against the searched errors: layer errors of every standard candidate and every
+    AQ candidate (the measurement's search, AQ_MEASURE) of the block linears in the searched layers (every
+    ``n_layer // 6``-th and the last, as the measurement) and in ``check``; the check layers' AQ errors predicted
+    from the searched layers (sensitivity.predict_aq_errors) and compared (Spearman, type order per tensor)."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from qgguf import gguf_types
+    from qgguf.convert.budget import file_bytes
+    from qgguf.convert.sources import open_source
+    from qgguf.quantize.blockwise import _calibration, short_key
+    from qgguf.quantize.sensitivity import (AQ_CANDIDATES, STANDARD_CANDIDATES, TensorSensitivity, _aq_prediction_check,
+                                            _aq_quantized, _err, _quantized, candidate_types, predict_aq_errors)
+    from qgguf.runtime import model as rm
+
+    torch.set_num_threads(1)
+    src = open_source(f32)
+    md = {k: v.value for k, v in src.metadata.items()}
+    md["general.architecture"] = src.arch
+    names = {t.name for t in src.tensors}
+    seqs, _ = _calibration(src, md, names, calib, nsamples, seqlen, 0, False, 1)
+    emb = torch.from_numpy(np.array(src.load("token_embd.weight"), np.float32))
+    hp = rm.hparams_from_metadata(md, emb.shape[0], src.path)
+    rope = rm.rope_tables(hp, seqlen, None)
+    x = rm.embed(emb, torch.tensor(seqs, dtype=torch.long))
+    N = float(x.shape[0] * x.shape[1])
+    shapes = {t.name: tuple(t.shape) for t in src.tensors}
+    stride = max(1, hp.n_layer // 6)
+    searched = sorted(set(range(0, hp.n_layer, stride)) | {hp.n_layer - 1})
+    sens, keys_of, held = {}, {}, {}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for il in range(max(searched + check) + 1):
+            keys = {short_key(n, il): n for n in names if short_key(n, il) is not None}
+            w = {k: torch.from_numpy(np.array(src.load(n), np.float32).reshape(shapes[n])) for k, n in keys.items()}
+            if il in searched or il in check:
+                n = rm.rms_norm(x, w["attn_norm"], hp.norm_eps)
+                a = rm.attention(hp, w, n, rope)
+                m = rm.rms_norm(x + rm.linear(w, "attn_output", a), w["ffn_norm"], hp.norm_eps)
+                h = rm.ffn_hidden(w, m)
+                inputs = {"attn_q": n, "attn_k": n, "attn_v": n, "attn_output": a, "ffn_gate": m, "ffn_up": m,
+                          "ffn_down": h}
+                for k, inp in inputs.items():
+                    t2 = inp.reshape(-1, inp.shape[-1])
+                    H = (t2.T @ t2).to(torch.float32)
+                    name = keys[k]
+                    W = w[k].reshape(-1, shapes[name][-1])
+                    ws = np.ascontiguousarray(W.numpy())
+                    imp = np.ascontiguousarray((torch.diagonal(H) / N).numpy(), dtype=np.float32)
+                    ts = TensorSensitivity(name, shapes[name], {}, {})
+                    for q in candidate_types(shapes[name], STANDARD_CANDIDATES + AQ_CANDIDATES):
+                        qt = gguf_types.get(q)
+                        ts.nbytes[q] = file_bytes(name, shapes[name], qt)
+                        aq = q.startswith("aq-")
+                        e = _err(W, _aq_quantized(qt, ws, H, name, 0) if aq else _quantized(qt, ws, imp), H, N)
+                        if aq and il in check:
+                            held.setdefault(name, {})[q] = e
+                        else:
+                            ts.error[q] = e
+                    sens[name] = ts
+                    keys_of[name] = (il, k)
+                print(f"layer {il} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+            x = rm.block_forward(hp, w, x, rope)
+    pending = {n: list(d) for n, d in held.items()}
+    predict_aq_errors(sens, keys_of, pending)
+    res = _aq_prediction_check(sens, held, keys_of)
+    res.update({"searched_layers": searched, "check_layers": check, "nsamples": nsamples, "seqlen": seqlen,
+                "seconds": time.perf_counter() - t0})
+    return res
 
 
 def table(results: dict) -> str:

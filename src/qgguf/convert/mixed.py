@@ -13,6 +13,11 @@ Three ways in:
   quantized tensors' bytes;
 * ``recipe``: a recipe JSON file from ``--save-recipe``: its types, no measurement.
 
+The measurement (:func:`qgguf.quantize.sensitivity.measure`) takes its options from ``sensitivity``: nsamples,
+seqlen, kld_samples, kld_seqlen, check (``--proxy-check``), alpha_stride, aq_options, and ``aq_search``
+(``"sampled"``, the default: the AQ candidates searched only in the KL divergence layers, predicted in the
+others; ``"full"``: searched in every layer).
+
 Tensors pinned by ``--tensor-type`` (or ``--token-embedding-type`` / ``--output-tensor-type``) keep their type
 and count as fixed bytes. The result is a set of exact per-tensor overrides for :func:`plan_types`.
 """
@@ -191,6 +196,7 @@ def plan_mixed(source, out: Path, *, type: str, method: str, pure: bool = False,
                        seqlen=int(so.get("seqlen", 512)), seed=seed, imatrix=imp,
                        kld_samples=int(so.get("kld_samples", 4)), kld_seqlen=int(so.get("kld_seqlen", 128)),
                        alpha_stride=so.get("alpha_stride"), aq_options=so.get("aq_options"),
+                       aq_search=str(so.get("aq_search") or "sampled"),
                        check=int(so.get("check", 0)), progress=progress, threads=threads, log=log)
     missing = set(free) - set(sens.tensors)
     if missing:
@@ -237,6 +243,7 @@ def plan_mixed(source, out: Path, *, type: str, method: str, pure: bool = False,
     recipe_obj.sensitivity["_calibration"] = {"dataset": sens.dataset, "tokens": sens.tokens,
                                               "kld_tokens": sens.kld_tokens, "allocator": alloc.how,
                                               "aq_search_seconds": float(getattr(sens, "aq_seconds", 0.0)),
+                                              "aq_search": getattr(sens, "aq_search", "") or None,
                                               "budget_tensor_bytes": int(budget + fixed)}
     recipe_obj.proxy_check = sens.proxy_check
     if mode == "target-size":   # the file as planned, header included, must fit (sizes are exact; margin 1 KiB)

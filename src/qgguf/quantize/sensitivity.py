@@ -32,6 +32,15 @@ tensor's ``alpha_t`` is its prediction. Their sizes count every byte the writer 
 tensor-info records and ``qgguf.tensor.*`` keys: :func:`qgguf.convert.budget.file_bytes`). The reference type of
 ``alpha_t`` is always a standard type.
 
+The AQ search costs far more than the standard types' (about 25 s per SmolLM2 block on one core against 3 s), so by
+default (``aq_search="sampled"``) it runs only in the layers of the KL divergence measurements (every
+``n_layer // 6``-th and the last); in the other layers each AQ candidate's error is predicted per role from a
+standard candidate measured everywhere: ``e(t, aq) = e(t, s) * r(l)``, where ``s`` is the standard type nearest in
+bits per weight whose error is positive on every tensor of the role, and ``log r`` (``r = e(aq) / e(s)`` in the
+searched layers) is interpolated linearly in the layer index (:func:`predict_aq_errors`). ``aq_search="full"``
+searches every layer. With ``check`` a few unsearched layers are also searched (held out: the prediction stays in
+use) and the rank correlation of predicted and searched AQ errors is reported (``proxy_check["aq_prediction"]``).
+
 ``check``: that many more single-tensor measurements with other types, whose Spearman rank correlation with
 the prediction (and with the bare layer error) is reported: the proxy checked against real KL divergence.
 """
@@ -64,6 +73,8 @@ AQ_CANDIDATES = ("aq-4x8-g8", "aq-3x8-g8", "aq-2x8-g8", "aq-1x8-g8")
 AQ_MEASURE = dict(beam=1, max_rounds=2, tol=0.01, adam_steps=10, adam_later=5, lr=5e-3, kmeans_iters=8,
                   kmeans_points=8192)
 REF_BPW = 4.5
+AQ_SEARCH = ("sampled", "full")
+AQ_CHECK_LAYERS = 3      # with ``check``: unsearched layers also searched to check the sampled AQ prediction
 MAX_ERROR_ROWS = 4096    # tensors with more rows (embeddings) measure e on every k-th row
 
 
@@ -82,6 +93,7 @@ class TensorSensitivity:
     ref: str = ""                          # the type of the real KLD measurement
     ref_kld: float = 0.0
     alpha: float = 0.0                     # KLD per unit of e
+    predicted: dict[str, str] = field(default_factory=dict)   # AQ type -> the standard type its e is predicted from
 
     def kld(self, q: str) -> float:
         return float(self.alpha * self.error[q])
@@ -91,8 +103,11 @@ class TensorSensitivity:
                                          if allowed is None or q in allowed])
 
     def to_json(self) -> dict:
-        return {"alpha": self.alpha, "ref": self.ref, "ref_kld": self.ref_kld,
-                "candidates": {q: [self.nbytes[q], self.error[q], self.kld(q)] for q in self.error}}
+        d = {"alpha": self.alpha, "ref": self.ref, "ref_kld": self.ref_kld,
+             "candidates": {q: [self.nbytes[q], self.error[q], self.kld(q)] for q in self.error}}
+        if self.predicted:
+            d["aq_predicted_from"] = dict(self.predicted)
+        return d
 
 
 @dataclass
@@ -104,6 +119,7 @@ class Sensitivity:
     seconds: float = 0.0
     proxy_check: dict = field(default_factory=dict)
     aq_seconds: float = 0.0          # of ``seconds``: the AQ search of codebook candidates
+    aq_search: str = ""              # "sampled" or "full" (measure's aq_search)
 
 
 def _err(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor, N: float) -> float:
@@ -197,13 +213,18 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
             seqlen: int = 512, seed: int = 0, imatrix: dict[str, np.ndarray] | None = None,
             kld_samples: int = 4, kld_seqlen: int = 128, check: int = 0, progress: bool = True,
             threads: int | None = None, log=None, alpha_stride: int | None = None,
-            aq_options: dict | None = None) -> Sensitivity:
+            aq_options: dict | None = None, aq_search: str = "sampled") -> Sensitivity:
     """Sensitivities of every quantizable tensor (``types_for(name, shape)`` -> its candidate types; a tensor
     with no candidates is skipped). ``imatrix``: importance vectors by tensor name (else ``diag(H)/N``).
     ``alpha_stride``: measure the propagation factors of the block linears in every k-th layer (and the last;
     default ``n_layer // 6``), interpolate the others. ``aq_options``: the AQ search of codebook candidates
-    (default :data:`AQ_MEASURE`)."""
+    (default :data:`AQ_MEASURE`); ``aq_search``: ``"sampled"`` (search the AQ candidates in the layers of the
+    KL divergence measurements only, predict the others: module docstring) or ``"full"`` (every layer)."""
+    from ..errors import OptionError
     from .blockwise import _calibration, chunk_samples
+
+    if aq_search not in AQ_SEARCH:
+        raise OptionError(f"AQ search {aq_search!r}: expected one of {', '.join(AQ_SEARCH)}")
 
     t0 = time.perf_counter()
     say = log or (lambda s: None)
@@ -225,8 +246,14 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
     imp_used: dict[str, np.ndarray] = {}     # the importance each tensor was quantized with
     grams: dict[str, torch.Tensor] = {}      # float32 H of the tensors with AQ candidates (proxy check only)
     aq_seconds = [0.0]
+    stride = alpha_stride or max(1, hp.n_layer // 6)
+    measured_layers = sorted(set(range(0, hp.n_layer, stride)) | {hp.n_layer - 1})
+    aq_layers = set(range(hp.n_layer)) if aq_search == "full" else set(measured_layers)
+    check_layers = _check_layers(measured_layers, AQ_CHECK_LAYERS) if check and aq_search == "sampled" else []
+    held_out: dict[str, dict[str, float]] = {}   # searched AQ errors of the check layers (not used by the plan)
 
-    def candidates(name: str, w: torch.Tensor, H: torch.Tensor, n_tok: float, Hf: torch.Tensor | None = None) -> None:
+    def candidates(name: str, w: torch.Tensor, H: torch.Tensor, n_tok: float, Hf: torch.Tensor | None = None,
+                   il: int | None = None) -> None:
         shape = M.shapes[name]
         types = types_for(name, shape)
         if not types:
@@ -246,11 +273,16 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
             qt = gguf_types.get(q)
             ts.nbytes[q] = file_bytes(name, shape, qt)
             if is_codebook(qt):
+                if check:
+                    grams[name] = Hf
+                if il is not None and il not in aq_layers and il not in check_layers:
+                    continue   # predicted after the pass (predict_aq_errors)
                 t_aq = time.perf_counter()
                 wq = _aq_quantized(qt, ws, Hf, name, seed, aq_options)
                 aq_seconds[0] += time.perf_counter() - t_aq
-                if check:
-                    grams[name] = Hf
+                if il is not None and il not in aq_layers:
+                    held_out.setdefault(name, {})[q] = _err(wt, wq, Hf, n_tok) * step
+                    continue
             else:
                 wq = _quantized(qt, ws, imp)
             ts.error[q] = _err(wt, wq, Hf, n_tok) * step
@@ -283,7 +315,7 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
         for k in rm.BLOCK_LINEARS:
             if k in keys:
                 keys_of[keys[k]] = (il, k)
-                candidates(keys[k], w[k], Hs[group[k]], N, Hf[group[k]])
+                candidates(keys[k], w[k], Hs[group[k]], N, Hf[group[k]], il)
         del Hs, Hf
         xs = rm.block_forward(hp, w, xs, M.rope)
         if bar is not None:
@@ -302,6 +334,24 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
     if not M.tied:
         candidates("token_embd.weight", M.emb, H_out, N)   # an untied embedding: proxy by the head's inputs
     ids_s = M.ids[:ks, :kt]
+    aq_check = {}
+    if aq_search == "sampled":
+        searched = {n for n, (il, _) in keys_of.items() if il in aq_layers}
+        pending = {n: [q for q in nbytes_order(sens[n]) if is_codebook(gguf_types.get(q)) and q not in sens[n].error]
+                   for n in sens if n in keys_of and n not in searched}
+        pending = {n: qs for n, qs in pending.items() if qs}
+        if pending:
+            predict_aq_errors(sens, keys_of, pending)
+            refs = sorted({f"{q}<-{r}" for n in pending for q, r in sens[n].predicted.items()})
+            say(f"sensitivity: AQ candidates searched in layers {sorted(aq_layers)}, predicted in the other "
+                f"{len({keys_of[n][0] for n in pending})} layers per role from standard types")
+            if held_out:
+                aq_check = _aq_prediction_check(sens, held_out, keys_of)
+                aq_check["refs"] = refs
+                say(f"sensitivity: AQ prediction check in unsearched layers {check_layers}: Spearman(predicted, "
+                    f"searched AQ error) {aq_check['spearman']:.3f} over {aq_check['pairs']} pairs, same type order "
+                    f"in {aq_check['tensors_same_order']}/{aq_check['tensors']} tensors, median searched/predicted "
+                    f"{aq_check['ratio_median']:.2f}")
     say(f"sensitivity: layer errors of {len(sens)} tensors x {np.mean([len(s.error) for s in sens.values()]):.1f} "
         f"types in {time.perf_counter() - t0:.1f} s" + (f" ({aq_seconds[0]:.1f} s of it in the AQ search)"
                                                           if aq_seconds[0] else ""))
@@ -325,8 +375,6 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
         return float((M.base_p * (M.base_lp - M.head_logp(xs[:, M.scored], wq))).sum(-1).mean())
 
     t1 = time.perf_counter()
-    stride = alpha_stride or max(1, hp.n_layer // 6)
-    measured_layers = sorted(set(range(0, hp.n_layer, stride)) | {hp.n_layer - 1})
     it = [ts for ts in sens.values() if ts.name not in keys_of or keys_of[ts.name][0] in measured_layers]
     if progress:
         from tqdm import tqdm
@@ -344,9 +392,12 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
         f"interpolated per role) on {ks} x {kt} tokens in {time.perf_counter() - t1:.1f} s")
     result = Sensitivity(sens, dataset, int(N), ks * kt)
     result.aq_seconds = aq_seconds[0]
+    result.aq_search = aq_search
     if check:
         result.proxy_check = _check(sens, real_kld, check, seed)
         pc = result.proxy_check
+        if aq_check:
+            pc["aq_prediction"] = aq_check
         say(f"sensitivity: proxy check on {pc['pairs']} (tensor, type) pairs: Spearman(predicted, real KLD) "
             f"{pc['spearman']:.3f}, Spearman(layer error, real KLD) {pc['spearman_layer_error']:.3f}")
     result.seconds = time.perf_counter() - t0
@@ -367,6 +418,81 @@ def _interpolate_alpha(sens: dict[str, TensorSensitivity], keys_of: dict, measur
             continue
         pts = sorted(by_role[k])
         ts.alpha = float(np.interp(il, [p[0] for p in pts], [p[1] for p in pts]))
+
+
+def nbytes_order(ts: TensorSensitivity) -> list[str]:
+    """The tensor's candidate types, most bytes first."""
+    return sorted(ts.nbytes, key=lambda q: -ts.nbytes[q])
+
+
+def _bpw(ts: TensorSensitivity, q: str) -> float:
+    return 8.0 * ts.nbytes[q] / float(np.prod(ts.shape))
+
+
+def predict_aq_errors(sens: dict[str, TensorSensitivity], keys_of: dict[str, tuple[int, str]],
+                      pending: dict[str, list[str]]) -> None:
+    """Fill in the layer errors of the AQ types ``pending[name]`` (not searched) from the tensors of the same role
+    whose AQ errors were searched: ``e(t, q) = e(t, s) * exp(interp(layer, log(e(u, q) / e(u, s))))`` over the
+    searched tensors ``u`` of the role, ``s`` the standard candidate nearest to ``q`` in bits per weight whose error
+    is positive on every tensor of the role (without one: ``log e(u, q)`` itself is interpolated). A type no
+    tensor of the role was searched with is dropped from the pending tensors' candidates."""
+    by_role: dict[str, list[str]] = {}
+    for name in sens:
+        if name in keys_of:
+            by_role.setdefault(keys_of[name][1], []).append(name)
+    for role, names in by_role.items():
+        todo = [n for n in names if pending.get(n)]
+        if not todo:
+            continue
+        for q in sorted({q for n in todo for q in pending[n]}):
+            known = sorted((keys_of[n][0], n) for n in names if q in sens[n].error and n not in pending)
+            known = [(il, n) for il, n in known if q not in pending.get(n, ())]
+            need = [n for n in todo if q in pending[n]]
+            if not known:
+                for n in need:
+                    sens[n].nbytes.pop(q, None)
+                continue
+            every = [sens[n] for n in names]
+            std = [s for s in sens[known[0][1]].error
+                   if not is_codebook(gguf_types.get(s)) and not gguf_types.get(s).is_float
+                   and all(s in ts.error and ts.error[s] > 0 for ts in every)]
+            ref = min(std, key=lambda s: (abs(_bpw(sens[known[0][1]], s) - _bpw(sens[known[0][1]], q)),
+                                          -sens[known[0][1]].nbytes[s])) if std else None
+            xs = [il for il, _ in known]
+            if ref is not None:
+                ys = [np.log(max(sens[n].error[q], 1e-30) / sens[n].error[ref]) for _, n in known]
+            else:
+                ys = [np.log(max(sens[n].error[q], 1e-30)) for _, n in known]
+            for n in need:
+                v = float(np.exp(np.interp(keys_of[n][0], xs, ys)))
+                sens[n].error[q] = v * sens[n].error[ref] if ref is not None else v
+                sens[n].predicted[q] = ref or "layer"
+
+
+def _check_layers(searched: list[int], k: int) -> list[int]:
+    """Up to ``k`` unsearched layers, the midpoints of searched intervals spread over the depth."""
+    mids = [(a + b) // 2 for a, b in zip(searched, searched[1:]) if b - a > 1]
+    if not mids or k <= 0:
+        return []
+    pick = np.unique(np.round(np.linspace(0, len(mids) - 1, min(k, len(mids)))).astype(int))
+    return [mids[i] for i in pick]
+
+
+def _aq_prediction_check(sens: dict[str, TensorSensitivity], searched: dict[str, dict[str, float]],
+                         keys_of: dict) -> dict:
+    """Predicted against searched AQ layer errors of the held-out tensors."""
+    items = [{"tensor": n, "type": q, "predicted": sens[n].error[q], "searched": e, "from": sens[n].predicted.get(q)}
+             for n, d in searched.items() for q, e in d.items() if q in sens[n].error and q in sens[n].predicted]
+    same = sum(_spearman([sens[n].error[q] for q in d], list(d.values())) > 0.999 for n, d in searched.items()
+               if len(d) >= 3)
+    p = np.asarray([i["predicted"] for i in items]) if items else np.zeros(0)
+    r = np.asarray([i["searched"] for i in items]) if items else np.zeros(0)
+    return {"layers": sorted({keys_of[n][0] for n in searched}), "pairs": len(items),
+            "spearman": _spearman(p, r), "tensors": sum(len(d) >= 3 for d in searched.values()),
+            "tensors_same_order": int(same),
+            "ratio_median": float(np.median(r / np.maximum(p, 1e-30))) if items else float("nan"),
+            "ratio_p10_p90": [float(np.percentile(r / np.maximum(p, 1e-30), x)) for x in (10, 90)] if items else [],
+            "items": items}
 
 
 def _check(sens: dict[str, TensorSensitivity], real_kld, n: int, seed: int) -> dict:
@@ -392,4 +518,5 @@ def _check(sens: dict[str, TensorSensitivity], real_kld, n: int, seed: int) -> d
             "items": pairs}
 
 
-__all__ = ["STANDARD_CANDIDATES", "AQ_CANDIDATES", "AQ_MEASURE", "candidate_types", "TensorSensitivity", "Sensitivity", "measure"]
+__all__ = ["STANDARD_CANDIDATES", "AQ_CANDIDATES", "AQ_MEASURE", "AQ_SEARCH", "candidate_types", "TensorSensitivity",
+           "Sensitivity", "measure", "predict_aq_errors"]
