@@ -21,6 +21,7 @@ builds the module registered for the family with :func:`register_codebook_kind` 
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Mapping, Union
 
 import numpy as np
@@ -339,6 +340,20 @@ def _meta_value(md: Mapping, key: str):
     return v
 
 
+# where codebook weights are applied: "cpu" (native kernels) or "cuda" (qgguf.native.cuda, compressed on the GPU;
+# falls back to "cpu" with a warning when CuPy or a GPU is missing). Default from QGGUF_CODEBOOK_DEVICE.
+CODEBOOK_DEVICE = os.environ.get("QGGUF_CODEBOOK_DEVICE", "cpu").strip().lower() or "cpu"
+
+
+def set_codebook_device(device: str) -> None:
+    """Apply codebook (AQ/VQ) weights loaded from now on with the CPU kernels (``"cpu"``) or the CUDA kernels
+    (``"cuda"``)."""
+    global CODEBOOK_DEVICE
+    if device not in ("cpu", "cuda"):
+        raise QggufError(f"codebook device must be cpu or cuda, got {device!r}")
+    CODEBOOK_DEVICE = device
+
+
 def codebook_shape(name: str, md: Mapping, path=None) -> tuple[int, int] | None:
     """numpy shape ``(R, C)`` of codebook tensor ``name`` from ``qgguf.tensor.NAME.shape`` (None: not one)."""
     if _meta_value(md, f"qgguf.tensor.{name}.config") is None:
@@ -407,6 +422,11 @@ def codebook_linear(name: str, tensors: Mapping, md: Mapping, expect: tuple[int,
     factory = _CODEBOOK_KINDS.get(qt.family)
     if factory is None:
         raise UnsupportedModelError(f"tensor {name}: no runtime kind for codebook family {qt.family!r}", path)
+    if CODEBOOK_DEVICE == "cuda":          # the CUDA kernels (qgguf.native.cuda); None: unavailable, CPU kind
+        from ..native.cuda.linear import cuda_codebook_linear
+        lin = cuda_codebook_linear(name, qt, shape, comp)
+        if lin is not None:
+            return lin
     return factory(name, qt, shape, comp)
 
 
