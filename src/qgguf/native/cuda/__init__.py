@@ -1,0 +1,526 @@
+"""CUDA kernels for qgguf's codebook tensor types (AQ and VQ; docs/FORMAT.md), where a GPU exists.
+
+    from qgguf.native import cuda
+    cuda.available()               # False without CuPy or a CUDA GPU; cuda.unavailable_reason() says why
+    t = cuda.from_companions(qt, (R, C), companions)      # or CudaAQTensor(...) / CudaVQTensor(...)
+    t.dequantize(torch.float16)    # [R, C] on the GPU, bit-identical to the numpy reference (fp32; fp16: rounded)
+    t.matvec(x)                    # y = W x, float32 [R]: fused kernels, the weight stays compressed
+    t.matmul(X)                    # Y = X W^T, float32 [N, R]: fused per token for N <= 8, else fp16 dequant + cuBLAS
+
+The kernels (qg_cuda.cu) are compiled at run time by NVRTC through CuPy (``cupy.RawModule``), once per
+configuration and process (CuPy keeps the binaries in its kernel cache). Nothing CUDA is needed at install
+time. Data lives in torch CUDA tensors; kernels get their device pointers and run on torch's current stream,
+so they mix with torch ops (and CUDA graph capture) without synchronisation.
+
+AQ matvec: ``method="lut"`` (the default for 2^8-entry codebooks) builds, per block of the grid, the lookup table
+of dot products ``x_group . codebook_entry`` for its chunk of input groups in shared memory and gathers it over
+the codes of its rows; ``method="direct"`` (the only one for 2^16 entries) gathers the codebook entries and takes
+their dot products with x. VQ matvec: a warp per vector row, lanes over positions (coalesced packed-index
+reads), entries gathered from the codebooks, ``x[perm[p]] * colscale[p]`` and the column-bias term staged per
+block. When the inputs are split into several chunks, each chunk writes partial sums and a second kernel adds
+them (deterministic; no atomics).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import QggufError
+
+__all__ = ["available", "unavailable_reason", "CudaUnavailableError", "CudaAQTensor", "CudaVQTensor",
+           "from_companions", "FUSED_MAX_TOKENS", "plan_aq_lut", "plan_aq_direct", "plan_vq"]
+
+SOURCE = Path(__file__).with_name("qg_cuda.cu")
+FUSED_MAX_TOKENS = 8          # matmul: up to this many tokens, the fused matvec per token; above, dequant + cuBLAS
+_BLOCK = 256
+_LUT_TABLES = 32              # lookup tables (of 256 floats) per block: 32 KiB of shared memory
+_TARGET_WAVES = 4             # aim for this many blocks per multiprocessor
+
+
+class CudaUnavailableError(QggufError):
+    """CuPy or a CUDA GPU is missing (the message says which); use the CPU path."""
+
+
+_lock = threading.Lock()
+_reason_cache: list = []
+_modules: dict = {}
+
+
+def _probe() -> str | None:
+    try:
+        import torch
+    except Exception as e:  # noqa: BLE001
+        return f"torch cannot be imported ({type(e).__name__}: {e})"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU (torch.cuda.is_available() is False)"
+    try:
+        import cupy  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - ImportError, or a CuPy built for another CUDA
+        return f"CuPy is not usable ({type(e).__name__}: {e}); install the cupy-cudaXXx wheel of your CUDA"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "CuPy sees no CUDA device"
+    except Exception as e:  # noqa: BLE001
+        return f"CuPy cannot reach the GPU ({type(e).__name__}: {e})"
+    if not SOURCE.is_file():
+        return f"the kernel source {SOURCE} is missing"
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """Why the CUDA kernels cannot run here (None: they can)."""
+    with _lock:
+        if not _reason_cache:
+            _reason_cache.append(_probe())
+        return _reason_cache[0]
+
+
+def available() -> bool:
+    return unavailable_reason() is None
+
+
+def _require() -> None:
+    r = unavailable_reason()
+    if r is not None:
+        raise CudaUnavailableError(f"the CUDA kernels cannot run: {r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# compilation and launches
+
+def _kernels(key: tuple, names: tuple[str, ...]) -> dict:
+    """``{name expression: cupy.RawKernel}`` of one module holding the template instances ``names`` (plus the
+    extern "C" ``reduce_parts``), compiled once per process and device."""
+    import cupy
+    dev = cupy.cuda.runtime.getDevice()
+    k = (dev, key)
+    with _lock:
+        mod = _modules.get(k)
+        if mod is None:
+            src = SOURCE.read_text()
+            try:
+                m = cupy.RawModule(code=src, options=("-std=c++17",), name_expressions=names)
+                mod = {n: m.get_function(n) for n in names}
+                mod["reduce_parts"] = m.get_function("reduce_parts")
+            except Exception as e:  # noqa: BLE001 - cupy's CompileException and driver errors
+                raise CudaUnavailableError(f"compiling {SOURCE.name} for {key} failed: {e}") from None
+            _modules[k] = mod
+        return mod
+
+
+_ext_streams: dict = {}
+
+
+def _launch(kern, grid, args, shmem: int = 0) -> None:
+    """Launch ``kern`` on torch's current stream (the legacy default stream is also CuPy's null stream)."""
+    import cupy
+    import torch
+    s = torch.cuda.current_stream().cuda_stream
+    if s == 0:
+        kern(grid, (_BLOCK,), args, shared_mem=shmem)
+        return
+    es = _ext_streams.get(s)
+    if es is None:
+        es = _ext_streams[s] = cupy.cuda.ExternalStream(s)
+    with es:
+        kern(grid, (_BLOCK,), args, shared_mem=shmem)
+
+
+def _p(t) -> np.uint64:
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def _i(v) -> np.int32:
+    return np.int32(int(v))
+
+
+def _sms(device) -> int:
+    import torch
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+# ------------------------------------------------------------------------------------------------
+# launch plans (pure functions: unit-tested without a GPU)
+
+def plan_aq_lut(R: int, J: int, M: int, G: int, sms: int) -> dict:
+    """Grid of ``aq_matvec_lut``: ``jc`` groups per chunk (``jc*M`` tables of 256 floats), ``rpb`` rows per block
+    (a multiple of 128, the rows of 32 lanes x 4), ``grid = (n_chunks, n_row_blocks)``, shared memory bytes."""
+    jc = max(1, _LUT_TABLES // M)
+    n_j = _cdiv(J, jc)
+    n_r = max(1, min(_cdiv(_TARGET_WAVES * sms, n_j), _cdiv(R, 128)))
+    rpb = _cdiv(_cdiv(R, n_r), 128) * 128
+    n_r = _cdiv(R, rpb)
+    return {"jc": jc, "rpb": rpb, "grid": (n_j, n_r), "vec4": int(R % 4 == 0),
+            "shmem": 4 * (jc * M * 256 + jc * G)}
+
+
+def plan_aq_direct(R: int, J: int, G: int, sms: int) -> dict:
+    """Grid of ``aq_matvec_direct``: one row per thread (``ceil(R/256)`` row blocks), ``jc`` groups per chunk."""
+    n_r = _cdiv(R, _BLOCK)
+    jc = max(4, _cdiv(J, max(1, _cdiv(_TARGET_WAVES * sms, n_r))))
+    n_j = _cdiv(J, jc)
+    return {"jc": jc, "grid": (n_j, n_r), "shmem": 4 * jc * G}
+
+
+def plan_vq(nb: int, C: int, sms: int, pc: int = 256) -> dict:
+    """Grid of ``vq_matvec``: ``pc`` positions per chunk, ``bpb`` vector rows per block (8 warps take them in
+    turn), ``grid = (n_chunks, n_row_blocks)``, shared memory bytes."""
+    n_p = _cdiv(C, pc)
+    bpb = max(8, _cdiv(nb, max(1, _cdiv(_TARGET_WAVES * sms, n_p))))
+    n_b = _cdiv(nb, bpb)
+    return {"pc": pc, "bpb": bpb, "grid": (n_p, n_b), "shmem": 4 * (2 * pc + 8)}
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+def _device(device):
+    import torch
+    d = torch.device(device if device is not None else "cuda")
+    if d.type != "cuda":
+        raise QggufError(f"the CUDA kernels need a cuda device, got {d}")
+    return torch.device("cuda", d.index if d.index is not None else torch.cuda.current_device())
+
+
+def _to_dev(a: np.ndarray, device):
+    import torch
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+
+def _as_input(x, C: int, device, what: str = "x"):
+    """``x`` (numpy or torch, any device) as a contiguous float32 CUDA tensor of last dimension ``C``."""
+    import torch
+    t = torch.from_numpy(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
+    if t.shape[-1] != C:
+        raise QggufError(f"{what} has {t.shape[-1]} values per row, the weight has {C} columns")
+    return t.to(device=device, dtype=torch.float32).contiguous()
+
+
+def _out(out, shape: tuple, dtype, device):
+    """``out`` (a caller's buffer, checked) or a new empty tensor."""
+    import torch
+    if out is None:
+        return torch.empty(*shape, device=device, dtype=dtype)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape) or out.dtype != dtype or \
+            out.device != device or not out.is_contiguous():
+        raise QggufError(f"out must be a contiguous {dtype} tensor of shape {tuple(shape)} on {device}")
+    return out
+
+
+def _check_int(name: str, v, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or int(v) != v or not lo <= int(v) <= hi:
+        raise QggufError(f"{name}={v!r} must be an integer in {lo}..{hi}")
+    return int(v)
+
+
+class _CudaTensor:
+    """Shared parts of the CUDA codebook tensors: ``R``, ``C``, ``device``, ``matmul``, ``nbytes``."""
+
+    R: int
+    C: int
+    device = None
+
+    def _buffers(self) -> list:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held on the GPU (the compressed weight)."""
+        return int(sum(b.numel() * b.element_size() for b in self._buffers() if b is not None))
+
+    def matvec(self, x, **kw):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def dequantize(self, dtype=None):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def matmul(self, X, fused_max: int = FUSED_MAX_TOKENS):
+        """``Y = X W^T`` float32 ``[N, R]`` for ``X`` ``[N, C]``: the fused matvec per token for ``N <= fused_max``,
+        otherwise the weight dequantized to fp16 and one cuBLAS matmul (fp16 inputs and result)."""
+        import torch
+        X = _as_input(X, self.C, self.device, "X")
+        X2 = X.reshape(-1, self.C)
+        N = X2.shape[0]
+        if N <= fused_max:
+            Y = torch.empty(N, self.R, device=self.device, dtype=torch.float32)
+            for n in range(N):
+                self.matvec(X2[n], out=Y[n])
+        else:
+            W = self.dequantize(torch.float16)
+            Y = torch.nn.functional.linear(X2.to(torch.float16), W).to(torch.float32)
+        return Y.reshape(*X.shape[:-1], self.R)
+
+
+# ------------------------------------------------------------------------------------------------
+# AQ
+
+class CudaAQTensor(_CudaTensor):
+    """An AQ weight (``aq-MxB-gG``) kept compressed on the GPU. ``codes`` ``[C/g, M, R]`` uint8 (B=8) or uint16
+    (B=16, or their int8/int16 containers), ``codebooks`` ``[M, 2^B, g]`` (float16; other floats are rounded to
+    it), ``scales`` ``[R]`` float32 or float16 (kept as float32: exact)."""
+
+    def __init__(self, codes, codebooks, scales, *, M, B, g, R, C, device=None):
+        _require()
+        M = _check_int("M", M, 1, 8)
+        if B not in (8, 16):
+            raise QggufError(f"AQ code bits B={B!r} must be 8 or 16")
+        if g not in (4, 8, 16, 32):
+            raise QggufError(f"AQ group size g={g!r} must be 4, 8, 16 or 32")
+        R = _check_int("R", R, 1, (1 << 31) - 1)
+        C = _check_int("C", C, 1, (1 << 31) - 1)
+        if C % g:
+            raise QggufError(f"C={C} is not a multiple of the group size {g}")
+        self.M, self.B, self.g, self.K, self.R, self.C, self.J = M, B, g, 1 << B, R, C, C // g
+        self.device = _device(device)
+        codes = np.ascontiguousarray(codes)
+        want = np.dtype(np.uint8) if B == 8 else np.dtype("<u2")
+        if codes.dtype.kind not in "iu" or codes.dtype.itemsize != want.itemsize:
+            raise QggufError(f"AQ codes must be {want} (B={B}), got {codes.dtype}")
+        if codes.size != self.J * M * R:
+            raise QggufError(f"AQ codes have {codes.size} entries, expected C/g*M*R = {self.J * M * R}")
+        cb = np.asarray(codebooks)
+        if cb.size != M * self.K * g:
+            raise QggufError(f"AQ codebooks have {cb.size} values, expected M*2^B*g = {M * self.K * g}")
+        sc = np.asarray(scales).reshape(-1)
+        if sc.size != R:
+            raise QggufError(f"AQ scales have {sc.size} values, expected R = {R}")
+        cb16 = np.ascontiguousarray(cb, dtype=np.float16).reshape(M, self.K, g)
+        sc32 = np.ascontiguousarray(sc, dtype=np.float32)
+        if not (np.isfinite(cb16).all() and np.isfinite(sc32).all()):
+            raise QggufError("AQ codebooks or scales are not finite")
+        self.codes = _to_dev(codes.view(want).reshape(-1).view(np.uint8), self.device)   # raw little-endian bytes
+        self.codebooks = _to_dev(cb16, self.device)
+        self.scales = _to_dev(sc32, self.device)
+        self._names = None
+
+    @classmethod
+    def from_fields(cls, qt, fields, device=None) -> "CudaAQTensor":
+        codes = np.asarray(fields["codes"])
+        J, M, R = codes.shape
+        return cls(codes.astype(qt.codes_dtype, copy=False), fields["codebooks"], fields["scales"], M=qt.M,
+                   B=qt.B, g=qt.g, R=R, C=J * qt.g, device=device)
+
+    def _buffers(self) -> list:
+        return [self.codes, self.codebooks, self.scales]
+
+    def clone(self) -> "CudaAQTensor":
+        """A copy with its own device buffers (benchmarks rotate copies to keep them out of the L2 cache)."""
+        c = object.__new__(CudaAQTensor)
+        c.__dict__.update(self.__dict__)
+        c.codes, c.codebooks, c.scales = self.codes.clone(), self.codebooks.clone(), self.scales.clone()
+        return c
+
+    def _k(self) -> dict:
+        M, G = self.M, self.g
+        code = "u8" if self.B == 8 else "u16"
+        names = tuple([f"aq_dequant<{M}, {G}, {code}, float>", f"aq_dequant<{M}, {G}, {code}, hbits>",
+                       f"aq_matvec_direct<{M}, {G}, {code}>"] + ([f"aq_matvec_lut<{M}, {G}>"] if self.B == 8 else []))
+        return _kernels(("aq", M, self.B, G), names)
+
+    def dequantize(self, dtype=None, out=None):
+        """The weight ``[R, C]`` as float32 or float16 (``dtype``, default float16) on the GPU (into ``out`` if
+        given); float32 is bit-identical to :meth:`qgguf.gguf_types.codebook.AQType.dequantize_fields`, float16
+        its rounding."""
+        import torch
+        dtype = torch.float16 if dtype is None else dtype
+        if dtype not in (torch.float16, torch.float32):
+            raise QggufError(f"dequantize to float16 or float32, not {dtype}")
+        out = _out(out, (self.R, self.C), dtype, self.device)
+        code = "u8" if self.B == 8 else "u16"
+        k = self._k()[f"aq_dequant<{self.M}, {self.g}, {code}, {'float' if dtype == torch.float32 else 'hbits'}>"]
+        _launch(k, (_cdiv(self.R, 32), _cdiv(self.J, 32)),
+                (_p(self.codes), _p(self.codebooks), _p(self.scales), _p(out), _i(self.R), _i(self.J), _i(self.K)))
+        return out
+
+    def matvec(self, x, method: str | None = None, out=None):
+        """``y = W x`` float32 ``[R]`` (into ``out`` if given) for ``x`` ``[C]`` (any float type or device).
+        ``method``: ``"lut"`` or ``"direct"`` (B=8; default from QGGUF_CUDA_AQ_METHOD, else lut), always
+        ``"direct"`` for B=16."""
+        import torch
+        x = _as_input(x, self.C, self.device)
+        if x.dim() != 1:
+            raise QggufError(f"matvec takes one vector of {self.C} values, got shape {tuple(x.shape)}")
+        method = method or os.environ.get("QGGUF_CUDA_AQ_METHOD", "lut")
+        if method not in ("lut", "direct"):
+            raise QggufError(f"AQ matvec method {method!r} is not lut or direct")
+        if self.B != 8:
+            method = "direct"
+        ks = self._k()
+        sms = _sms(self.device)
+        y = _out(out, (self.R,), torch.float32, self.device)
+        code = "u8" if self.B == 8 else "u16"
+        if method == "lut":
+            pl = plan_aq_lut(self.R, self.J, self.M, self.g, sms)
+            part = y if pl["grid"][0] == 1 else torch.empty(pl["grid"][0], self.R, device=self.device)
+            vec4 = pl["vec4"] and part.data_ptr() % 16 == 0          # 4 rows per thread: 16-byte stores
+            _launch(ks[f"aq_matvec_lut<{self.M}, {self.g}>"], pl["grid"],
+                    (_p(self.codes), _p(self.codebooks), _p(x), _p(self.scales), _p(part), _i(self.R), _i(self.J),
+                     _i(pl["jc"]), _i(pl["rpb"]), _i(vec4)), pl["shmem"])
+        else:
+            pl = plan_aq_direct(self.R, self.J, self.g, sms)
+            part = y if pl["grid"][0] == 1 else torch.empty(pl["grid"][0], self.R, device=self.device)
+            _launch(ks[f"aq_matvec_direct<{self.M}, {self.g}, {code}>"], pl["grid"],
+                    (_p(self.codes), _p(self.codebooks), _i(self.K), _p(x), _p(self.scales), _p(part), _i(self.R),
+                     _i(self.J), _i(pl["jc"])), pl["shmem"])
+        if pl["grid"][0] > 1:
+            _launch(ks["reduce_parts"], (_cdiv(self.R, _BLOCK),),
+                    (_p(part), _i(pl["grid"][0]), _i(self.R), _p(self.scales), _p(y)))
+        return y
+
+
+# ------------------------------------------------------------------------------------------------
+# VQ
+
+class CudaVQTensor(_CudaTensor):
+    """A VQ weight kept compressed on the GPU (the arguments of :class:`qgguf.native.VQTensor`): ``idx`` / ``ridx``
+    the packed uint8 index streams (with their 3 padding bytes), ``books`` ``[G, k, v]``, ``rbooks`` ``[G, kr, v]``
+    (``kr > 0``), ``obook`` ``[k, v]`` (``n_out > 0``), ``perm`` ``[C]`` (a permutation), ``colscale`` /
+    ``colbias`` ``[C]``; codebooks and norms are float16 (other floats are rounded to it)."""
+
+    def __init__(self, idx, books, perm, colscale, colbias, *, v, k, R, C, ridx=None, rbooks=None, kr=0,
+                 obook=None, n_out=0, groups=1, device=None):
+        _require()
+        if v not in (2, 4, 8, 16):
+            raise QggufError(f"VQ vector length v={v!r} must be 2, 4, 8 or 16")
+        k = _check_int("k", k, 4, 65536)
+        kr = _check_int("kr", kr, 0, 65536)
+        if k & (k - 1) or (kr and kr & (kr - 1)) or kr == 1:
+            raise QggufError(f"VQ k={k} and kr={kr} must be powers of two (kr=0: no residual)")
+        R = _check_int("R", R, 1, (1 << 31) - 1)
+        C = _check_int("C", C, 1, (1 << 31) - 1)
+        if R % v:
+            raise QggufError(f"R={R} is not a multiple of v={v}")
+        n_out = _check_int("n_out", n_out, 0, C - 1)
+        G = _check_int("groups", groups, 1, max(1, C - n_out))
+        self.v, self.k, self.kr, self.R, self.C, self.n_out, self.groups = v, k, kr, R, C, n_out, G
+        self.nb, self.nc = R // v, C - n_out
+        self.gs = _cdiv(self.nc, G)
+        self.kbits, self.rbits = k.bit_length() - 1, (kr.bit_length() - 1 if kr else 0)
+        self.device = _device(device)
+
+        def stream(name, a, n, bits):
+            a = np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+            need = (n * bits + 7) // 8 + 3
+            if a.size != need:
+                raise QggufError(f"VQ {name} must have {need} bytes ({n} indices of {bits} bits + 3 padding), "
+                                 f"got {a.size}")
+            words = np.zeros(_cdiv(a.size, 4) + 2, np.uint32)      # + 2 zero words: the 64-bit reads stay inside
+            words.view(np.uint8)[:a.size] = a
+            return _to_dev(words.view(np.int32), self.device)
+
+        def f16(name, a, shape):
+            a = np.asarray(a)
+            if a.size != int(np.prod(shape)):
+                raise QggufError(f"VQ {name} has {a.size} values, expected {int(np.prod(shape))} {tuple(shape)}")
+            a16 = np.ascontiguousarray(a, dtype=np.float16).reshape(shape)
+            if not np.isfinite(a16).all():
+                raise QggufError(f"VQ {name} is not finite")
+            return a16
+
+        self.idx = stream("idx", idx, self.nb * C, self.kbits)
+        self.ridx = stream("ridx", ridx, self.nb * self.nc, self.rbits) if kr else None
+        bk = f16("books", books, (G, k, v))
+        if n_out:
+            if obook is None:
+                raise QggufError("VQ obook is missing (n_out > 0)")
+            bk = np.concatenate([f16("obook", obook, (1, k, v)), bk])
+        self.books = _to_dev(bk, self.device)
+        if kr:
+            if rbooks is None:
+                raise QggufError("VQ rbooks is missing (kr > 0)")
+            self.rbooks = _to_dev(f16("rbooks", rbooks, (G, kr, v)), self.device)
+        else:
+            self.rbooks = None
+        perm = np.asarray(perm).reshape(-1)
+        if perm.size != C or perm.dtype.kind not in "iu" or not np.array_equal(np.sort(perm), np.arange(C)):
+            raise QggufError(f"VQ perm must be a permutation of 0..{C - 1}")
+        inv = np.empty(C, np.int32)
+        inv[perm.astype(np.int64)] = np.arange(C, dtype=np.int32)
+        self.perm = _to_dev(perm.astype(np.int32), self.device)
+        self.inv = _to_dev(inv, self.device)
+        self.colscale = _to_dev(f16("colscale", colscale, (C,)), self.device)
+        self.colbias = _to_dev(f16("colbias", colbias, (C,)), self.device)
+
+    @classmethod
+    def from_companions(cls, qt, shape, comp, device=None) -> "CudaVQTensor":
+        from ...gguf_types import vq as V
+        R, C = int(shape[0]), int(shape[1])
+        L = qt.layout((R, C))
+        return cls(comp[V.VQ_IDX], comp[V.VQ_BOOKS], comp[V.VQ_PERM], comp[V.VQ_COLSCALE], comp[V.VQ_COLBIAS],
+                   v=qt.v, k=qt.k, R=R, C=C, ridx=comp[V.VQ_RIDX] if qt.kr else None,
+                   rbooks=comp[V.VQ_RBOOKS] if qt.kr else None, kr=qt.kr,
+                   obook=comp[V.VQ_OBOOK] if L["n_out"] else None, n_out=L["n_out"], groups=qt.groups,
+                   device=device)
+
+    def _buffers(self) -> list:
+        return [self.idx, self.ridx, self.books, self.rbooks, self.perm, self.inv, self.colscale, self.colbias]
+
+    def clone(self) -> "CudaVQTensor":
+        c = object.__new__(CudaVQTensor)
+        c.__dict__.update(self.__dict__)
+        for n in ("idx", "ridx", "books", "rbooks", "perm", "inv", "colscale", "colbias"):
+            b = getattr(self, n)
+            setattr(c, n, None if b is None else b.clone())
+        return c
+
+    def _k(self) -> dict:
+        V = self.v
+        return _kernels(("vq", V), (f"vq_dequant<{V}, float>", f"vq_dequant<{V}, hbits>", f"vq_matvec<{V}>"))
+
+    def _ptrs(self) -> tuple:
+        return (_p(self.idx), _i(self.kbits), _p(self.ridx if self.kr else self.idx), _i(self.rbits),
+                _p(self.books), _p(self.rbooks if self.kr else self.books))
+
+    def dequantize(self, dtype=None, out=None):
+        """The weight ``[R, C]`` as float32 or float16 (default float16) on the GPU (into ``out`` if given);
+        float32 is bit-identical to :meth:`qgguf.gguf_types.vq.VQType.dequantize_fields`, float16 its rounding."""
+        import torch
+        dtype = torch.float16 if dtype is None else dtype
+        if dtype not in (torch.float16, torch.float32):
+            raise QggufError(f"dequantize to float16 or float32, not {dtype}")
+        out = _out(out, (self.R, self.C), dtype, self.device)
+        k = self._k()[f"vq_dequant<{self.v}, {'float' if dtype == torch.float32 else 'hbits'}>"]
+        _launch(k, (_cdiv(self.C, _BLOCK), min(self.nb, 65535)),
+                self._ptrs() + (_p(self.inv), _p(self.colscale), _p(self.colbias), _p(out), _i(self.nb), _i(self.C),
+                                _i(self.n_out), _i(self.gs), _i(self.k), _i(self.kr)))
+        return out
+
+    def matvec(self, x, out=None):
+        """``y = W x`` float32 ``[R]`` (into ``out`` if given) for ``x`` ``[C]`` (any float type or device)."""
+        import torch
+        x = _as_input(x, self.C, self.device)
+        if x.dim() != 1:
+            raise QggufError(f"matvec takes one vector of {self.C} values, got shape {tuple(x.shape)}")
+        ks = self._k()
+        pl = plan_vq(self.nb, self.C, _sms(self.device))
+        y = _out(out, (self.R,), torch.float32, self.device)
+        part = y if pl["grid"][0] == 1 else torch.empty(pl["grid"][0], self.R, device=self.device)
+        _launch(ks[f"vq_matvec<{self.v}>"], pl["grid"],
+                self._ptrs() + (_p(self.perm), _p(self.colscale), _p(self.colbias), _p(x), _p(part), _i(self.nb),
+                                _i(self.C), _i(self.n_out), _i(self.gs), _i(self.k), _i(self.kr), _i(pl["pc"]),
+                                _i(pl["bpb"])), pl["shmem"])
+        if pl["grid"][0] > 1:
+            _launch(ks["reduce_parts"], (_cdiv(self.R, _BLOCK),),
+                    (_p(part), _i(pl["grid"][0]), _i(self.R), _p(None), _p(y)))
+        return y
+
+
+def from_companions(qt, shape, comp, device=None):
+    """The CUDA tensor of a codebook weight: ``qt`` its :class:`~qgguf.gguf_types.codebook.CodebookType`,
+    ``shape`` its numpy shape ``(R, C)``, ``comp`` its companions (``{suffix: array}``, as the loader reads them)."""
+    from ...gguf_types.codebook import AQ_CODEBOOKS, AQ_CODES, AQ_SCALES
+    R, C = int(shape[0]), int(shape[1])
+    if qt.family == "aq":
+        return CudaAQTensor(np.asarray(comp[AQ_CODES]), comp[AQ_CODEBOOKS], comp[AQ_SCALES], M=qt.M, B=qt.B,
+                            g=qt.g, R=R, C=C, device=device)
+    if qt.family == "vq":
+        return CudaVQTensor.from_companions(qt, (R, C), comp, device=device)
+    raise QggufError(f"no CUDA kernels for codebook family {qt.family!r}")
+
