@@ -38,6 +38,9 @@ FUSED_MAX_TOKENS = 8          # matmul: up to this many tokens, the fused matvec
 _BLOCK = 256
 _LUT_TABLES = 32              # lookup tables (of 256 floats) per block: 32 KiB of shared memory
 _TARGET_WAVES = 4             # aim for this many blocks per multiprocessor
+FIN_MAX_CHUNKS = 64           # up to this many input chunks, the matvec kernel's last block per row block adds them
+                              # (one launch); above, a second kernel (reduce_parts) does
+STAGE_MAX_BYTES = 100 * 1024  # VQ: shared memory per block for the chunk's codebooks (2 blocks per multiprocessor)
 
 
 class CudaUnavailableError(QggufError):
@@ -105,6 +108,9 @@ def _kernels(key: tuple, names: tuple[str, ...]) -> dict:
                 m = cupy.RawModule(code=src, options=("-std=c++17",), name_expressions=names)
                 mod = {n: m.get_function(n) for n in names}
                 mod["reduce_parts"] = m.get_function("reduce_parts")
+                for n, f in mod.items():
+                    if n.endswith("true>"):             # staged codebooks: more than the default 48 KiB
+                        f.max_dynamic_shared_size_bytes = STAGE_MAX_BYTES + 8 * 1024
             except Exception as e:  # noqa: BLE001 - cupy's CompileException and driver errors
                 raise CudaUnavailableError(f"compiling {SOURCE.name} for {key} failed: {e}") from None
             _modules[k] = mod
@@ -137,9 +143,15 @@ def _i(v) -> np.int32:
     return np.int32(int(v))
 
 
+_sms_cache: dict = {}
+
+
 def _sms(device) -> int:
-    import torch
-    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+    n = _sms_cache.get(device)
+    if n is None:
+        import torch
+        n = _sms_cache[device] = int(torch.cuda.get_device_properties(device).multi_processor_count)
+    return n
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -169,13 +181,35 @@ def plan_aq_direct(R: int, J: int, G: int, sms: int) -> dict:
     return {"jc": jc, "grid": (n_j, n_r), "shmem": 4 * jc * G}
 
 
-def plan_vq(nb: int, C: int, sms: int, pc: int = 256) -> dict:
+def plan_vq(nb: int, C: int, sms: int, *, v: int = 8, k: int = 0, kr: int = 0, n_out: int = 0, gs: int = 0,
+            pc: int = 256, stage_max: int | None = None) -> dict:
     """Grid of ``vq_matvec``: ``pc`` positions per chunk, ``bpb`` vector rows per block (8 warps take them in
-    turn), ``grid = (n_chunks, n_row_blocks)``, shared memory bytes."""
+    turn), ``grid = (n_chunks, n_row_blocks)``, shared memory bytes, and ``stage``: the codebooks that the widest
+    chunk uses (``k`` main and ``kr`` residual entries of ``v`` fp16 values per book; books change every ``gs``
+    positions after ``n_out`` outlier positions) fit in ``stage_max`` bytes, so blocks copy theirs to shared
+    memory (then fewer, larger blocks: 2 per multiprocessor)."""
+    stage_max = STAGE_MAX_BYTES if stage_max is None else stage_max
     n_p = _cdiv(C, pc)
-    bpb = max(8, _cdiv(nb, max(1, _cdiv(_TARGET_WAVES * sms, n_p))))
+    base = 4 * (2 * pc + 8)
+    sbytes, stage = 0, False
+    if k:
+        gs = gs or max(1, C - n_out)
+        lo = np.arange(n_p, dtype=np.int64) * pc
+        hi = np.minimum(C, lo + pc) - 1
+
+        def book(p):
+            return np.where(p < n_out, 0, int(n_out > 0) + (p - n_out) // gs)
+        nbk = int((book(hi) - book(lo)).max()) + 1
+        nrb = 0
+        if kr:
+            res = hi >= n_out
+            nrb = int(np.where(res, book(hi) - book(np.maximum(lo, n_out)) + 1, 0).max())
+        sbytes = 2 * v * (nbk * k + nrb * kr)
+        stage = base + sbytes <= stage_max
+    target = (2 if stage else _TARGET_WAVES) * sms
+    bpb = max(8, _cdiv(nb, max(1, _cdiv(target, n_p))))
     n_b = _cdiv(nb, bpb)
-    return {"pc": pc, "bpb": bpb, "grid": (n_p, n_b), "shmem": 4 * (2 * pc + 8)}
+    return {"pc": pc, "bpb": bpb, "grid": (n_p, n_b), "shmem": base + (sbytes if stage else 0), "stage": stage}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -229,6 +263,26 @@ class _CudaTensor:
 
     def _buffers(self) -> list:
         raise NotImplementedError
+
+    def _counters(self, n: int):
+        """``n`` zeroed words for the last-block reduction (kept zero by the kernels between launches)."""
+        import torch
+        c = self.__dict__.get("_ctr")
+        if c is None or c.numel() < n:
+            c = self._ctr = torch.zeros(max(n, 1), device=self.device, dtype=torch.int32)
+        return c
+
+    def _finish(self, grid, y, scales=None):
+        """``(part buffer, kernel args (part, y, counters, fin), whether reduce_parts must run)`` for a matvec
+        launch of ``grid`` (chunks, row blocks) writing ``y``."""
+        import torch
+        n = grid[0]
+        if n == 1:
+            return y, (_p(y), _p(y), _p(None), _i(0)), False
+        part = torch.empty(n, self.R, device=self.device, dtype=torch.float32)
+        if n <= FIN_MAX_CHUNKS:
+            return part, (_p(part), _p(y), _p(self._counters(grid[1])), _i(1)), False
+        return part, (_p(part), _p(y), _p(None), _i(0)), True
 
     @property
     def nbytes(self) -> int:
@@ -298,7 +352,7 @@ class CudaAQTensor(_CudaTensor):
         self.codes = _to_dev(codes.view(want).reshape(-1).view(np.uint8), self.device)   # raw little-endian bytes
         self.codebooks = _to_dev(cb16, self.device)
         self.scales = _to_dev(sc32, self.device)
-        self._names = None
+        self._cfg: dict = {}
 
     @classmethod
     def from_fields(cls, qt, fields, device=None) -> "CudaAQTensor":
@@ -314,6 +368,8 @@ class CudaAQTensor(_CudaTensor):
         """A copy with its own device buffers (benchmarks rotate copies to keep them out of the L2 cache)."""
         c = object.__new__(CudaAQTensor)
         c.__dict__.update(self.__dict__)
+        c.__dict__.pop("_ctr", None)
+        c._cfg = dict(self._cfg)
         c.codes, c.codebooks, c.scales = self.codes.clone(), self.codebooks.clone(), self.scales.clone()
         return c
 
@@ -352,26 +408,32 @@ class CudaAQTensor(_CudaTensor):
             raise QggufError(f"AQ matvec method {method!r} is not lut or direct")
         if self.B != 8:
             method = "direct"
-        ks = self._k()
-        sms = _sms(self.device)
+        cfg = self._cfg.get(method)
+        if cfg is None:
+            ks = self._k()
+            sms = _sms(self.device)
+            code = "u8" if self.B == 8 else "u16"
+            if method == "lut":
+                pl = plan_aq_lut(self.R, self.J, self.M, self.g, sms)
+                cfg = (ks[f"aq_matvec_lut<{self.M}, {self.g}>"], pl, (_i(self.R), _i(self.J), _i(pl["jc"]),
+                                                                       _i(pl["rpb"])))
+            else:
+                pl = plan_aq_direct(self.R, self.J, self.g, sms)
+                cfg = (ks[f"aq_matvec_direct<{self.M}, {self.g}, {code}>"], pl, (_i(self.R), _i(self.J),
+                                                                                 _i(pl["jc"])))
+            cfg = cfg + (ks["reduce_parts"],)
+            self._cfg[method] = cfg
+        kern, pl, tail, red = cfg
         y = _out(out, (self.R,), torch.float32, self.device)
-        code = "u8" if self.B == 8 else "u16"
+        part, fin, reduce = self._finish(pl["grid"], y)
         if method == "lut":
-            pl = plan_aq_lut(self.R, self.J, self.M, self.g, sms)
-            part = y if pl["grid"][0] == 1 else torch.empty(pl["grid"][0], self.R, device=self.device)
             vec4 = pl["vec4"] and part.data_ptr() % 16 == 0          # 4 rows per thread: 16-byte stores
-            _launch(ks[f"aq_matvec_lut<{self.M}, {self.g}>"], pl["grid"],
-                    (_p(self.codes), _p(self.codebooks), _p(x), _p(self.scales), _p(part), _i(self.R), _i(self.J),
-                     _i(pl["jc"]), _i(pl["rpb"]), _i(vec4)), pl["shmem"])
+            args = (_p(self.codes), _p(self.codebooks), _p(x), _p(self.scales)) + fin + tail + (_i(vec4),)
         else:
-            pl = plan_aq_direct(self.R, self.J, self.g, sms)
-            part = y if pl["grid"][0] == 1 else torch.empty(pl["grid"][0], self.R, device=self.device)
-            _launch(ks[f"aq_matvec_direct<{self.M}, {self.g}, {code}>"], pl["grid"],
-                    (_p(self.codes), _p(self.codebooks), _i(self.K), _p(x), _p(self.scales), _p(part), _i(self.R),
-                     _i(self.J), _i(pl["jc"])), pl["shmem"])
-        if pl["grid"][0] > 1:
-            _launch(ks["reduce_parts"], (_cdiv(self.R, _BLOCK),),
-                    (_p(part), _i(pl["grid"][0]), _i(self.R), _p(self.scales), _p(y)))
+            args = (_p(self.codes), _p(self.codebooks), _i(self.K), _p(x), _p(self.scales)) + fin + tail
+        _launch(kern, pl["grid"], args, pl["shmem"])
+        if reduce:
+            _launch(red, (_cdiv(self.R, _BLOCK),), (_p(part), _i(pl["grid"][0]), _i(self.R), _p(self.scales), _p(y)))
         return y
 
 
@@ -447,6 +509,7 @@ class CudaVQTensor(_CudaTensor):
         self.inv = _to_dev(inv, self.device)
         self.colscale = _to_dev(f16("colscale", colscale, (C,)), self.device)
         self.colbias = _to_dev(f16("colbias", colbias, (C,)), self.device)
+        self._cfg: dict = {}
 
     @classmethod
     def from_companions(cls, qt, shape, comp, device=None) -> "CudaVQTensor":
@@ -465,6 +528,8 @@ class CudaVQTensor(_CudaTensor):
     def clone(self) -> "CudaVQTensor":
         c = object.__new__(CudaVQTensor)
         c.__dict__.update(self.__dict__)
+        c.__dict__.pop("_ctr", None)
+        c._cfg = dict(self._cfg)
         for n in ("idx", "ridx", "books", "rbooks", "perm", "inv", "colscale", "colbias"):
             b = getattr(self, n)
             setattr(c, n, None if b is None else b.clone())
@@ -472,7 +537,8 @@ class CudaVQTensor(_CudaTensor):
 
     def _k(self) -> dict:
         V = self.v
-        return _kernels(("vq", V), (f"vq_dequant<{V}, float>", f"vq_dequant<{V}, hbits>", f"vq_matvec<{V}>"))
+        return _kernels(("vq", V), (f"vq_dequant<{V}, float>", f"vq_dequant<{V}, hbits>", f"vq_matvec<{V}, false>",
+                                    f"vq_matvec<{V}, true>"))
 
     def _ptrs(self) -> tuple:
         return (_p(self.idx), _i(self.kbits), _p(self.ridx if self.kr else self.idx), _i(self.rbits),
@@ -498,17 +564,22 @@ class CudaVQTensor(_CudaTensor):
         x = _as_input(x, self.C, self.device)
         if x.dim() != 1:
             raise QggufError(f"matvec takes one vector of {self.C} values, got shape {tuple(x.shape)}")
-        ks = self._k()
-        pl = plan_vq(self.nb, self.C, _sms(self.device))
+        cfg = self._cfg.get("mv")
+        if cfg is None:
+            ks = self._k()
+            pl = plan_vq(self.nb, self.C, _sms(self.device), v=self.v, k=self.k, kr=self.kr, n_out=self.n_out,
+                         gs=self.gs)
+            tail = (_i(self.nb), _i(self.C), _i(self.n_out), _i(self.gs), _i(self.k), _i(self.kr), _i(pl["pc"]),
+                    _i(pl["bpb"]))
+            cfg = self._cfg["mv"] = (ks[f"vq_matvec<{self.v}, {'true' if pl['stage'] else 'false'}>"], pl, tail,
+                                     ks["reduce_parts"])
+        kern, pl, tail, red = cfg
         y = _out(out, (self.R,), torch.float32, self.device)
-        part = y if pl["grid"][0] == 1 else torch.empty(pl["grid"][0], self.R, device=self.device)
-        _launch(ks[f"vq_matvec<{self.v}>"], pl["grid"],
-                self._ptrs() + (_p(self.perm), _p(self.colscale), _p(self.colbias), _p(x), _p(part), _i(self.nb),
-                                _i(self.C), _i(self.n_out), _i(self.gs), _i(self.k), _i(self.kr), _i(pl["pc"]),
-                                _i(pl["bpb"])), pl["shmem"])
-        if pl["grid"][0] > 1:
-            _launch(ks["reduce_parts"], (_cdiv(self.R, _BLOCK),),
-                    (_p(part), _i(pl["grid"][0]), _i(self.R), _p(None), _p(y)))
+        part, fin, reduce = self._finish(pl["grid"], y)
+        args = self._ptrs() + (_p(self.perm), _p(self.colscale), _p(self.colbias), _p(x)) + fin + tail
+        _launch(kern, pl["grid"], args, pl["shmem"])
+        if reduce:
+            _launch(red, (_cdiv(self.R, _BLOCK),), (_p(part), _i(pl["grid"][0]), _i(self.R), _p(None), _p(y)))
         return y
 
 

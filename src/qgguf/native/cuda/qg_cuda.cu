@@ -11,9 +11,11 @@
 //   aq_matvec_direct<M, G, CODE>  y = W x for any codebook size (2^16 entries: 1 MiB per codebook, L2-resident):
 //                                 gathers codebook entries and takes their dot products with x
 //   vq_dequant<V, OUT>            W as float32 or fp16 rows, bit-identical to the numpy reference
-//   vq_matvec<V>                  y = W x: one warp per vector row, lanes over positions, codebook gathers
-//   reduce_parts                  y[r] = scale[r] * sum_chunk part[chunk][r] (the matvec kernels split the inputs
-//                                 into chunks, each writing partial sums; a single chunk writes y directly)
+//   vq_matvec<V, STAGE>           y = W x: one warp per vector row, lanes over positions, codebook gathers (from
+//                                 shared memory when the chunk's codebooks fit: STAGE)
+//   reduce_parts                  y[r] = scale[r] * sum_chunk part[chunk][r]
+// The matvec kernels split the inputs into chunks (grid x), each writing partial sums; a single chunk writes y
+// directly, a few are added by the last block of each row block (finish_rows), many by reduce_parts.
 
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -117,6 +119,37 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// a float written by other blocks of this launch (read through L2, not a possibly stale L1 line)
+__device__ __forceinline__ float ld_cg(const float* p) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+
+// The matvec kernels split the inputs into gridDim.x chunks; block (bx, by) has written its partial sums
+// part[bx][r] for the rows [r0, r1) of row block by. With `fin`, the last of the gridDim.x blocks of row block by
+// to get here adds the chunks in chunk order (deterministic) and writes y[r] = scale[r] * sum (scales may be null),
+// then resets its counter for the next launch (counters: one zeroed word per row block, owned by the tensor).
+// Without `fin` a separate reduce_parts launch does this. Every thread of the block must call it.
+__device__ __forceinline__ void finish_rows(const float* part, float* __restrict__ y, const float* __restrict__ scales,
+                                            unsigned* counters, int fin, int R, int r0, int r1) {
+    if (!fin || gridDim.x == 1) return;
+    __shared__ int s_last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) s_last = atomicAdd(counters + blockIdx.y, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    for (int r = r0 + threadIdx.x; r < r1; r += blockDim.x) {
+        float s = 0.0f;
+#pragma unroll 8
+        for (int c = 0; c < (int)gridDim.x; ++c) s += ld_cg(part + (i64)c * R + r);
+        y[r] = scales ? s * scales[r] : s;
+    }
+    if (threadIdx.x == 0) counters[blockIdx.y] = 0u;
+}
+
 // ------------------------------------------------------------------------------------------------
 // AQ: W[r, j*G + i] = scales[r] * (cb[0][codes[j][0][r]][i] + ... + cb[M-1][codes[j][M-1][r]][i])
 // codes [J][M][R] (u8 for 2^8 entries, u16 for 2^16), cb [M][K][G] fp16, scales [R] float32 (fp16 scales are
@@ -168,15 +201,16 @@ __global__ void __launch_bounds__(256) aq_dequant(const CODE* __restrict__ codes
 // grid (n_chunks, n_row_blocks), 256 threads, dynamic shared memory (jc*M*256 + jc*G) floats.
 // Block (bx, by) takes the input groups [bx*jc, bx*jc + jc) and the rows [by*rpb, by*rpb + rpb):
 //   1. xs = its slice of x;
-//   2. lut[j][m][k] = dot(cb[m][k], xs_j) for its groups (thread k computes entry k of every table);
+//   2. lut[j][m][k] = dot(cb[m][k], xs_j) for its groups: thread k loads entry k of each codebook once and
+//      takes its dot products with every group of the chunk;
 //   3. each thread gathers lut[j][m][codes[j][m][r]] for its rows (4 consecutive rows with one 32-bit load of
 //      codes when vec4, i.e. R % 4 == 0) and writes the sum to part[bx][r], or, with a single chunk, the sum
-//      times scales[r] to y[r].
+//      times scales[r] to y[r] (part is y then); finish_rows adds the chunks when fin.
 template <int M, int G>
 __global__ void __launch_bounds__(256) aq_matvec_lut(const u8* __restrict__ codes, const hbits* __restrict__ cb,
                                                      const float* __restrict__ x, const float* __restrict__ scales,
-                                                     float* __restrict__ part, int R, int J, int jc, int rpb,
-                                                     int vec4) {
+                                                     float* part, float* __restrict__ y, unsigned* counters,
+                                                     int fin, int R, int J, int jc, int rpb, int vec4) {
     extern __shared__ float smem[];
     float* lut = smem;
     float* xs = smem + jc * M * 256;
@@ -185,17 +219,19 @@ __global__ void __launch_bounds__(256) aq_matvec_lut(const u8* __restrict__ code
     const int r0 = blockIdx.y * rpb, r1 = imin(R, r0 + rpb);
     for (int t = tid; t < nj * G; t += 256) xs[t] = x[(i64)j0 * G + t];
     __syncthreads();
-    const int nt = nj * M;
-    for (int tab = 0; tab < nt; ++tab) {
-        const int jj = tab / M, m = tab - jj * M;
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
         float e[G];
         load_h<G>(cb + ((i64)m * 256 + tid) * G, e);
-        float d = 0.0f;
+        for (int jj = 0; jj < nj; ++jj) {
+            float d = 0.0f;
 #pragma unroll
-        for (int i = 0; i < G; ++i) d += e[i] * xs[jj * G + i];
-        lut[tab * 256 + tid] = d;
+            for (int i = 0; i < G; ++i) d += e[i] * xs[jj * G + i];
+            lut[(jj * M + m) * 256 + tid] = d;
+        }
     }
     __syncthreads();
+    const int nt = nj * M;
     const bool direct_out = gridDim.x == 1;
     float* dst = part + (i64)blockIdx.x * R;
     const u8* cbase = codes + (i64)j0 * M * R;
@@ -227,6 +263,7 @@ __global__ void __launch_bounds__(256) aq_matvec_lut(const u8* __restrict__ code
             dst[r] = direct_out ? a * scales[r] : a;
         }
     }
+    finish_rows(part, y, scales, counters, fin, R, r0, r1);
 }
 
 // grid (n_chunks, ceil(R/256)), 256 threads (one row each), dynamic shared memory jc*G floats.
@@ -236,34 +273,37 @@ template <int M, int G, typename CODE>
 __global__ void __launch_bounds__(256) aq_matvec_direct(const CODE* __restrict__ codes,
                                                         const hbits* __restrict__ cb, int K,
                                                         const float* __restrict__ x,
-                                                        const float* __restrict__ scales,
-                                                        float* __restrict__ part, int R, int J, int jc) {
+                                                        const float* __restrict__ scales, float* part,
+                                                        float* __restrict__ y, unsigned* counters, int fin,
+                                                        int R, int J, int jc) {
     extern __shared__ float xs[];
     const int tid = threadIdx.x;
     const int j0 = blockIdx.x * jc, nj = imin(jc, J - j0);
     for (int t = tid; t < nj * G; t += 256) xs[t] = x[(i64)j0 * G + t];
     __syncthreads();
     const int r = blockIdx.y * 256 + tid;
-    if (r >= R) return;
-    const CODE* cp = codes + (i64)j0 * M * R + r;
-    float acc = 0.0f;
+    if (r < R) {
+        const CODE* cp = codes + (i64)j0 * M * R + r;
+        float acc = 0.0f;
 #pragma unroll 2
-    for (int jj = 0; jj < nj; ++jj) {
-        u32 c[M];
+        for (int jj = 0; jj < nj; ++jj) {
+            u32 c[M];
 #pragma unroll
-        for (int m = 0; m < M; ++m) c[m] = cp[(i64)(jj * M + m) * R];
+            for (int m = 0; m < M; ++m) c[m] = cp[(i64)(jj * M + m) * R];
 #pragma unroll
-        for (int m = 0; m < M; ++m) {
-            float e[G];
-            load_h<G>(cb + ((i64)m * K + c[m]) * G, e);
+            for (int m = 0; m < M; ++m) {
+                float e[G];
+                load_h<G>(cb + ((i64)m * K + c[m]) * G, e);
 #pragma unroll
-            for (int i = 0; i < G; ++i) acc += e[i] * xs[jj * G + i];
+                for (int i = 0; i < G; ++i) acc += e[i] * xs[jj * G + i];
+            }
         }
+        if (gridDim.x == 1)
+            part[r] = acc * scales[r];
+        else
+            part[(i64)blockIdx.x * R + r] = acc;
     }
-    if (gridDim.x == 1)
-        part[r] = acc * scales[r];
-    else
-        part[(i64)blockIdx.x * R + r] = acc;
+    finish_rows(part, y, scales, counters, fin, R, blockIdx.y * 256, imin(R, blockIdx.y * 256 + 256));
 }
 
 // y[r] = (scales ? scales[r] : 1) * sum_c part[c][r]; grid ceil(R/256), 256 threads
@@ -326,28 +366,48 @@ __global__ void __launch_bounds__(256) vq_dequant(const u32* __restrict__ idxw, 
     }
 }
 
-// grid (n_chunks, n_row_blocks), 256 threads (8 warps), dynamic shared memory 2*pc + 8 words.
+// copy n fp16 values (n a multiple of 8, both pointers 16-byte aligned) from global to shared memory
+__device__ __forceinline__ void stage16(hbits* dst, const hbits* __restrict__ src, i64 n) {
+    const u32x4* s = reinterpret_cast<const u32x4*>(src);
+    u32x4* d = reinterpret_cast<u32x4*>(dst);
+    for (i64 t = threadIdx.x; t < n / 8; t += blockDim.x) d[t] = s[t];
+}
+
+// grid (n_chunks, n_row_blocks), 256 threads (8 warps), dynamic shared memory: 2*pc + 8 words, then (STAGE) the
+// codebooks the chunk uses, nbk*k*V + nrb*kr*V fp16 values (the planner sizes nbk, nrb for the widest chunk).
 // Block (bx, by) takes the positions [bx*pc, bx*pc + pc) and the vector rows [by*bpb, by*bpb + bpb):
 //   1. xs[p] = x[perm[p]] * colscale[p], the position's codebook, and the chunk's bias term
-//      sum_p x[perm[p]] * colbias[p] (the same for every row);
+//      sum_p x[perm[p]] * colbias[p] (the same for every row); with STAGE, the chunk's main (and residual)
+//      codebooks into shared memory (gathers from shared memory are several times faster than from L1/L2);
 //   2. each warp takes vector rows b in turn; lane l accumulates xs[p] * (entry + residual entry) over the
 //      positions p = l, l + 32, ... (consecutive lanes read consecutive packed indices), then the warp sums the
-//      V accumulators and lanes 0..V-1 write part[bx][b*V + i] (y directly with a single chunk), bias added.
-template <int V>
+//      V accumulators and lanes 0..V-1 write part[bx][b*V + i] (y directly with a single chunk), bias added;
+//      finish_rows adds the chunks when fin.
+template <int V, bool STAGE>
 __global__ void __launch_bounds__(256) vq_matvec(const u32* __restrict__ idxw, int kbits,
                                                  const u32* __restrict__ ridxw, int rbits,
                                                  const hbits* __restrict__ books, const hbits* __restrict__ rbooks,
                                                  const int* __restrict__ perm, const hbits* __restrict__ colscale,
                                                  const hbits* __restrict__ colbias, const float* __restrict__ x,
-                                                 float* __restrict__ part, int nb, int C, int n_out, int gs, int k,
-                                                 int kr, int pc, int bpb) {
+                                                 float* part, float* __restrict__ y, unsigned* counters, int fin,
+                                                 int nb, int C, int n_out, int gs, int k, int kr, int pc, int bpb) {
     extern __shared__ float sm[];
     float* xs = sm;
     int* bks = reinterpret_cast<int*>(sm + pc);
     float* red = sm + 2 * pc;
+    hbits* sbooks = reinterpret_cast<hbits*>(sm + 2 * pc + 8);      // 16-byte aligned: pc is a multiple of 32
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int p0 = blockIdx.x * pc, np = imin(pc, C - p0);
     const int b0 = blockIdx.y * bpb, b1 = imin(nb, b0 + bpb);
+    const int nc = C - n_out, has_out = n_out > 0;
+    const int bk_lo = vq_book(p0, n_out, gs), bk_hi = vq_book(p0 + np - 1, n_out, gs);
+    const int rb_lo = (p0 + np - 1 >= n_out) ? vq_book(p0 > n_out ? p0 : n_out, n_out, gs) - has_out : 0;
+    const int rb_hi = (p0 + np - 1 >= n_out) ? bk_hi - has_out : -1;
+    hbits* srbooks = sbooks + (i64)(bk_hi - bk_lo + 1) * k * V;
+    if (STAGE) {
+        stage16(sbooks, books + (i64)bk_lo * k * V, (i64)(bk_hi - bk_lo + 1) * k * V);
+        if (kr > 0 && rb_hi >= rb_lo) stage16(srbooks, rbooks + (i64)rb_lo * kr * V, (i64)(rb_hi - rb_lo + 1) * kr * V);
+    }
     float bsum = 0.0f;
     for (int t = tid; t < np; t += 256) {
         const int p = p0 + t;
@@ -362,9 +422,10 @@ __global__ void __launch_bounds__(256) vq_matvec(const u32* __restrict__ idxw, i
     float bias = 0.0f;
 #pragma unroll
     for (int w = 0; w < 8; ++w) bias += red[w];
-    const int nc = C - n_out, has_out = n_out > 0;
     const i64 R = (i64)nb * V;
     float* dst = gridDim.x == 1 ? part : part + (i64)blockIdx.x * R;
+    const hbits* mb = STAGE ? sbooks - (i64)bk_lo * k * V : books;        // indexed by the global book id
+    const hbits* rbk = STAGE ? srbooks - (i64)rb_lo * kr * V : rbooks;
     for (int b = b0 + warp; b < b1; b += 8) {
         float acc[V];
 #pragma unroll
@@ -375,11 +436,11 @@ __global__ void __launch_bounds__(256) vq_matvec(const u32* __restrict__ idxw, i
             const int bk = bks[t];
             const u32 code = get_bits(idxw, (e0 + t) * kbits, kbits);
             float e[V];
-            load_h<V>(books + ((i64)bk * k + code) * V, e);
+            load_h<V>(mb + ((i64)bk * k + code) * V, e);
             if (kr > 0 && p >= n_out) {
                 const u32 rc = get_bits(ridxw, ((u64)b * nc + (p - n_out)) * rbits, rbits);
                 float re[V];
-                load_h<V>(rbooks + ((i64)(bk - has_out) * kr + rc) * V, re);
+                load_h<V>(rbk + ((i64)(bk - has_out) * kr + rc) * V, re);
 #pragma unroll
                 for (int i = 0; i < V; ++i) e[i] += re[i];
             }
@@ -395,4 +456,5 @@ __global__ void __launch_bounds__(256) vq_matvec(const u32* __restrict__ idxw, i
         }
         if (lane < V) dst[(i64)b * V + lane] = mine + bias;
     }
+    finish_rows(part, y, nullptr, counters, fin, (int)R, b0 * V, b1 * V);
 }
