@@ -167,11 +167,13 @@ def _check_tensor(t, W, rng, monkeypatch, methods=(None,)):
     _check_matvecs(t, W, rng, methods)
     _check_matmul(t, W, rng)
     # the other ways of adding the chunks (reduce_parts instead of the last block) and, for VQ, of reading the
-    # codebooks (from global memory instead of shared memory)
-    monkeypatch.setattr(cuda, "FIN_MAX_CHUNKS", 1)
-    monkeypatch.setattr(cuda, "STAGE_MAX_BYTES", 0)
-    t._cfg.clear()
-    _check_matvecs(t, W, rng, methods)
+    # codebooks (from global memory instead of shared memory) and of loading the indices (1 or 4 per lane at once)
+    for fin, stage, unroll in ((1, 0, 4), (cuda.FIN_MAX_CHUNKS, cuda.STAGE_MAX_BYTES, 1)):
+        monkeypatch.setattr(cuda, "FIN_MAX_CHUNKS", fin)
+        monkeypatch.setattr(cuda, "STAGE_MAX_BYTES", stage)
+        monkeypatch.setattr(cuda, "VQ_UNROLL", unroll)
+        t._cfg.clear()
+        _check_matvecs(t, W, rng, methods)
     monkeypatch.undo()
     t._cfg.clear()
 

@@ -162,6 +162,8 @@ def main(argv=None) -> int:
     ap.add_argument("--replays", type=int, default=7)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=INT",
+                    help="set a tuning constant of qgguf.native.cuda (FIN_MAX_CHUNKS, STAGE_MAX_BYTES, VQ_UNROLL)")
     args = ap.parse_args(argv)
 
     import torch
@@ -171,10 +173,16 @@ def main(argv=None) -> int:
         print(f"bench_cuda: {cuda.unavailable_reason()}", file=sys.stderr)
         return 2
     import cupy
+    for kv in args.set:
+        k, _, v = kv.partition("=")
+        if k not in ("FIN_MAX_CHUNKS", "STAGE_MAX_BYTES", "VQ_UNROLL"):
+            ap.error(f"--set {k}: not a tuning constant")
+        setattr(cuda, k, int(v))
     props = torch.cuda.get_device_properties(0)
     info = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
             "cuda": torch.version.cuda, "cupy": cupy.__version__, "copy_gbps": _copy_bandwidth(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "settings": {k: getattr(cuda, k) for k in ("FIN_MAX_CHUNKS", "STAGE_MAX_BYTES", "VQ_UNROLL")}}
     print(json.dumps(info), flush=True)
     rows = []
     for s in args.shapes.split(","):

@@ -41,6 +41,7 @@ _TARGET_WAVES = 4             # aim for this many blocks per multiprocessor
 FIN_MAX_CHUNKS = 64           # up to this many input chunks, the matvec kernel's last block per row block adds them
                               # (one launch); above, a second kernel (reduce_parts) does
 STAGE_MAX_BYTES = 100 * 1024  # VQ: shared memory per block for the chunk's codebooks (2 blocks per multiprocessor)
+VQ_UNROLL = 2                 # VQ: positions per lane whose packed indices are loaded before the gathers (1, 2, 4)
 
 
 class CudaUnavailableError(QggufError):
@@ -109,7 +110,7 @@ def _kernels(key: tuple, names: tuple[str, ...]) -> dict:
                 mod = {n: m.get_function(n) for n in names}
                 mod["reduce_parts"] = m.get_function("reduce_parts")
                 for n, f in mod.items():
-                    if n.endswith("true>"):             # staged codebooks: more than the default 48 KiB
+                    if ", true," in n:                   # staged codebooks: more than the default 48 KiB
                         f.max_dynamic_shared_size_bytes = STAGE_MAX_BYTES + 8 * 1024
             except Exception as e:  # noqa: BLE001 - cupy's CompileException and driver errors
                 raise CudaUnavailableError(f"compiling {SOURCE.name} for {key} failed: {e}") from None
@@ -433,7 +434,7 @@ class CudaAQTensor(_CudaTensor):
             args = (_p(self.codes), _p(self.codebooks), _i(self.K), _p(x), _p(self.scales)) + fin + tail
         _launch(kern, pl["grid"], args, pl["shmem"])
         if reduce:
-            _launch(red, (_cdiv(self.R, _BLOCK),), (_p(part), _i(pl["grid"][0]), _i(self.R), _p(self.scales), _p(y)))
+            _launch(red, (_cdiv(self.R, 32),), (_p(part), _i(pl["grid"][0]), _i(self.R), _p(self.scales), _p(y)))
         return y
 
 
@@ -537,8 +538,9 @@ class CudaVQTensor(_CudaTensor):
 
     def _k(self) -> dict:
         V = self.v
-        return _kernels(("vq", V), (f"vq_dequant<{V}, float>", f"vq_dequant<{V}, hbits>", f"vq_matvec<{V}, false>",
-                                    f"vq_matvec<{V}, true>"))
+        names = [f"vq_dequant<{V}, float>", f"vq_dequant<{V}, hbits>"]
+        names += [f"vq_matvec<{V}, {st}, {u}>" for st in ("false", "true") for u in (1, 2, 4)]
+        return _kernels(("vq", V), tuple(names))
 
     def _ptrs(self) -> tuple:
         return (_p(self.idx), _i(self.kbits), _p(self.ridx if self.kr else self.idx), _i(self.rbits),
@@ -571,15 +573,16 @@ class CudaVQTensor(_CudaTensor):
                          gs=self.gs)
             tail = (_i(self.nb), _i(self.C), _i(self.n_out), _i(self.gs), _i(self.k), _i(self.kr), _i(pl["pc"]),
                     _i(pl["bpb"]))
-            cfg = self._cfg["mv"] = (ks[f"vq_matvec<{self.v}, {'true' if pl['stage'] else 'false'}>"], pl, tail,
-                                     ks["reduce_parts"])
+            u = VQ_UNROLL if VQ_UNROLL in (1, 2, 4) else 2
+            cfg = self._cfg["mv"] = (ks[f"vq_matvec<{self.v}, {'true' if pl['stage'] else 'false'}, {u}>"], pl,
+                                     tail, ks["reduce_parts"])
         kern, pl, tail, red = cfg
         y = _out(out, (self.R,), torch.float32, self.device)
         part, fin, reduce = self._finish(pl["grid"], y)
         args = self._ptrs() + (_p(self.perm), _p(self.colscale), _p(self.colbias), _p(x)) + fin + tail
         _launch(kern, pl["grid"], args, pl["shmem"])
         if reduce:
-            _launch(red, (_cdiv(self.R, _BLOCK),), (_p(part), _i(pl["grid"][0]), _i(self.R), _p(None), _p(y)))
+            _launch(red, (_cdiv(self.R, 32),), (_p(part), _i(pl["grid"][0]), _i(self.R), _p(None), _p(y)))
         return y
 
 

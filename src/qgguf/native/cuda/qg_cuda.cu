@@ -11,8 +11,8 @@
 //   aq_matvec_direct<M, G, CODE>  y = W x for any codebook size (2^16 entries: 1 MiB per codebook, L2-resident):
 //                                 gathers codebook entries and takes their dot products with x
 //   vq_dequant<V, OUT>            W as float32 or fp16 rows, bit-identical to the numpy reference
-//   vq_matvec<V, STAGE>           y = W x: one warp per vector row, lanes over positions, codebook gathers (from
-//                                 shared memory when the chunk's codebooks fit: STAGE)
+//   vq_matvec<V, STAGE, U>        y = W x: one warp per vector row, lanes over positions (U at a time), codebook
+//                                 gathers (from shared memory when the chunk's codebooks fit: STAGE)
 //   reduce_parts                  y[r] = scale[r] * sum_chunk part[chunk][r]
 // The matvec kernels split the inputs into chunks (grid x), each writing partial sums; a single chunk writes y
 // directly, a few are added by the last block of each row block (finish_rows), many by reduce_parts.
@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(256) aq_matvec_lut(const u8* __restrict__ code
     const int r0 = blockIdx.y * rpb, r1 = imin(R, r0 + rpb);
     for (int t = tid; t < nj * G; t += 256) xs[t] = x[(i64)j0 * G + t];
     __syncthreads();
-#pragma unroll
+#pragma unroll 1
     for (int m = 0; m < M; ++m) {
         float e[G];
         load_h<G>(cb + ((i64)m * 256 + tid) * G, e);
@@ -306,15 +306,21 @@ __global__ void __launch_bounds__(256) aq_matvec_direct(const CODE* __restrict__
     finish_rows(part, y, scales, counters, fin, R, blockIdx.y * 256, imin(R, blockIdx.y * 256 + 256));
 }
 
-// y[r] = (scales ? scales[r] : 1) * sum_c part[c][r]; grid ceil(R/256), 256 threads
+// y[r] = (scales ? scales[r] : 1) * sum_c part[c][r]; grid ceil(R/32), 256 threads: 8 per row, each adding
+// every 8th chunk, then a shuffle sum (8 short load chains instead of one long one)
 extern "C" __global__ void __launch_bounds__(256) reduce_parts(const float* __restrict__ part, int nparts, int R,
                                                               const float* __restrict__ scales,
                                                               float* __restrict__ y) {
-    const int r = blockIdx.x * 256 + threadIdx.x;
-    if (r >= R) return;
+    const int r = blockIdx.x * 32 + (threadIdx.x >> 3), sub = threadIdx.x & 7;
     float s = 0.0f;
-    for (int c = 0; c < nparts; ++c) s += part[(i64)c * R + r];
-    y[r] = scales ? s * scales[r] : s;
+    if (r < R) {
+#pragma unroll 4
+        for (int c = sub; c < nparts; c += 8) s += part[(i64)c * R + r];
+    }
+    s += __shfl_xor_sync(0xffffffffu, s, 4);
+    s += __shfl_xor_sync(0xffffffffu, s, 2);
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    if (r < R && sub == 0) y[r] = scales ? s * scales[r] : s;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -383,7 +389,7 @@ __device__ __forceinline__ void stage16(hbits* dst, const hbits* __restrict__ sr
 //      positions p = l, l + 32, ... (consecutive lanes read consecutive packed indices), then the warp sums the
 //      V accumulators and lanes 0..V-1 write part[bx][b*V + i] (y directly with a single chunk), bias added;
 //      finish_rows adds the chunks when fin.
-template <int V, bool STAGE>
+template <int V, bool STAGE, int U>
 __global__ void __launch_bounds__(256) vq_matvec(const u32* __restrict__ idxw, int kbits,
                                                  const u32* __restrict__ ridxw, int rbits,
                                                  const hbits* __restrict__ books, const hbits* __restrict__ rbooks,
@@ -431,22 +437,33 @@ __global__ void __launch_bounds__(256) vq_matvec(const u32* __restrict__ idxw, i
 #pragma unroll
         for (int i = 0; i < V; ++i) acc[i] = 0.0f;
         const u64 e0 = (u64)b * C + p0;
-        for (int t = lane; t < np; t += 32) {
-            const int p = p0 + t;
-            const int bk = bks[t];
-            const u32 code = get_bits(idxw, (e0 + t) * kbits, kbits);
-            float e[V];
-            load_h<V>(mb + ((i64)bk * k + code) * V, e);
-            if (kr > 0 && p >= n_out) {
-                const u32 rc = get_bits(ridxw, ((u64)b * nc + (p - n_out)) * rbits, rbits);
-                float re[V];
-                load_h<V>(rbk + ((i64)(bk - has_out) * kr + rc) * V, re);
+        const i64 re0 = (i64)b * nc - n_out;
+        // U positions per lane at a time: their packed indices are loaded before any codebook gather
+        for (int t0 = lane; t0 < np; t0 += 32 * U) {
+            u32 code[U], rc[U];
 #pragma unroll
-                for (int i = 0; i < V; ++i) e[i] += re[i];
+            for (int u = 0; u < U; ++u) {
+                const int t = t0 + 32 * u, p = p0 + t;
+                code[u] = t < np ? get_bits(idxw, (e0 + t) * kbits, kbits) : 0u;
+                rc[u] = (kr > 0 && t < np && p >= n_out) ? get_bits(ridxw, (u64)(re0 + p) * rbits, rbits) : 0u;
             }
-            const float xv = xs[t];
 #pragma unroll
-            for (int i = 0; i < V; ++i) acc[i] += xv * e[i];
+            for (int u = 0; u < U; ++u) {
+                const int t = t0 + 32 * u, p = p0 + t;
+                if (t >= np) break;
+                const int bk = bks[t];
+                float e[V];
+                load_h<V>(mb + ((i64)bk * k + code[u]) * V, e);
+                if (kr > 0 && p >= n_out) {
+                    float re[V];
+                    load_h<V>(rbk + ((i64)(bk - has_out) * kr + rc[u]) * V, re);
+#pragma unroll
+                    for (int i = 0; i < V; ++i) e[i] += re[i];
+                }
+                const float xv = xs[t];
+#pragma unroll
+                for (int i = 0; i < V; ++i) acc[i] += xv * e[i];
+            }
         }
         float mine = 0.0f;
 #pragma unroll
