@@ -25,6 +25,10 @@ CASES = [("vq-v8-k256", 64, 96), ("vq-v8-k4096-256-o2-g3", 128, 200), ("vq-v16-k
          ("vq-v4-k16-16-o2-g8", 64, 300), ("vq-v16-k32-o3", 32, 100), ("vq-v8-k16-4-g3", 24, 77),
          ("vq-v2-k8-32-o4-g5", 14, 181), ("vq-v4-k32-16-g2", 20, 16),
          ("vq-v4-k128-32-o2-g4", 24, 170), ("vq-v2-k64-o3", 10, 140), ("vq-v4-k64-128-g3", 16, 97),
+         # the AVX-512 4-bit kernel (k = 16, kr = 16 or none): lane-ordered blocks, odd and even nibble offsets,
+         # segments shorter than a block, partial blocks read from the tail table or (at the stream's end) in order
+         ("vq-v4-k16-16-o2-g8", 256, 530), ("vq-v2-k16-16-o3-g5", 18, 181), ("vq-v8-k16-16-g4", 64, 64),
+         ("vq-v16-k16-16-o2-g3", 48, 150), ("vq-v4-k16-o1-g7", 40, 100), ("vq-v8-k16-o4", 24, 333),
          # ... and the AVX2 one (k, kr <= 16; 8 positions per step)
          ("vq-v4-k8-8-o3", 16, 203), ("vq-v16-k16-o1-g2", 48, 90)]
 

@@ -129,6 +129,8 @@ void qg_vq_prepare_avx2(const qg_tensor *t, const float *x, float *prep, int64_t
 void qg_vq_vec_rows_avx2(const qg_tensor *t, const float *x, const float *prep, float *y,
                          int64_t r0, int64_t r1);
 void qg_vq_dequantize_rows_avx512(const qg_tensor *t, int64_t r0, int64_t r1, float *out);
+int64_t qg_vq_prep_size_avx512(const qg_tensor *t);
+void qg_vq_prepare_avx512(const qg_tensor *t, const float *x, float *prep, int64_t j0, int64_t j1);
 void qg_vq_vec_rows_avx512(const qg_tensor *t, const float *x, const float *prep, float *y,
                            int64_t r0, int64_t r1);
 #endif
