@@ -166,9 +166,9 @@ def _check_tensor(t, W, rng, monkeypatch, methods=(None,)):
     _check_dequant(t, W)
     _check_matvecs(t, W, rng, methods)
     _check_matmul(t, W, rng)
-    # the other ways of adding the chunks (reduce_parts instead of the last block) and, for VQ, of reading the
-    # codebooks (from global memory instead of shared memory) and of loading the indices (1 or 4 per lane at once)
-    for fin, stage, unroll in ((1, 0, 4), (cuda.FIN_MAX_CHUNKS, cuda.STAGE_MAX_BYTES, 1)):
+    # the other ways of adding the chunks (the last block instead of reduce_parts) and, for VQ, of reading the
+    # codebooks (from shared memory instead of L1/L2) and of loading the indices (2 or 4 per lane at once)
+    for fin, stage, unroll in ((64, 100 * 1024, 2), (64, 0, 4)):
         monkeypatch.setattr(cuda, "FIN_MAX_CHUNKS", fin)
         monkeypatch.setattr(cuda, "STAGE_MAX_BYTES", stage)
         monkeypatch.setattr(cuda, "VQ_UNROLL", unroll)
@@ -193,7 +193,7 @@ def test_aq_against_reference(name, R, J, monkeypatch):
     W = qt.dequantize_fields(f)
     t = cuda.from_companions(qt, shape, qt.pack(f))
     assert isinstance(t, cuda.CudaAQTensor) and t.nbytes >= f["codes"].nbytes
-    _check_tensor(t, W, rng, monkeypatch, methods=("lut", "direct") if qt.B == 8 else (None,))
+    _check_tensor(t, W, rng, monkeypatch, methods=("lut", "direct", "auto") if qt.B == 8 else (None,))
 
 
 @gpu
@@ -205,7 +205,7 @@ def test_aq_llama_shape_many_chunks(name, monkeypatch):
     f = qt.random_fields(shape, rng)
     W = qt.dequantize_fields(f)
     t = cuda.CudaAQTensor.from_fields(qt, f)
-    _check_tensor(t, W, rng, monkeypatch, methods=("lut", "direct") if qt.B == 8 else (None,))
+    _check_tensor(t, W, rng, monkeypatch, methods=("lut", "direct", "auto") if qt.B == 8 else (None,))
 
 
 VQ_CASES = ["vq-v8-k256", "vq-v8-k4096-256", "vq-v4-k256-16-o2", "vq-v8-k256-256-o1-g4", "vq-v2-k16-4-o5-g3",

@@ -38,10 +38,13 @@ FUSED_MAX_TOKENS = 8          # matmul: up to this many tokens, the fused matvec
 _BLOCK = 256
 _LUT_TABLES = 32              # lookup tables (of 256 floats) per block: 32 KiB of shared memory
 _TARGET_WAVES = 4             # aim for this many blocks per multiprocessor
-FIN_MAX_CHUNKS = 64           # up to this many input chunks, the matvec kernel's last block per row block adds them
-                              # (one launch); above, a second kernel (reduce_parts) does
-STAGE_MAX_BYTES = 100 * 1024  # VQ: shared memory per block for the chunk's codebooks (2 blocks per multiprocessor)
-VQ_UNROLL = 2                 # VQ: positions per lane whose packed indices are loaded before the gathers (1, 2, 4)
+# Tuning constants (tools/bench_cuda.py --set NAME=VALUE; defaults from the H100 measurements in BENCHMARKS.md,
+# where each alternative was slower):
+FIN_MAX_CHUNKS = 0            # up to this many input chunks, the matvec kernel's last block per row block adds them
+                              # (one launch); above, a second kernel (reduce_parts) does. 0: always reduce_parts
+STAGE_MAX_BYTES = 0           # VQ: shared memory per block for the chunk's codebooks (0: gather from L1/L2)
+VQ_UNROLL = 1                 # VQ: positions per lane whose packed indices are loaded before the gathers (1, 2, 4)
+AQ_LUT_MIN_WEIGHTS = 1 << 23  # AQ "auto": the LUT kernel from this many weights (R*C) up, the direct one below
 
 
 class CudaUnavailableError(QggufError):
@@ -109,9 +112,11 @@ def _kernels(key: tuple, names: tuple[str, ...]) -> dict:
                 m = cupy.RawModule(code=src, options=("-std=c++17",), name_expressions=names)
                 mod = {n: m.get_function(n) for n in names}
                 mod["reduce_parts"] = m.get_function("reduce_parts")
+                rt = cupy.cuda.runtime
+                optin = rt.deviceGetAttribute(getattr(rt, "cudaDevAttrMaxSharedMemoryPerBlockOptin", 97), dev)
                 for n, f in mod.items():
-                    if ", true," in n:                   # staged codebooks: more than the default 48 KiB
-                        f.max_dynamic_shared_size_bytes = STAGE_MAX_BYTES + 8 * 1024
+                    if ", true," in n:                   # staged codebooks: allow more than the default 48 KiB
+                        f.max_dynamic_shared_size_bytes = int(optin) - 1024
             except Exception as e:  # noqa: BLE001 - cupy's CompileException and driver errors
                 raise CudaUnavailableError(f"compiling {SOURCE.name} for {key} failed: {e}") from None
             _modules[k] = mod
@@ -188,7 +193,7 @@ def plan_vq(nb: int, C: int, sms: int, *, v: int = 8, k: int = 0, kr: int = 0, n
     turn), ``grid = (n_chunks, n_row_blocks)``, shared memory bytes, and ``stage``: the codebooks that the widest
     chunk uses (``k`` main and ``kr`` residual entries of ``v`` fp16 values per book; books change every ``gs``
     positions after ``n_out`` outlier positions) fit in ``stage_max`` bytes, so blocks copy theirs to shared
-    memory (then fewer, larger blocks: 2 per multiprocessor)."""
+    memory."""
     stage_max = STAGE_MAX_BYTES if stage_max is None else stage_max
     n_p = _cdiv(C, pc)
     base = 4 * (2 * pc + 8)
@@ -207,8 +212,7 @@ def plan_vq(nb: int, C: int, sms: int, *, v: int = 8, k: int = 0, kr: int = 0, n
             nrb = int(np.where(res, book(hi) - book(np.maximum(lo, n_out)) + 1, 0).max())
         sbytes = 2 * v * (nbk * k + nrb * kr)
         stage = base + sbytes <= stage_max
-    target = (2 if stage else _TARGET_WAVES) * sms
-    bpb = max(8, _cdiv(nb, max(1, _cdiv(target, n_p))))
+    bpb = max(8, _cdiv(nb, max(1, _cdiv(_TARGET_WAVES * sms, n_p))))
     n_b = _cdiv(nb, bpb)
     return {"pc": pc, "bpb": bpb, "grid": (n_p, n_b), "shmem": base + (sbytes if stage else 0), "stage": stage}
 
@@ -398,15 +402,17 @@ class CudaAQTensor(_CudaTensor):
 
     def matvec(self, x, method: str | None = None, out=None):
         """``y = W x`` float32 ``[R]`` (into ``out`` if given) for ``x`` ``[C]`` (any float type or device).
-        ``method``: ``"lut"`` or ``"direct"`` (B=8; default from QGGUF_CUDA_AQ_METHOD, else lut), always
-        ``"direct"`` for B=16."""
+        ``method``: ``"lut"``, ``"direct"`` or ``"auto"`` (B=8; default from QGGUF_CUDA_AQ_METHOD, else auto: lut
+        from :data:`AQ_LUT_MIN_WEIGHTS` weights up), always ``"direct"`` for B=16."""
         import torch
         x = _as_input(x, self.C, self.device)
         if x.dim() != 1:
             raise QggufError(f"matvec takes one vector of {self.C} values, got shape {tuple(x.shape)}")
-        method = method or os.environ.get("QGGUF_CUDA_AQ_METHOD", "lut")
-        if method not in ("lut", "direct"):
-            raise QggufError(f"AQ matvec method {method!r} is not lut or direct")
+        method = method or os.environ.get("QGGUF_CUDA_AQ_METHOD", "auto")
+        if method not in ("auto", "lut", "direct"):
+            raise QggufError(f"AQ matvec method {method!r} is not auto, lut or direct")
+        if method == "auto":
+            method = "lut" if self.R * self.C >= AQ_LUT_MIN_WEIGHTS else "direct"
         if self.B != 8:
             method = "direct"
         cfg = self._cfg.get(method)

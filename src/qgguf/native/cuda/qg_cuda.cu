@@ -201,8 +201,7 @@ __global__ void __launch_bounds__(256) aq_dequant(const CODE* __restrict__ codes
 // grid (n_chunks, n_row_blocks), 256 threads, dynamic shared memory (jc*M*256 + jc*G) floats.
 // Block (bx, by) takes the input groups [bx*jc, bx*jc + jc) and the rows [by*rpb, by*rpb + rpb):
 //   1. xs = its slice of x;
-//   2. lut[j][m][k] = dot(cb[m][k], xs_j) for its groups: thread k loads entry k of each codebook once and
-//      takes its dot products with every group of the chunk;
+//   2. lut[j][m][k] = dot(cb[m][k], xs_j) for its groups (thread k computes entry k of every table);
 //   3. each thread gathers lut[j][m][codes[j][m][r]] for its rows (4 consecutive rows with one 32-bit load of
 //      codes when vec4, i.e. R % 4 == 0) and writes the sum to part[bx][r], or, with a single chunk, the sum
 //      times scales[r] to y[r] (part is y then); finish_rows adds the chunks when fin.
@@ -219,19 +218,28 @@ __global__ void __launch_bounds__(256) aq_matvec_lut(const u8* __restrict__ code
     const int r0 = blockIdx.y * rpb, r1 = imin(R, r0 + rpb);
     for (int t = tid; t < nj * G; t += 256) xs[t] = x[(i64)j0 * G + t];
     __syncthreads();
-#pragma unroll 1
-    for (int m = 0; m < M; ++m) {
+    const int nt = nj * M;
+    if constexpr (M == 1) {          // one codebook: its entry, loaded once, against every group of the chunk
         float e[G];
-        load_h<G>(cb + ((i64)m * 256 + tid) * G, e);
+        load_h<G>(cb + (i64)tid * G, e);
         for (int jj = 0; jj < nj; ++jj) {
             float d = 0.0f;
 #pragma unroll
             for (int i = 0; i < G; ++i) d += e[i] * xs[jj * G + i];
-            lut[(jj * M + m) * 256 + tid] = d;
+            lut[jj * 256 + tid] = d;
+        }
+    } else {                         // table by table (measured faster for M >= 2 on an H100)
+        for (int tab = 0; tab < nt; ++tab) {
+            const int jj = tab / M, m = tab - jj * M;
+            float e[G];
+            load_h<G>(cb + ((i64)m * 256 + tid) * G, e);
+            float d = 0.0f;
+#pragma unroll
+            for (int i = 0; i < G; ++i) d += e[i] * xs[jj * G + i];
+            lut[tab * 256 + tid] = d;
         }
     }
     __syncthreads();
-    const int nt = nj * M;
     const bool direct_out = gridDim.x == 1;
     float* dst = part + (i64)blockIdx.x * R;
     const u8* cbase = codes + (i64)j0 * M * R;
