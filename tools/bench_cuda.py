@@ -32,7 +32,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 DEFAULT_SHAPES = "2048x2048,512x2048,8192x2048,2048x8192,4096x11008,11008x4096"
-DEFAULT_TYPES = "aq-2x8-g8,aq-2x8-g8:direct,aq-1x16-g8,aq-4x8-g8,aq-1x8-g8,vq-v8-k4096-256,vq-v8-k256-256,vq-v4-k256"
+DEFAULT_TYPES = ("aq-2x8-g8:lut,aq-2x8-g8:direct,aq-1x16-g8,aq-4x8-g8:lut,aq-4x8-g8:direct,aq-1x8-g8:lut,"
+                 "aq-1x8-g8:direct,vq-v8-k4096-256,vq-v8-k256-256,vq-v4-k256")
 
 
 def _graph_time(calls, reps: int, replays: int) -> tuple[float, float]:
@@ -156,7 +157,8 @@ def bench_shape(R: int, C: int, types: list[str], args) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=DEFAULT_SHAPES)
-    ap.add_argument("--types", default=DEFAULT_TYPES, help="comma list; aq types take :lut or :direct")
+    ap.add_argument("--types", default=DEFAULT_TYPES, help="comma list; aq types take :lut, :direct or :auto "
+                    "(default: auto, the kernel the runner uses)")
     ap.add_argument("--rotate-mb", type=float, default=256.0)
     ap.add_argument("--reps", type=int, default=200, help="calls per graph (at least the number of copies)")
     ap.add_argument("--replays", type=int, default=7)
