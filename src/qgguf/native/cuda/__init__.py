@@ -126,23 +126,35 @@ def _kernels(key: tuple, names: tuple[str, ...]) -> dict:
 _ext_streams: dict = {}
 
 
-def _launch(kern, grid, args, shmem: int = 0) -> None:
-    """Launch ``kern`` on torch's current stream (the legacy default stream is also CuPy's null stream)."""
-    import cupy
+def _current_stream(device) -> int:
+    """torch's current stream on ``device`` as a raw handle (0: the legacy default stream)."""
     import torch
-    s = torch.cuda.current_stream().cuda_stream
-    if s == 0:
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)      # cheaper than torch.cuda.current_stream()
+    return int(raw(device.index)) if raw is not None else torch.cuda.current_stream(device).cuda_stream
+
+
+def _launch(kern, grid, args, shmem: int = 0, stream: int | None = None) -> None:
+    """Launch ``kern`` on torch's current stream (``stream``; the legacy default stream is also CuPy's null
+    stream, other streams are wrapped as CuPy external streams)."""
+    import cupy
+    if stream is None:
+        import torch
+        stream = torch.cuda.current_stream().cuda_stream
+    if stream == 0:
         kern(grid, (_BLOCK,), args, shared_mem=shmem)
         return
-    es = _ext_streams.get(s)
+    es = _ext_streams.get(stream)
     if es is None:
-        es = _ext_streams[s] = cupy.cuda.ExternalStream(s)
+        es = _ext_streams[stream] = cupy.cuda.ExternalStream(stream)
     with es:
         kern(grid, (_BLOCK,), args, shared_mem=shmem)
 
 
 def _p(t) -> np.uint64:
     return np.uint64(0 if t is None else t.data_ptr())
+
+
+_NULL, _ZERO, _ONE = np.uint64(0), np.int32(0), np.int32(1)
 
 
 def _i(v) -> np.int32:
@@ -236,6 +248,9 @@ def _to_dev(a: np.ndarray, device):
 def _as_input(x, C: int, device, what: str = "x"):
     """``x`` (numpy or torch, any device) as a contiguous float32 CUDA tensor of last dimension ``C``."""
     import torch
+    if isinstance(x, torch.Tensor) and x.is_cuda and x.dtype == torch.float32 and x.shape[-1] == C and \
+            x.is_contiguous() and x.device == device:
+        return x
     t = torch.from_numpy(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
     if t.shape[-1] != C:
         raise QggufError(f"{what} has {t.shape[-1]} values per row, the weight has {C} columns")
@@ -277,17 +292,38 @@ class _CudaTensor:
             c = self._ctr = torch.zeros(max(n, 1), device=self.device, dtype=torch.int32)
         return c
 
-    def _finish(self, grid, y, scales=None):
-        """``(part buffer, kernel args (part, y, counters, fin), whether reduce_parts must run)`` for a matvec
-        launch of ``grid`` (chunks, row blocks) writing ``y``."""
+    def _run_matvec(self, cfg: dict, x, out):
+        """One matvec launch (and reduce_parts when needed) from a cached launch configuration: the kernel, its
+        grid and shared memory, its arguments before and after ``x`` and after the (part, y, counters, fin)
+        quadruple, and for the LUT kernel whether 4-row stores are possible."""
         import torch
+        if x.dim() != 1:
+            raise QggufError(f"matvec takes one vector of {self.C} values, got shape {tuple(x.shape)}")
+        y = _out(out, (self.R,), torch.float32, self.device)
+        grid = cfg["grid"]
         n = grid[0]
+        py = np.uint64(y.data_ptr())
+        reduce = False
         if n == 1:
-            return y, (_p(y), _p(y), _p(None), _i(0)), False
-        part = torch.empty(n, self.R, device=self.device, dtype=torch.float32)
-        if n <= FIN_MAX_CHUNKS:
-            return part, (_p(part), _p(y), _p(self._counters(grid[1])), _i(1)), False
-        return part, (_p(part), _p(y), _p(None), _i(0)), True
+            part = y
+            fin = (py, py, _NULL, _ZERO)
+        else:
+            part = torch.empty(n, self.R, device=self.device, dtype=torch.float32)
+            pp = np.uint64(part.data_ptr())
+            if n <= FIN_MAX_CHUNKS:
+                fin = (pp, py, _p(self._counters(grid[1])), _ONE)
+            else:
+                fin, reduce = (pp, py, _NULL, _ZERO), True
+        tail = cfg["tail"]
+        if cfg.get("vec4") is not None:
+            tail = tail + ((_ONE if cfg["vec4"] and part.data_ptr() % 16 == 0 else _ZERO),)
+        stream = _current_stream(self.device)
+        _launch(cfg["kern"], grid, cfg["pre"] + (np.uint64(x.data_ptr()),) + cfg["post"] + fin + tail, cfg["shmem"],
+                stream)
+        if reduce:
+            _launch(cfg["red"], (_cdiv(self.R, 32),), (pp, np.int32(n), cfg["red_n"], cfg["red_scales"], py),
+                    0, stream)
+        return y
 
     @property
     def nbytes(self) -> int:
@@ -374,7 +410,7 @@ class CudaAQTensor(_CudaTensor):
         c = object.__new__(CudaAQTensor)
         c.__dict__.update(self.__dict__)
         c.__dict__.pop("_ctr", None)
-        c._cfg = dict(self._cfg)
+        c._cfg = {}                                  # launch configurations hold the buffers' pointers
         c.codes, c.codebooks, c.scales = self.codes.clone(), self.codebooks.clone(), self.scales.clone()
         return c
 
@@ -404,10 +440,7 @@ class CudaAQTensor(_CudaTensor):
         """``y = W x`` float32 ``[R]`` (into ``out`` if given) for ``x`` ``[C]`` (any float type or device).
         ``method``: ``"lut"``, ``"direct"`` or ``"auto"`` (B=8; default from QGGUF_CUDA_AQ_METHOD, else auto: lut
         from :data:`AQ_LUT_MIN_WEIGHTS` weights up), always ``"direct"`` for B=16."""
-        import torch
         x = _as_input(x, self.C, self.device)
-        if x.dim() != 1:
-            raise QggufError(f"matvec takes one vector of {self.C} values, got shape {tuple(x.shape)}")
         method = method or os.environ.get("QGGUF_CUDA_AQ_METHOD", "auto")
         if method not in ("auto", "lut", "direct"):
             raise QggufError(f"AQ matvec method {method!r} is not auto, lut or direct")
@@ -422,26 +455,17 @@ class CudaAQTensor(_CudaTensor):
             code = "u8" if self.B == 8 else "u16"
             if method == "lut":
                 pl = plan_aq_lut(self.R, self.J, self.M, self.g, sms)
-                cfg = (ks[f"aq_matvec_lut<{self.M}, {self.g}>"], pl, (_i(self.R), _i(self.J), _i(pl["jc"]),
-                                                                       _i(pl["rpb"])))
+                cfg = {"kern": ks[f"aq_matvec_lut<{self.M}, {self.g}>"], "pre": (_p(self.codes), _p(self.codebooks)),
+                       "tail": (_i(self.R), _i(self.J), _i(pl["jc"]), _i(pl["rpb"])), "vec4": pl["vec4"]}
             else:
                 pl = plan_aq_direct(self.R, self.J, self.g, sms)
-                cfg = (ks[f"aq_matvec_direct<{self.M}, {self.g}, {code}>"], pl, (_i(self.R), _i(self.J),
-                                                                                 _i(pl["jc"])))
-            cfg = cfg + (ks["reduce_parts"],)
+                cfg = {"kern": ks[f"aq_matvec_direct<{self.M}, {self.g}, {code}>"],
+                       "pre": (_p(self.codes), _p(self.codebooks), _i(self.K)),
+                       "tail": (_i(self.R), _i(self.J), _i(pl["jc"]))}
+            cfg.update(grid=pl["grid"], shmem=pl["shmem"], post=(_p(self.scales),), red=ks["reduce_parts"],
+                       red_n=_i(self.R), red_scales=_p(self.scales))
             self._cfg[method] = cfg
-        kern, pl, tail, red = cfg
-        y = _out(out, (self.R,), torch.float32, self.device)
-        part, fin, reduce = self._finish(pl["grid"], y)
-        if method == "lut":
-            vec4 = pl["vec4"] and part.data_ptr() % 16 == 0          # 4 rows per thread: 16-byte stores
-            args = (_p(self.codes), _p(self.codebooks), _p(x), _p(self.scales)) + fin + tail + (_i(vec4),)
-        else:
-            args = (_p(self.codes), _p(self.codebooks), _i(self.K), _p(x), _p(self.scales)) + fin + tail
-        _launch(kern, pl["grid"], args, pl["shmem"])
-        if reduce:
-            _launch(red, (_cdiv(self.R, 32),), (_p(part), _i(pl["grid"][0]), _i(self.R), _p(self.scales), _p(y)))
-        return y
+        return self._run_matvec(cfg, x, out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -536,7 +560,7 @@ class CudaVQTensor(_CudaTensor):
         c = object.__new__(CudaVQTensor)
         c.__dict__.update(self.__dict__)
         c.__dict__.pop("_ctr", None)
-        c._cfg = dict(self._cfg)
+        c._cfg = {}                                  # launch configurations hold the buffers' pointers
         for n in ("idx", "ridx", "books", "rbooks", "perm", "inv", "colscale", "colbias"):
             b = getattr(self, n)
             setattr(c, n, None if b is None else b.clone())
@@ -568,28 +592,20 @@ class CudaVQTensor(_CudaTensor):
 
     def matvec(self, x, out=None):
         """``y = W x`` float32 ``[R]`` (into ``out`` if given) for ``x`` ``[C]`` (any float type or device)."""
-        import torch
         x = _as_input(x, self.C, self.device)
-        if x.dim() != 1:
-            raise QggufError(f"matvec takes one vector of {self.C} values, got shape {tuple(x.shape)}")
         cfg = self._cfg.get("mv")
         if cfg is None:
             ks = self._k()
             pl = plan_vq(self.nb, self.C, _sms(self.device), v=self.v, k=self.k, kr=self.kr, n_out=self.n_out,
                          gs=self.gs)
-            tail = (_i(self.nb), _i(self.C), _i(self.n_out), _i(self.gs), _i(self.k), _i(self.kr), _i(pl["pc"]),
-                    _i(pl["bpb"]))
-            u = VQ_UNROLL if VQ_UNROLL in (1, 2, 4) else 2
-            cfg = self._cfg["mv"] = (ks[f"vq_matvec<{self.v}, {'true' if pl['stage'] else 'false'}, {u}>"], pl,
-                                     tail, ks["reduce_parts"])
-        kern, pl, tail, red = cfg
-        y = _out(out, (self.R,), torch.float32, self.device)
-        part, fin, reduce = self._finish(pl["grid"], y)
-        args = self._ptrs() + (_p(self.perm), _p(self.colscale), _p(self.colbias), _p(x)) + fin + tail
-        _launch(kern, pl["grid"], args, pl["shmem"])
-        if reduce:
-            _launch(red, (_cdiv(self.R, 32),), (_p(part), _i(pl["grid"][0]), _i(self.R), _p(None), _p(y)))
-        return y
+            u = VQ_UNROLL if VQ_UNROLL in (1, 2, 4) else 1
+            cfg = self._cfg["mv"] = {
+                "kern": ks[f"vq_matvec<{self.v}, {'true' if pl['stage'] else 'false'}, {u}>"], "grid": pl["grid"],
+                "shmem": pl["shmem"], "pre": self._ptrs() + (_p(self.perm), _p(self.colscale), _p(self.colbias)),
+                "post": (), "tail": (_i(self.nb), _i(self.C), _i(self.n_out), _i(self.gs), _i(self.k), _i(self.kr),
+                                     _i(pl["pc"]), _i(pl["bpb"])),
+                "red": ks["reduce_parts"], "red_n": _i(self.R), "red_scales": _NULL}
+        return self._run_matvec(cfg, x, out)
 
 
 def from_companions(qt, shape, comp, device=None):
