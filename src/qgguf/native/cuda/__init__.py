@@ -45,6 +45,7 @@ FIN_MAX_CHUNKS = 0            # up to this many input chunks, the matvec kernel'
 STAGE_MAX_BYTES = 0           # VQ: shared memory per block for the chunk's codebooks (0: gather from L1/L2)
 VQ_UNROLL = 1                 # VQ: positions per lane whose packed indices are loaded before the gathers (1, 2, 4)
 AQ_LUT_MIN_WEIGHTS = 1 << 23  # AQ "auto": the LUT kernel from this many weights (R*C) up, the direct one below
+AQ_LUT_MIN_WEIGHTS_M1 = 1 << 25   # the same for one codebook (its direct kernel gathers half as much)
 
 
 class CudaUnavailableError(QggufError):
@@ -439,13 +440,15 @@ class CudaAQTensor(_CudaTensor):
     def matvec(self, x, method: str | None = None, out=None):
         """``y = W x`` float32 ``[R]`` (into ``out`` if given) for ``x`` ``[C]`` (any float type or device).
         ``method``: ``"lut"``, ``"direct"`` or ``"auto"`` (B=8; default from QGGUF_CUDA_AQ_METHOD, else auto: lut
-        from :data:`AQ_LUT_MIN_WEIGHTS` weights up), always ``"direct"`` for B=16."""
+        from :data:`AQ_LUT_MIN_WEIGHTS` weights up, :data:`AQ_LUT_MIN_WEIGHTS_M1` for M=1), always ``"direct"``
+        for B=16."""
         x = _as_input(x, self.C, self.device)
         method = method or os.environ.get("QGGUF_CUDA_AQ_METHOD", "auto")
         if method not in ("auto", "lut", "direct"):
             raise QggufError(f"AQ matvec method {method!r} is not auto, lut or direct")
         if method == "auto":
-            method = "lut" if self.R * self.C >= AQ_LUT_MIN_WEIGHTS else "direct"
+            method = "lut" if self.R * self.C >= (AQ_LUT_MIN_WEIGHTS_M1 if self.M == 1 else AQ_LUT_MIN_WEIGHTS) \
+                else "direct"
         if self.B != 8:
             method = "direct"
         cfg = self._cfg.get(method)
