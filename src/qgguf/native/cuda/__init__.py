@@ -12,13 +12,15 @@ configuration and process (CuPy keeps the binaries in its kernel cache). Nothing
 time. Data lives in torch CUDA tensors; kernels get their device pointers and run on torch's current stream,
 so they mix with torch ops (and CUDA graph capture) without synchronisation.
 
-AQ matvec: ``method="lut"`` (the default for 2^8-entry codebooks) builds, per block of the grid, the lookup table
-of dot products ``x_group . codebook_entry`` for its chunk of input groups in shared memory and gathers it over
-the codes of its rows; ``method="direct"`` (the only one for 2^16 entries) gathers the codebook entries and takes
-their dot products with x. VQ matvec: a warp per vector row, lanes over positions (coalesced packed-index
-reads), entries gathered from the codebooks, ``x[perm[p]] * colscale[p]`` and the column-bias term staged per
-block. When the inputs are split into several chunks, each chunk writes partial sums and a second kernel adds
-them (deterministic; no atomics).
+AQ matvec: ``method="lut"`` (2^8-entry codebooks) builds, per block of the grid, the lookup table of dot products
+``x_group . codebook_entry`` for its chunk of input groups in shared memory and gathers it over the codes of its
+rows; ``method="direct"`` (the only one for 2^16 entries) gathers the codebook entries and takes their dot
+products with x; ``"auto"`` (the default) takes lut for large matrices, direct for small ones (measured on an
+H100, docs/BENCHMARKS.md). VQ matvec: a warp per vector row, lanes over positions (coalesced packed-index reads),
+entries gathered from the codebooks (optionally staged in shared memory: STAGE_MAX_BYTES), ``x[perm[p]] *
+colscale[p]`` and the column-bias term staged per block. When the inputs are split into several chunks, each
+chunk writes partial sums and a second kernel adds them (deterministic; no atomics; FIN_MAX_CHUNKS lets the
+matvec kernel's last block do it instead). A tensor's launches assume one stream at a time.
 """
 from __future__ import annotations
 
