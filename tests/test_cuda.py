@@ -167,8 +167,10 @@ def _check_tensor(t, W, rng, monkeypatch, methods=(None,)):
     _check_matvecs(t, W, rng, methods)
     _check_matmul(t, W, rng)
     # the other ways of adding the chunks (the last block instead of reduce_parts) and, for VQ, of reading the
-    # codebooks (from shared memory instead of L1/L2) and of loading the indices (2 or 4 per lane at once)
-    for fin, stage, unroll in ((64, 100 * 1024, 2), (64, 0, 4)):
+    # codebooks (from shared memory instead of L1/L2) and of loading the indices (2 or 4 per lane at once); for AQ
+    # the codes loaded after the barrier
+    for fin, stage, unroll, pre in ((64, 100 * 1024, 2, 0), (64, 0, 4, 1)):
+        monkeypatch.setattr(cuda, "AQ_PREFETCH", pre)
         monkeypatch.setattr(cuda, "FIN_MAX_CHUNKS", fin)
         monkeypatch.setattr(cuda, "STAGE_MAX_BYTES", stage)
         monkeypatch.setattr(cuda, "VQ_UNROLL", unroll)

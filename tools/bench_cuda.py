@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 DEFAULT_SHAPES = "2048x2048,512x2048,8192x2048,2048x8192,4096x11008,11008x4096"
+TUNING = ("FIN_MAX_CHUNKS", "STAGE_MAX_BYTES", "VQ_UNROLL", "AQ_PREFETCH")
 DEFAULT_TYPES = ("aq-2x8-g8:lut,aq-2x8-g8:direct,aq-1x16-g8,aq-4x8-g8:lut,aq-4x8-g8:direct,aq-1x8-g8:lut,"
                  "aq-1x8-g8:direct,vq-v8-k4096-256,vq-v8-k256-256,vq-v4-k256")
 
@@ -165,7 +166,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--set", action="append", default=[], metavar="NAME=INT",
-                    help="set a tuning constant of qgguf.native.cuda (FIN_MAX_CHUNKS, STAGE_MAX_BYTES, VQ_UNROLL)")
+                    help="set a tuning constant of qgguf.native.cuda (" + ", ".join(TUNING) + ")")
     args = ap.parse_args(argv)
 
     import torch
@@ -177,14 +178,14 @@ def main(argv=None) -> int:
     import cupy
     for kv in args.set:
         k, _, v = kv.partition("=")
-        if k not in ("FIN_MAX_CHUNKS", "STAGE_MAX_BYTES", "VQ_UNROLL"):
+        if k not in TUNING:
             ap.error(f"--set {k}: not a tuning constant")
         setattr(cuda, k, int(v))
     props = torch.cuda.get_device_properties(0)
     info = {"device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
             "cuda": torch.version.cuda, "cupy": cupy.__version__, "copy_gbps": _copy_bandwidth(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "settings": {k: getattr(cuda, k) for k in ("FIN_MAX_CHUNKS", "STAGE_MAX_BYTES", "VQ_UNROLL")}}
+            "settings": {k: getattr(cuda, k) for k in TUNING}}
     print(json.dumps(info), flush=True)
     rows = []
     for s in args.shapes.split(","):
