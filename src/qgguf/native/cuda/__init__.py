@@ -46,7 +46,7 @@ FIN_MAX_CHUNKS = 0            # up to this many input chunks, the matvec kernel'
                               # (one launch); above, a second kernel (reduce_parts) does. 0: always reduce_parts
 STAGE_MAX_BYTES = 0           # VQ: shared memory per block for the chunk's codebooks (0: gather from L1/L2)
 VQ_UNROLL = 1                 # VQ: positions per lane whose packed indices are loaded before the gathers (1, 2, 4)
-AQ_PREFETCH = 1               # AQ matvec: load the first 8 codes per thread before the kernel's barrier (0: after)
+AQ_PREFETCH = 1               # AQ direct matvec, M <= 2: the first 8 codes per thread before the barrier (0: after)
 AQ_LUT_MIN_WEIGHTS = 1 << 23  # AQ "auto": the LUT kernel from this many weights (R*C) up, the direct one below
 AQ_LUT_MIN_WEIGHTS_M1 = 1 << 25   # the same for one codebook (its direct kernel gathers half as much)
 
@@ -422,10 +422,8 @@ class CudaAQTensor(_CudaTensor):
         M, G = self.M, self.g
         code = "u8" if self.B == 8 else "u16"
         names = [f"aq_dequant<{M}, {G}, {code}, float>", f"aq_dequant<{M}, {G}, {code}, hbits>"]
-        for pre in ("false", "true"):
-            names += [f"aq_matvec_direct<{M}, {G}, {code}, {pre}>"] + ([f"aq_matvec_lut<{M}, {G}, {pre}>"]
-                                                                      if self.B == 8 else [])
-        names = tuple(names)
+        names += [f"aq_matvec_direct<{M}, {G}, {code}, {pre}>" for pre in ("false", "true")]
+        names = tuple(names + ([f"aq_matvec_lut<{M}, {G}>"] if self.B == 8 else []))
         return _kernels(("aq", M, self.B, G), names)
 
     def dequantize(self, dtype=None, out=None):
@@ -465,7 +463,7 @@ class CudaAQTensor(_CudaTensor):
             pre = "true" if AQ_PREFETCH else "false"
             if method == "lut":
                 pl = plan_aq_lut(self.R, self.J, self.M, self.g, sms)
-                cfg = {"kern": ks[f"aq_matvec_lut<{self.M}, {self.g}, {pre}>"],
+                cfg = {"kern": ks[f"aq_matvec_lut<{self.M}, {self.g}>"],
                        "pre": (_p(self.codes), _p(self.codebooks)),
                        "tail": (_i(self.R), _i(self.J), _i(pl["jc"]), _i(pl["rpb"])), "vec4": pl["vec4"]}
             else:

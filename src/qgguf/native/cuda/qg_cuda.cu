@@ -6,7 +6,7 @@
 //
 // Kernels (all take device pointers; sizes are ints, element offsets 64-bit):
 //   aq_dequant<M, G, CODE, OUT>   W as float32 or fp16 rows, bit-identical to the numpy reference
-//   aq_matvec_lut<M, G, PRE>      y = W x for 2^8-entry codebooks: per block, a lookup table of dot products
+//   aq_matvec_lut<M, G>           y = W x for 2^8-entry codebooks: per block, a lookup table of dot products
 //                                 x_group . codebook_entry in shared memory, then gather-accumulate over codes
 //   aq_matvec_direct<M,G,CODE,PRE> y = W x for any codebook size (2^16 entries: 1 MiB per codebook, L2-resident):
 //                                 gathers codebook entries and takes their dot products with x
@@ -14,7 +14,7 @@
 //   vq_matvec<V, STAGE, U>        y = W x: one warp per vector row, lanes over positions (U at a time), codebook
 //                                 gathers (from shared memory when the chunk's codebooks fit: STAGE)
 //   reduce_parts                  y[r] = scale[r] * sum_chunk part[chunk][r]
-// PRE: some codes are loaded before the kernel's barrier, overlapping their latency with the staging of x.
+// PRE (direct, M <= 2): the first codes are loaded before the kernel's barrier, overlapping the staging of x.
 // The matvec kernels split the inputs into chunks (grid x), each writing partial sums; a single chunk writes y
 // directly, a few are added by the last block of each row block (finish_rows), many by reduce_parts.
 
@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(256) aq_dequant(const CODE* __restrict__ codes
 //   3. each thread gathers lut[j][m][codes[j][m][r]] for its rows (4 consecutive rows with one 32-bit load of
 //      codes when vec4, i.e. R % 4 == 0) and writes the sum to part[bx][r], or, with a single chunk, the sum
 //      times scales[r] to y[r] (part is y then); finish_rows adds the chunks when fin.
-template <int M, int G, bool PRE>
+template <int M, int G>
 __global__ void __launch_bounds__(256) aq_matvec_lut(const u8* __restrict__ codes, const hbits* __restrict__ cb,
                                                      const float* __restrict__ x, const float* __restrict__ scales,
                                                      float* part, float* __restrict__ y, unsigned* counters,
@@ -217,19 +217,9 @@ __global__ void __launch_bounds__(256) aq_matvec_lut(const u8* __restrict__ code
     const int tid = threadIdx.x;
     const int j0 = blockIdx.x * jc, nj = imin(jc, J - j0);
     const int r0 = blockIdx.y * rpb, r1 = imin(R, r0 + rpb);
-    const int nt = nj * M;
-    const u8* cbase = codes + (i64)j0 * M * R;
-    // PRE: the codes of the first PF tables of this thread's first 4 rows, loaded before the table build
-    constexpr int PF = 8;
-    u32 pre[PF];
-    if constexpr (PRE) {
-        const int rf = r0 + tid * 4;
-#pragma unroll
-        for (int u = 0; u < PF; ++u)
-            pre[u] = (vec4 && rf < r1 && u < nt) ? *reinterpret_cast<const u32*>(cbase + (i64)u * R + rf) : 0u;
-    }
     for (int t = tid; t < nj * G; t += 256) xs[t] = x[(i64)j0 * G + t];
     __syncthreads();
+    const int nt = nj * M;
     if constexpr (M == 1) {          // one codebook: its entry, loaded once, against every group of the chunk
         float e[G];
         load_h<G>(cb + (i64)tid * G, e);
@@ -253,27 +243,13 @@ __global__ void __launch_bounds__(256) aq_matvec_lut(const u8* __restrict__ code
     __syncthreads();
     const bool direct_out = gridDim.x == 1;
     float* dst = part + (i64)blockIdx.x * R;
+    const u8* cbase = codes + (i64)j0 * M * R;
     if (vec4) {
         for (int r = r0 + tid * 4; r < r1; r += 1024) {
             float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
             const u8* cp = cbase + r;
-            int tab0 = 0;
-            if (PRE && r == r0 + tid * 4) {   // first rows: the prefetched codes
-#pragma unroll
-                for (int u = 0; u < PF; ++u) {
-                    if (u < nt) {
-                        const u32 c = pre[u];
-                        const float* L = lut + u * 256;
-                        a0 += L[c & 255u];
-                        a1 += L[(c >> 8) & 255u];
-                        a2 += L[(c >> 16) & 255u];
-                        a3 += L[c >> 24];
-                    }
-                }
-                tab0 = PF;
-            }
 #pragma unroll 4
-            for (int tab = tab0; tab < nt; ++tab) {
+            for (int tab = 0; tab < nt; ++tab) {
                 const u32 c = *reinterpret_cast<const u32*>(cp + (i64)tab * R);
                 const float* L = lut + tab * 256;
                 a0 += L[c & 255u];
@@ -309,42 +285,71 @@ __global__ void __launch_bounds__(256) aq_matvec_direct(const CODE* __restrict__
                                                         const float* __restrict__ scales, float* part,
                                                         float* __restrict__ y, unsigned* counters, int fin,
                                                         int R, int J, int jc) {
-    constexpr int PF = 8;            // codes per thread loaded at once (PRE: the first PF before the barrier)
     extern __shared__ float xs[];
-    const int tid = threadIdx.x;
-    const int j0 = blockIdx.x * jc, nj = imin(jc, J - j0), nq = nj * M;
-    const int r = blockIdx.y * 256 + tid;
-    const CODE* cp = codes + (i64)j0 * M * R + r;        // code q = jj*M + m of the chunk at cp[q*R]
-    u32 c[PF];
-    if constexpr (PRE) {
+    if constexpr (M <= 2) {           // 8 codes per thread at a time (PRE: the first 8 before the barrier)
+        constexpr int PF = 8;
+        const int tid = threadIdx.x;
+        const int j0 = blockIdx.x * jc, nj = imin(jc, J - j0), nq = nj * M;
+        const int r = blockIdx.y * 256 + tid;
+        const CODE* cp = codes + (i64)j0 * M * R + r;        // code q = jj*M + m of the chunk at cp[q*R]
+        u32 c[PF];
+        if constexpr (PRE) {
 #pragma unroll
-        for (int u = 0; u < PF; ++u) c[u] = (r < R && u < nq) ? (u32)cp[(i64)u * R] : 0u;
-    }
-    for (int t = tid; t < nj * G; t += 256) xs[t] = x[(i64)j0 * G + t];
-    __syncthreads();
-    if (r < R) {
-        float acc = 0.0f;
-        for (int q0 = 0; q0 < nq; q0 += PF) {
-            if (q0 > 0 || !PRE) {
+            for (int u = 0; u < PF; ++u) c[u] = (r < R && u < nq) ? (u32)cp[(i64)u * R] : 0u;
+        }
+        for (int t = tid; t < nj * G; t += 256) xs[t] = x[(i64)j0 * G + t];
+        __syncthreads();
+        if (r < R) {
+            float acc = 0.0f;
+            for (int q0 = 0; q0 < nq; q0 += PF) {
+                if (q0 > 0 || !PRE) {
 #pragma unroll
-                for (int u = 0; u < PF; ++u) c[u] = q0 + u < nq ? (u32)cp[(i64)(q0 + u) * R] : 0u;
+                    for (int u = 0; u < PF; ++u) c[u] = q0 + u < nq ? (u32)cp[(i64)(q0 + u) * R] : 0u;
+                }
+#pragma unroll
+                for (int u = 0; u < PF; ++u) {
+                    const int q = q0 + u;
+                    if (q < nq) {
+                        const int jj = q / M, m = q - jj * M;
+                        float e[G];
+                        load_h<G>(cb + ((i64)m * K + c[u]) * G, e);
+#pragma unroll
+                        for (int i = 0; i < G; ++i) acc += e[i] * xs[jj * G + i];
+                    }
+                }
             }
+            if (gridDim.x == 1)
+                part[r] = acc * scales[r];
+            else
+                part[(i64)blockIdx.x * R + r] = acc;
+        }
+    } else {                          // M codes per group, two groups at a time (measured faster for M = 4)
+        const int tid = threadIdx.x;
+        const int j0 = blockIdx.x * jc, nj = imin(jc, J - j0);
+        for (int t = tid; t < nj * G; t += 256) xs[t] = x[(i64)j0 * G + t];
+        __syncthreads();
+        const int r = blockIdx.y * 256 + tid;
+        if (r < R) {
+            const CODE* cp = codes + (i64)j0 * M * R + r;
+            float acc = 0.0f;
+#pragma unroll 2
+            for (int jj = 0; jj < nj; ++jj) {
+                u32 c[M];
 #pragma unroll
-            for (int u = 0; u < PF; ++u) {
-                const int q = q0 + u;
-                if (q < nq) {
-                    const int jj = q / M, m = q - jj * M;
+                for (int m = 0; m < M; ++m) c[m] = cp[(i64)(jj * M + m) * R];
+#pragma unroll
+                for (int m = 0; m < M; ++m) {
                     float e[G];
-                    load_h<G>(cb + ((i64)m * K + c[u]) * G, e);
+                    load_h<G>(cb + ((i64)m * K + c[m]) * G, e);
 #pragma unroll
                     for (int i = 0; i < G; ++i) acc += e[i] * xs[jj * G + i];
                 }
             }
+            if (gridDim.x == 1)
+                part[r] = acc * scales[r];
+            else
+                part[(i64)blockIdx.x * R + r] = acc;
         }
-        if (gridDim.x == 1)
-            part[r] = acc * scales[r];
-        else
-            part[(i64)blockIdx.x * R + r] = acc;
     }
     finish_rows(part, y, scales, counters, fin, R, blockIdx.y * 256, imin(R, blockIdx.y * 256 + 256));
 }
