@@ -87,6 +87,14 @@ def test_vq_plan_stages_the_codebooks_of_every_chunk(name, C):
     assert p["shmem"] == 4 * (2 * p["pc"] + 8) + (need if p["stage"] else 0)
 
 
+def test_upload_of_read_only_arrays_warns_not(recwarn):
+    a = np.arange(12, dtype=np.float16)
+    a.flags.writeable = False                  # as the companions of a memory-mapped file
+    t = cuda._to_dev(a, "cpu")
+    assert t.dtype == torch.float16 and t.tolist() == list(range(12))
+    assert not [w for w in recwarn if "not writable" in str(w.message)]
+
+
 @pytest.mark.skipif(GPU, reason="checks the behaviour without a GPU")
 def test_without_gpu_one_clear_error():
     assert isinstance(cuda.unavailable_reason(), str) and cuda.unavailable_reason()

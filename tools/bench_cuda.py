@@ -16,7 +16,8 @@ dequantization time, and the matvec's relative error against torch.mv(our float3
 (METHOD.md): each variant runs as a CUDA graph of many calls that rotate over copies of the weight totalling
 >= --rotate-mb MiB (so that the weight streams from memory, not the 50 MB L2), replayed --replays times;
 the figure is the median over replays of the time per call. "eager" is the same loop without a graph (launch
-overhead from Python included).
+overhead from Python included). --matmul N,...: also Y = X W^T for N tokens through the fused matvec per token
+and through fp16 dequantization + cuBLAS, beside cuBLAS's fp16 matmul of the dense weight.
 """
 from __future__ import annotations
 
@@ -114,9 +115,15 @@ def bench_shape(R: int, C: int, types: list[str], args) -> list[dict]:
     calls = [lambda w=w: torch.mv(w, x16, out=ys) for w in Ws]
     reps = max(args.reps, n)
     t_dense, te_dense = _graph_time(calls, reps, args.replays)
-    del Ws, calls
     dense = {"shape": f"{R}x{C}", "type": "fp16 dense (torch.mv)", "us": t_dense, "eager_us": te_dense,
              "bytes": R * C * 2, "bpw": 16.0, "gbps": R * C * 2 / t_dense / 1e3, "copies": n}
+    if args.matmul:                   # fp16 dense matmul of N tokens (cuBLAS), the same rotation
+        dense["matmul"] = {}
+        for N in args.matmul:
+            X16 = torch.randn(N, C, device="cuda", dtype=torch.float16)
+            mcalls = [lambda w=w, X16=X16: torch.nn.functional.linear(X16, w) for w in Ws]
+            dense["matmul"][N] = _graph_time(mcalls, max(args.reps, len(Ws)), args.replays)[0]
+    del Ws, calls
     rows.append(dense)
     print(f"{R}x{C} fp16 dense: {t_dense:.2f} us ({dense['gbps']:.0f} GB/s, {n} copies)", flush=True)
     for spec in types:
@@ -141,8 +148,16 @@ def bench_shape(R: int, C: int, types: list[str], args) -> list[dict]:
         t_ours, te_ours = _graph_time(calls, reps, args.replays)
         dcalls = [lambda tt=tt: tt.dequantize(torch.float16) for tt in ts[: max(1, min(n, 8))]]
         t_deq, _ = _graph_time(dcalls, max(8, len(dcalls)), args.replays)
+        mm = {}
+        for N in args.matmul:         # Y = X W^T for N tokens: fused per token, and fp16 dequantization + cuBLAS
+            X = torch.randn(N, C, device="cuda", dtype=torch.float32)
+            mm[N] = {path: _graph_time([lambda tt=tt, X=X, fm=fm: tt.matmul(X, fused_max=fm) for tt in ts],
+                                       max(args.reps, n), args.replays)[0]
+                     for path, fm in (("fused", N), ("dequant", 0))}
+            print(f"{R}x{C} {spec} matmul N={N}: fused {mm[N]['fused']:.1f} us, dequant+cuBLAS "
+                  f"{mm[N]['dequant']:.1f} us, fp16 dense {dense['matmul'][N]:.1f} us", flush=True)
         del ts, calls, dcalls
-        r = {"shape": f"{R}x{C}", "type": spec, "us": t_ours, "eager_us": te_ours, "bytes": t.nbytes,
+        r = {"shape": f"{R}x{C}", "type": spec, "us": t_ours, "eager_us": te_ours, "bytes": t.nbytes, "matmul": mm,
              "bpw": 8.0 * t.nbytes / (R * C), "gbps": t.nbytes / t_ours / 1e3, "copies": n,
              "vs_fp16": t_dense / t_ours, "eager_vs_fp16": te_dense / te_ours, "dequant_fp16_us": t_deq,
              "rel_err": err, "prep_s": prep}
@@ -164,10 +179,12 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=200, help="calls per graph (at least the number of copies)")
     ap.add_argument("--replays", type=int, default=7)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--matmul", default="", help="comma list of token counts N: also time Y = X W^T both ways")
     ap.add_argument("--json", default=None)
     ap.add_argument("--set", action="append", default=[], metavar="NAME=INT",
                     help="set a tuning constant of qgguf.native.cuda (" + ", ".join(TUNING) + ")")
     args = ap.parse_args(argv)
+    args.matmul = [int(v) for v in args.matmul.split(",") if v]
 
     import torch
 

@@ -245,8 +245,12 @@ def _device(device):
 
 
 def _to_dev(a: np.ndarray, device):
+    """A device copy of ``a`` (read-only arrays, e.g. a file's mapped companions, are copied on the host first)."""
     import torch
-    return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    a = np.ascontiguousarray(a)
+    if not a.flags.writeable:
+        a = a.copy()
+    return torch.from_numpy(a).to(device)
 
 
 def _as_input(x, C: int, device, what: str = "x"):
