@@ -10,7 +10,8 @@ rows are not a multiple of any block size:
 * dequantization to float32 equals the numpy reference bit for bit, to float16 equals its rounding;
 * the fused matvec (both AQ methods) is within 2e-5 relative (L2) of a float64 matvec with the reference weight,
   and every element within 1e-4 of sum |W||x| (float32 summation error), into outputs poisoned with NaN;
-* matmul: fused per token (N <= 8) to the same bound; fp16 dequantization + cuBLAS (N > 8) within 3e-3;
+* matmul: fused per token (N <= FUSED_MAX_TOKENS, or on request) to the same bound; fp16 dequantization + cuBLAS
+  (above) within 3e-3;
 * a tiny synthetic llama model with AQ and VQ weights on the GPU gives the CPU's logits (1e-4 one token at a time,
   3e-3 for a 13-token batch through fp16).
 """
@@ -160,10 +161,11 @@ def _check_matvecs(t, W, rng, methods=(None,)):
 
 def _check_matmul(t, W, rng):
     C = W.shape[1]
-    X = rng.standard_normal((3, C))
-    Y = t.matmul(torch.from_numpy(X))
-    for n in range(3):
-        _check_matvec(Y[n], W, X[n])
+    for N, fm in ((cuda.FUSED_MAX_TOKENS, None), (5, 8)):          # fused per token, by default and on request
+        X = rng.standard_normal((N, C))
+        Y = t.matmul(torch.from_numpy(X)) if fm is None else t.matmul(torch.from_numpy(X), fused_max=fm)
+        for n in range(N):
+            _check_matvec(Y[n], W, X[n])
     X = rng.standard_normal((20, C)).astype(np.float16).astype(np.float64)
     Y = t.matmul(torch.from_numpy(X)).cpu().numpy()
     ref = X @ W.astype(np.float64).T

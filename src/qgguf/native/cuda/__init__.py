@@ -5,7 +5,7 @@
     t = cuda.from_companions(qt, (R, C), companions)      # or CudaAQTensor(...) / CudaVQTensor(...)
     t.dequantize(torch.float16)    # [R, C] on the GPU, bit-identical to the numpy reference (fp32; fp16: rounded)
     t.matvec(x)                    # y = W x, float32 [R]: fused kernels, the weight stays compressed
-    t.matmul(X)                    # Y = X W^T, float32 [N, R]: fused per token for N <= 8, else fp16 dequant + cuBLAS
+    t.matmul(X)                    # Y = X W^T, float32 [N, R]: fused per token for N <= 2, else fp16 dequant + cuBLAS
 
 The kernels (qg_cuda.cu) are compiled at run time by NVRTC through CuPy (``cupy.RawModule``), once per
 configuration and process (CuPy keeps the binaries in its kernel cache). Nothing CUDA is needed at install
@@ -36,7 +36,8 @@ __all__ = ["available", "unavailable_reason", "CudaUnavailableError", "CudaAQTen
            "from_companions", "FUSED_MAX_TOKENS", "plan_aq_lut", "plan_aq_direct", "plan_vq"]
 
 SOURCE = Path(__file__).with_name("qg_cuda.cu")
-FUSED_MAX_TOKENS = 8          # matmul: up to this many tokens, the fused matvec per token; above, dequant + cuBLAS
+FUSED_MAX_TOKENS = 2          # matmul: up to this many tokens, the fused matvec per token; above, fp16 dequant +
+                              # cuBLAS (H100: the fused loop was faster up to N = 2 on every measured shape and type)
 _BLOCK = 256
 _LUT_TABLES = 32              # lookup tables (of 256 floats) per block: 32 KiB of shared memory
 _TARGET_WAVES = 4             # aim for this many blocks per multiprocessor
@@ -344,10 +345,12 @@ class _CudaTensor:
     def dequantize(self, dtype=None):  # pragma: no cover - interface
         raise NotImplementedError
 
-    def matmul(self, X, fused_max: int = FUSED_MAX_TOKENS):
-        """``Y = X W^T`` float32 ``[N, R]`` for ``X`` ``[N, C]``: the fused matvec per token for ``N <= fused_max``,
-        otherwise the weight dequantized to fp16 and one cuBLAS matmul (fp16 inputs and result)."""
+    def matmul(self, X, fused_max: int | None = None):
+        """``Y = X W^T`` float32 ``[N, R]`` for ``X`` ``[N, C]``: the fused matvec per token for ``N <= fused_max``
+        (default :data:`FUSED_MAX_TOKENS`), otherwise the weight dequantized to fp16 and one cuBLAS matmul (fp16
+        inputs and result: activations beyond the fp16 range, 65504, would overflow)."""
         import torch
+        fused_max = FUSED_MAX_TOKENS if fused_max is None else int(fused_max)
         X = _as_input(X, self.C, self.device, "X")
         X2 = X.reshape(-1, self.C)
         N = X2.shape[0]

@@ -12,14 +12,14 @@ import sys
 import torch
 
 from ...runtime.linear import LinearBase
-from . import FUSED_MAX_TOKENS, available, from_companions, unavailable_reason
+from . import available, from_companions, unavailable_reason
 
 __all__ = ["CudaCodebookLinear", "cuda_codebook_linear"]
 
 
 class CudaCodebookLinear(LinearBase):
     """A codebook weight (``aq`` or ``vq``) applied by the CUDA kernels: fused matvec for up to
-    :data:`qgguf.native.cuda.FUSED_MAX_TOKENS` tokens, fp16 dequantization + cuBLAS above."""
+    :data:`qgguf.native.cuda.FUSED_MAX_TOKENS` tokens (2), fp16 dequantization + cuBLAS above."""
 
     kind = "cuda"
 
@@ -40,7 +40,7 @@ class CudaCodebookLinear(LinearBase):
         if x2.shape[0] == 1:
             y = self.t.matvec(x2[0]).reshape(1, self.out_features)
         else:
-            y = self.t.matmul(x2, FUSED_MAX_TOKENS)
+            y = self.t.matmul(x2)
         return y.to(dev).reshape(*lead, self.out_features)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
