@@ -37,7 +37,7 @@ __all__ = ["available", "unavailable_reason", "CudaUnavailableError", "CudaAQTen
 
 SOURCE = Path(__file__).with_name("qg_cuda.cu")
 FUSED_MAX_TOKENS = 2          # matmul: up to this many tokens, the fused matvec per token; above, fp16 dequant +
-                              # cuBLAS (H100: the crossover lies between 2 and 7 tokens on the measured shapes)
+                              # cuBLAS (H100: the crossover lies between 1 and 6 tokens on the measured shapes)
 _BLOCK = 256
 _LUT_TABLES = 32              # lookup tables (of 256 floats) per block: 32 KiB of shared memory
 _TARGET_WAVES = 4             # aim for this many blocks per multiprocessor
