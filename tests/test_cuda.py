@@ -10,8 +10,8 @@ rows are not a multiple of any block size:
 * dequantization to float32 equals the numpy reference bit for bit, to float16 equals its rounding;
 * the fused matvec (both AQ methods) is within 2e-5 relative (L2) of a float64 matvec with the reference weight,
   and every element within 1e-4 of sum |W||x| (float32 summation error), into outputs poisoned with NaN;
-* matmul: fused per token (N <= FUSED_MAX_TOKENS, or on request) to the same bound; fp16 dequantization + cuBLAS
-  (above) within 3e-3;
+* matmul: the batched fused kernels (2 to 11 tokens) to the same bound; fp16 dequantization + cuBLAS (20 tokens)
+  within 3e-3;
 * a tiny synthetic llama model with AQ and VQ weights on the GPU gives the CPU's logits (1e-4 one token at a time,
   3e-3 for a 13-token batch through fp16).
 """
@@ -42,7 +42,7 @@ FP16_REL = 3e-3          # fp16 dequantization + cuBLAS fp16 matmul
 # no GPU needed
 
 @pytest.mark.parametrize("R,C,M,G", [(1, 4, 1, 4), (300, 320, 2, 8), (2052, 2048, 2, 8), (4096, 11008, 4, 8),
-                                     (512, 2048, 8, 32), (128256, 2048, 1, 16), (7, 64, 3, 4)])
+                                     (512, 2048, 8, 32), (128256, 2048, 1, 16), (7, 64, 3, 4), (256, 65536, 2, 32)])
 @pytest.mark.parametrize("sms", [1, 132])
 def test_plans_cover_every_row_and_input(R, C, M, G, sms):
     J = C // G
@@ -50,9 +50,11 @@ def test_plans_cover_every_row_and_input(R, C, M, G, sms):
     nj, nr = p["grid"]
     assert nj * p["jc"] >= J > (nj - 1) * p["jc"] and nr * p["rpb"] >= R > (nr - 1) * p["rpb"]
     assert p["rpb"] % 128 == 0 and p["shmem"] <= 48 * 1024 and p["jc"] * M <= 32
-    d = cuda.plan_aq_direct(R, J, G, sms)
-    nj, nr = d["grid"]
-    assert nj * d["jc"] >= J > (nj - 1) * d["jc"] and nr * 256 >= R > (nr - 1) * 256 and nr <= 65535
+    for nt in (1, 2, 4, 8):
+        d = cuda.plan_aq_direct(R, J, G, sms, nt=nt)
+        nj, nr = d["grid"]
+        assert nj * d["jc"] >= J > (nj - 1) * d["jc"] and nr * 256 >= R > (nr - 1) * 256 and nr <= 65535
+        assert d["shmem"] == 4 * nt * d["jc"] * G <= 48 * 1024
     for v in (2, 8, 16):
         if R % v:
             continue
@@ -161,9 +163,9 @@ def _check_matvecs(t, W, rng, methods=(None,)):
 
 def _check_matmul(t, W, rng):
     C = W.shape[1]
-    for N, fm in ((cuda.FUSED_MAX_TOKENS, None), (5, 8)):          # fused per token, by default and on request
+    for N in (2, 3, 5, 8, 11):        # the batched fused kernels (11: one launch of 8 or two of 4, then the rest)
         X = rng.standard_normal((N, C))
-        Y = t.matmul(torch.from_numpy(X)) if fm is None else t.matmul(torch.from_numpy(X), fused_max=fm)
+        Y = t.matmul(torch.from_numpy(X), fused_max=16)
         for n in range(N):
             _check_matvec(Y[n], W, X[n])
     X = rng.standard_normal((20, C)).astype(np.float16).astype(np.float64)

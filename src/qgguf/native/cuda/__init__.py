@@ -36,8 +36,8 @@ __all__ = ["available", "unavailable_reason", "CudaUnavailableError", "CudaAQTen
            "from_companions", "FUSED_MAX_TOKENS", "plan_aq_lut", "plan_aq_direct", "plan_vq"]
 
 SOURCE = Path(__file__).with_name("qg_cuda.cu")
-FUSED_MAX_TOKENS = 2          # matmul: up to this many tokens, the fused matvec per token; above, fp16 dequant +
-                              # cuBLAS (H100: the crossover lies between 1 and 6 tokens on the measured shapes)
+FUSED_MAX_TOKENS = 8          # matmul: up to this many tokens the fused kernels (batched: one launch per 8 AQ or 4 VQ
+                              # tokens); above, fp16 dequantization + cuBLAS
 _BLOCK = 256
 _LUT_TABLES = 32              # lookup tables (of 256 floats) per block: 32 KiB of shared memory
 _TARGET_WAVES = 4             # aim for this many blocks per multiprocessor
@@ -117,6 +117,7 @@ def _kernels(key: tuple, names: tuple[str, ...]) -> dict:
                 m = cupy.RawModule(code=src, options=("-std=c++17",), name_expressions=names)
                 mod = {n: m.get_function(n) for n in names}
                 mod["reduce_parts"] = m.get_function("reduce_parts")
+                mod["reduce_parts_n"] = m.get_function("reduce_parts_n")
                 rt = cupy.cuda.runtime
                 optin = rt.deviceGetAttribute(getattr(rt, "cudaDevAttrMaxSharedMemoryPerBlockOptin", 97), dev)
                 for n, f in mod.items():
@@ -196,12 +197,14 @@ def plan_aq_lut(R: int, J: int, M: int, G: int, sms: int) -> dict:
             "shmem": 4 * (jc * M * 256 + jc * G)}
 
 
-def plan_aq_direct(R: int, J: int, G: int, sms: int) -> dict:
-    """Grid of ``aq_matvec_direct``: one row per thread (``ceil(R/256)`` row blocks), ``jc`` groups per chunk."""
+def plan_aq_direct(R: int, J: int, G: int, sms: int, nt: int = 1) -> dict:
+    """Grid of ``aq_matvec_direct`` (``nt`` = 1) or ``aq_matmul_direct`` (``nt`` tokens): one row per thread
+    (``ceil(R/256)`` row blocks), ``jc`` groups per chunk (x's slices of ``nt`` tokens within 48 KiB)."""
     n_r = _cdiv(R, _BLOCK)
     jc = max(4, _cdiv(J, max(1, _cdiv(_TARGET_WAVES * sms, n_r))))
+    jc = min(jc, max(4, 12288 // (nt * G)))
     n_j = _cdiv(J, jc)
-    return {"jc": jc, "grid": (n_j, n_r), "shmem": 4 * jc * G}
+    return {"jc": jc, "grid": (n_j, n_r), "shmem": 4 * nt * jc * G}
 
 
 def plan_vq(nb: int, C: int, sms: int, *, v: int = 8, k: int = 0, kr: int = 0, n_out: int = 0, gs: int = 0,
@@ -339,25 +342,47 @@ class _CudaTensor:
         """Bytes held on the GPU (the compressed weight)."""
         return int(sum(b.numel() * b.element_size() for b in self._buffers() if b is not None))
 
+    _NT_MAX = 8                       # tokens per launch of the batched fused kernel
+
     def matvec(self, x, **kw):  # pragma: no cover - interface
         raise NotImplementedError
+
+    def _matmul_small(self, X, Y) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _launch_small(self, kern, grid, shmem, args_before_part, part_tail, Y, N, scales) -> None:
+        """A batched fused launch writing ``Y`` (``N`` rows of ``R``) through partial sums when it has several
+        chunks, and ``reduce_parts_n``."""
+        import torch
+        total = N * self.R
+        part = Y if grid[0] == 1 else torch.empty(grid[0], total, device=self.device, dtype=torch.float32)
+        stream = _current_stream(self.device)
+        _launch(kern, grid, args_before_part + (np.uint64(part.data_ptr()),) + part_tail, shmem, stream)
+        if grid[0] > 1:
+            _launch(self._k()["reduce_parts_n"], (_cdiv(total, 32),),
+                    (np.uint64(part.data_ptr()), np.int32(grid[0]), np.int32(total), np.int32(self.R), scales,
+                     np.uint64(Y.data_ptr())), 0, stream)
 
     def dequantize(self, dtype=None):  # pragma: no cover - interface
         raise NotImplementedError
 
     def matmul(self, X, fused_max: int | None = None):
-        """``Y = X W^T`` float32 ``[N, R]`` for ``X`` ``[N, C]``: the fused matvec per token for ``N <= fused_max``
-        (default :data:`FUSED_MAX_TOKENS`), otherwise the weight dequantized to fp16 and one cuBLAS matmul (fp16
-        inputs and result: activations beyond the fp16 range, 65504, would overflow)."""
+        """``Y = X W^T`` float32 ``[N, R]`` for ``X`` ``[N, C]``: for ``N <= fused_max`` (default
+        :data:`FUSED_MAX_TOKENS`) the fused kernels (one token: :meth:`matvec`; more: the batched kernels, each
+        gathered codebook entry used for every token), otherwise the weight dequantized to fp16 and one cuBLAS
+        matmul (fp16 inputs and result: activations beyond the fp16 range, 65504, would overflow)."""
         import torch
         fused_max = FUSED_MAX_TOKENS if fused_max is None else int(fused_max)
         X = _as_input(X, self.C, self.device, "X")
         X2 = X.reshape(-1, self.C)
         N = X2.shape[0]
-        if N <= fused_max:
+        if N == 1 and fused_max >= 1:
+            Y = self.matvec(X2[0]).reshape(1, self.R)
+        elif N <= fused_max:
             Y = torch.empty(N, self.R, device=self.device, dtype=torch.float32)
-            for n in range(N):
-                self.matvec(X2[n], out=Y[n])
+            for n0 in range(0, N, self._NT_MAX):
+                n1 = min(N, n0 + self._NT_MAX)
+                self._matmul_small(X2[n0:n1], Y[n0:n1])
         else:
             W = self.dequantize(torch.float16)
             Y = torch.nn.functional.linear(X2.to(torch.float16), W).to(torch.float32)
@@ -430,8 +455,24 @@ class CudaAQTensor(_CudaTensor):
         code = "u8" if self.B == 8 else "u16"
         names = [f"aq_dequant<{M}, {G}, {code}, float>", f"aq_dequant<{M}, {G}, {code}, hbits>"]
         names += [f"aq_matvec_direct<{M}, {G}, {code}, {pre}>" for pre in ("false", "true")]
+        names += [f"aq_matmul_direct<{M}, {G}, {code}, {nt}>" for nt in (2, 4, 8)]
         names = tuple(names + ([f"aq_matvec_lut<{M}, {G}>"] if self.B == 8 else []))
         return _kernels(("aq", M, self.B, G), names)
+
+    def _matmul_small(self, X, Y) -> None:
+        """``Y = X W^T`` for 2..8 tokens in one batched fused launch (plus reduce_parts_n)."""
+        N = X.shape[0]
+        nt = 2 if N <= 2 else 4 if N <= 4 else 8
+        key = ("mm", nt)
+        cfg = self._cfg.get(key)
+        if cfg is None:
+            code = "u8" if self.B == 8 else "u16"
+            pl = plan_aq_direct(self.R, self.J, self.g, _sms(self.device), nt=nt)
+            cfg = self._cfg[key] = (self._k()[f"aq_matmul_direct<{self.M}, {self.g}, {code}, {nt}>"], pl)
+        kern, pl = cfg
+        self._launch_small(kern, pl["grid"], pl["shmem"],
+                           (_p(self.codes), _p(self.codebooks), _i(self.K), _p(X), _i(N), _p(self.scales)),
+                           (_i(self.R), _i(self.J), _i(pl["jc"])), Y, N, _p(self.scales))
 
     def dequantize(self, dtype=None, out=None):
         """The weight ``[R, C]`` as float32 or float16 (``dtype``, default float16) on the GPU (into ``out`` if
@@ -586,11 +627,30 @@ class CudaVQTensor(_CudaTensor):
         V = self.v
         names = [f"vq_dequant<{V}, float>", f"vq_dequant<{V}, hbits>"]
         names += [f"vq_matvec<{V}, {st}, {u}>" for st in ("false", "true") for u in (1, 2, 4)]
+        names += [f"vq_matmul<{V}, {nt}>" for nt in (2, 4)]
         return _kernels(("vq", V), tuple(names))
 
     def _ptrs(self) -> tuple:
         return (_p(self.idx), _i(self.kbits), _p(self.ridx if self.kr else self.idx), _i(self.rbits),
                 _p(self.books), _p(self.rbooks if self.kr else self.books))
+
+    _NT_MAX = 4
+
+    def _matmul_small(self, X, Y) -> None:
+        """``Y = X W^T`` for 2..4 tokens in one batched fused launch (plus reduce_parts_n)."""
+        N = X.shape[0]
+        nt = 2 if N <= 2 else 4
+        key = ("mm", nt)
+        cfg = self._cfg.get(key)
+        if cfg is None:
+            pl = plan_vq(self.nb, self.C, _sms(self.device))
+            pl["shmem"] = 4 * (nt * pl["pc"] + pl["pc"] + 8 * nt)
+            cfg = self._cfg[key] = (self._k()[f"vq_matmul<{self.v}, {nt}>"], pl)
+        kern, pl = cfg
+        self._launch_small(kern, pl["grid"], pl["shmem"],
+                           self._ptrs() + (_p(self.perm), _p(self.colscale), _p(self.colbias), _p(X), _i(N)),
+                           (_i(self.nb), _i(self.C), _i(self.n_out), _i(self.gs), _i(self.k), _i(self.kr),
+                            _i(pl["pc"]), _i(pl["bpb"])), Y, N, _NULL)
 
     def dequantize(self, dtype=None, out=None):
         """The weight ``[R, C]`` as float32 or float16 (default float16) on the GPU (into ``out`` if given);

@@ -13,7 +13,9 @@
 //   vq_dequant<V, OUT>            W as float32 or fp16 rows, bit-identical to the numpy reference
 //   vq_matvec<V, STAGE, U>        y = W x: one warp per vector row, lanes over positions (U at a time), codebook
 //                                 gathers (from shared memory when the chunk's codebooks fit: STAGE)
-//   reduce_parts                  y[r] = scale[r] * sum_chunk part[chunk][r]
+//   aq_matmul_direct<M,G,CODE,NT>, vq_matmul<V, NT>: Y = X W^T for up to NT tokens, each gathered entry used for
+//                                 every token
+//   reduce_parts(_n)              y[r] = scale[r] * sum_chunk part[chunk][r] (for N rows of outputs)
 // PRE (direct, M <= 2): the first codes are loaded before the kernel's barrier, overlapping the staging of x.
 // The matvec kernels split the inputs into chunks (grid x), each writing partial sums; a single chunk writes y
 // directly, a few are added by the last block of each row block (finish_rows), many by reduce_parts.
@@ -354,6 +356,59 @@ __global__ void __launch_bounds__(256) aq_matvec_direct(const CODE* __restrict__
     finish_rows(part, y, scales, counters, fin, R, blockIdx.y * 256, imin(R, blockIdx.y * 256 + 256));
 }
 
+// Y = X W^T for N <= NT tokens (x: N rows of C floats, y: N rows of R): the direct kernel's gathers, each codebook
+// entry used for every token. grid (n_chunks, ceil(R/256)), 256 threads, dynamic shared memory NT*jc*G floats.
+// Writes part[bx][n*R + r] (y[n*R + r] times the scale with a single chunk); reduce_parts_n adds the chunks.
+template <int M, int G, typename CODE, int NT>
+__global__ void __launch_bounds__(256) aq_matmul_direct(const CODE* __restrict__ codes,
+                                                        const hbits* __restrict__ cb, int K,
+                                                        const float* __restrict__ x, int N,
+                                                        const float* __restrict__ scales, float* __restrict__ part,
+                                                        int R, int J, int jc) {
+    constexpr int PF = 8;
+    extern __shared__ float xs[];
+    const int tid = threadIdx.x;
+    const int j0 = blockIdx.x * jc, nj = imin(jc, J - j0), nq = nj * M, w = nj * G;
+    const i64 C = (i64)J * G;
+    for (int t = tid; t < NT * w; t += 256) {
+        const int n = t / w, o = t - n * w;
+        xs[t] = n < N ? x[(i64)n * C + (i64)j0 * G + o] : 0.0f;
+    }
+    __syncthreads();
+    const int r = blockIdx.y * 256 + tid;
+    if (r >= R) return;
+    const CODE* cp = codes + (i64)j0 * M * R + r;
+    float acc[NT];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) acc[n] = 0.0f;
+    for (int q0 = 0; q0 < nq; q0 += PF) {
+        u32 c[PF];
+#pragma unroll
+        for (int u = 0; u < PF; ++u) c[u] = q0 + u < nq ? (u32)cp[(i64)(q0 + u) * R] : 0u;
+#pragma unroll
+        for (int u = 0; u < PF; ++u) {
+            const int q = q0 + u;
+            if (q < nq) {
+                const int jj = q / M, m = q - jj * M;
+                float e[G];
+                load_h<G>(cb + ((i64)m * K + c[u]) * G, e);
+#pragma unroll
+                for (int n = 0; n < NT; ++n) {
+#pragma unroll
+                    for (int i = 0; i < G; ++i) acc[n] += e[i] * xs[n * w + jj * G + i];
+                }
+            }
+        }
+    }
+    const i64 total = (i64)N * R;
+    for (int n = 0; n < NT && n < N; ++n) {
+        if (gridDim.x == 1)
+            part[(i64)n * R + r] = acc[n] * scales[r];
+        else
+            part[(i64)blockIdx.x * total + (i64)n * R + r] = acc[n];
+    }
+}
+
 // y[r] = (scales ? scales[r] : 1) * sum_c part[c][r]; grid ceil(R/32), 256 threads: 8 per row, each adding
 // every 8th chunk, then a shuffle sum (8 short load chains instead of one long one)
 extern "C" __global__ void __launch_bounds__(256) reduce_parts(const float* __restrict__ part, int nparts, int R,
@@ -369,6 +424,22 @@ extern "C" __global__ void __launch_bounds__(256) reduce_parts(const float* __re
     s += __shfl_xor_sync(0xffffffffu, s, 2);
     s += __shfl_xor_sync(0xffffffffu, s, 1);
     if (r < R && sub == 0) y[r] = scales ? s * scales[r] : s;
+}
+
+// the same for N tokens: part[c][n*R + r], y[n*R + r] = scale[r] * sum_c part[c][n*R + r] for total = N*R entries
+extern "C" __global__ void __launch_bounds__(256) reduce_parts_n(const float* __restrict__ part, int nparts, int total,
+                                                                int R, const float* __restrict__ scales,
+                                                                float* __restrict__ y) {
+    const int e = blockIdx.x * 32 + (threadIdx.x >> 3), sub = threadIdx.x & 7;
+    float s = 0.0f;
+    if (e < total) {
+#pragma unroll 4
+        for (int c = sub; c < nparts; c += 8) s += part[(i64)c * total + e];
+    }
+    s += __shfl_xor_sync(0xffffffffu, s, 4);
+    s += __shfl_xor_sync(0xffffffffu, s, 2);
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    if (e < total && sub == 0) y[e] = scales ? s * scales[e % R] : s;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -522,4 +593,94 @@ __global__ void __launch_bounds__(256) vq_matvec(const u32* __restrict__ idxw, i
         if (lane < V) dst[(i64)b * V + lane] = mine + bias;
     }
     finish_rows(part, y, nullptr, counters, fin, (int)R, b0 * V, b1 * V);
+}
+
+// Y = X W^T for N <= NT tokens: vq_matvec (global gathers, one position per lane at a time) with every gathered
+// entry used for each token; per-token bias terms. grid (n_chunks, n_row_blocks), 256 threads, dynamic shared
+// memory NT*pc + pc + 8*NT words. Writes part[bx][n*R + b*V + i] (y directly with a single chunk), bias added;
+// reduce_parts_n adds the chunks.
+template <int V, int NT>
+__global__ void __launch_bounds__(256) vq_matmul(const u32* __restrict__ idxw, int kbits,
+                                                 const u32* __restrict__ ridxw, int rbits,
+                                                 const hbits* __restrict__ books, const hbits* __restrict__ rbooks,
+                                                 const int* __restrict__ perm, const hbits* __restrict__ colscale,
+                                                 const hbits* __restrict__ colbias, const float* __restrict__ x,
+                                                 int N, float* __restrict__ part, int nb, int C, int n_out, int gs,
+                                                 int k, int kr, int pc, int bpb) {
+    extern __shared__ float sm[];
+    float* xs = sm;                                                   // [NT][pc]
+    int* bks = reinterpret_cast<int*>(sm + NT * pc);
+    float* red = sm + NT * pc + pc;                                   // [NT][8]
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int p0 = blockIdx.x * pc, np = imin(pc, C - p0);
+    const int b0 = blockIdx.y * bpb, b1 = imin(nb, b0 + bpb);
+    float bsum[NT];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) bsum[n] = 0.0f;
+    for (int t = tid; t < np; t += 256) {
+        const int p = p0 + t;
+        const int src = perm[p];
+        const float s = h2f(colscale[p]), bi = h2f(colbias[p]);
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+            const float xv = n < N ? x[(i64)n * C + src] : 0.0f;
+            xs[n * pc + t] = xv * s;
+            bsum[n] += xv * bi;
+        }
+        bks[t] = vq_book(p, n_out, gs);
+    }
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+        const float v = warp_sum(bsum[n]);
+        if (lane == 0) red[n * 8 + warp] = v;
+    }
+    __syncthreads();
+    float bias[NT];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+        bias[n] = 0.0f;
+#pragma unroll
+        for (int ww = 0; ww < 8; ++ww) bias[n] += red[n * 8 + ww];
+    }
+    const int nc = C - n_out, has_out = n_out > 0;
+    const i64 R = (i64)nb * V, total = (i64)N * R;
+    float* dst = gridDim.x == 1 ? part : part + (i64)blockIdx.x * total;
+    for (int b = b0 + warp; b < b1; b += 8) {
+        float acc[NT][V];
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int i = 0; i < V; ++i) acc[n][i] = 0.0f;
+        const u64 e0 = (u64)b * C + p0;
+        for (int t = lane; t < np; t += 32) {
+            const int p = p0 + t;
+            const int bk = bks[t];
+            const u32 code = get_bits(idxw, (e0 + t) * kbits, kbits);
+            float e[V];
+            load_h<V>(books + ((i64)bk * k + code) * V, e);
+            if (kr > 0 && p >= n_out) {
+                const u32 rc = get_bits(ridxw, ((u64)b * nc + (p - n_out)) * rbits, rbits);
+                float re[V];
+                load_h<V>(rbooks + ((i64)(bk - has_out) * kr + rc) * V, re);
+#pragma unroll
+                for (int i = 0; i < V; ++i) e[i] += re[i];
+            }
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+                const float xv = xs[n * pc + t];
+#pragma unroll
+                for (int i = 0; i < V; ++i) acc[n][i] += xv * e[i];
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+            float mine = 0.0f;
+#pragma unroll
+            for (int i = 0; i < V; ++i) {
+                const float sv = warp_sum(acc[n][i]);
+                if (lane == i) mine = sv;
+            }
+            if (n < N && lane < V) dst[(i64)n * R + (i64)b * V + lane] = mine + bias[n];
+        }
+    }
 }
