@@ -5,7 +5,8 @@
     t = cuda.from_companions(qt, (R, C), companions)      # or CudaAQTensor(...) / CudaVQTensor(...)
     t.dequantize(torch.float16)    # [R, C] on the GPU, bit-identical to the numpy reference (fp32; fp16: rounded)
     t.matvec(x)                    # y = W x, float32 [R]: fused kernels, the weight stays compressed
-    t.matmul(X)                    # Y = X W^T, float32 [N, R]: fused per token for N <= 2, else fp16 dequant + cuBLAS
+    t.matmul(X)                    # Y = X W^T, float32 [N, R]: batched fused kernels for a few tokens, else fp16
+                                   # dequantization + cuBLAS
 
 The kernels (qg_cuda.cu) are compiled at run time by NVRTC through CuPy (``cupy.RawModule``), once per
 configuration and process (CuPy keeps the binaries in its kernel cache). Nothing CUDA is needed at install
@@ -36,8 +37,9 @@ __all__ = ["available", "unavailable_reason", "CudaUnavailableError", "CudaAQTen
            "from_companions", "FUSED_MAX_TOKENS", "plan_aq_lut", "plan_aq_direct", "plan_vq"]
 
 SOURCE = Path(__file__).with_name("qg_cuda.cu")
-FUSED_MAX_TOKENS = 8          # matmul: up to this many tokens the fused kernels (batched: one launch per 8 AQ or 4 VQ
-                              # tokens); above, fp16 dequantization + cuBLAS
+# matmul: up to this many tokens the fused kernels (batched: one launch per 8 AQ or 4 VQ tokens), above fp16
+# dequantization + cuBLAS; None: per type, from the H100 measurements: 8 for AQ with M <= 2 codebooks, else 4
+FUSED_MAX_TOKENS: int | None = None
 _BLOCK = 256
 _LUT_TABLES = 32              # lookup tables (of 256 floats) per block: 32 KiB of shared memory
 _TARGET_WAVES = 4             # aim for this many blocks per multiprocessor
@@ -344,6 +346,9 @@ class _CudaTensor:
 
     _NT_MAX = 8                       # tokens per launch of the batched fused kernel
 
+    def _fused_max_default(self) -> int:
+        return 4
+
     def matvec(self, x, **kw):  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -368,11 +373,13 @@ class _CudaTensor:
 
     def matmul(self, X, fused_max: int | None = None):
         """``Y = X W^T`` float32 ``[N, R]`` for ``X`` ``[N, C]``: for ``N <= fused_max`` (default
-        :data:`FUSED_MAX_TOKENS`) the fused kernels (one token: :meth:`matvec`; more: the batched kernels, each
-        gathered codebook entry used for every token), otherwise the weight dequantized to fp16 and one cuBLAS
-        matmul (fp16 inputs and result: activations beyond the fp16 range, 65504, would overflow)."""
+        :data:`FUSED_MAX_TOKENS`, else 8 or 4 by type) the fused kernels (one token: :meth:`matvec`; more: the
+        batched kernels, each gathered codebook entry used for every token), otherwise the weight dequantized to
+        fp16 and one cuBLAS matmul (fp16 inputs and result: activations beyond 65504 would overflow)."""
         import torch
-        fused_max = FUSED_MAX_TOKENS if fused_max is None else int(fused_max)
+        if fused_max is None:
+            fused_max = FUSED_MAX_TOKENS if FUSED_MAX_TOKENS is not None else self._fused_max_default()
+        fused_max = int(fused_max)
         X = _as_input(X, self.C, self.device, "X")
         X2 = X.reshape(-1, self.C)
         N = X2.shape[0]
@@ -458,6 +465,9 @@ class CudaAQTensor(_CudaTensor):
         names += [f"aq_matmul_direct<{M}, {G}, {code}, {nt}>" for nt in (2, 4, 8)]
         names = tuple(names + ([f"aq_matvec_lut<{M}, {G}>"] if self.B == 8 else []))
         return _kernels(("aq", M, self.B, G), names)
+
+    def _fused_max_default(self) -> int:
+        return 8 if self.M <= 2 else 4
 
     def _matmul_small(self, X, Y) -> None:
         """``Y = X W^T`` for 2..8 tokens in one batched fused launch (plus reduce_parts_n)."""

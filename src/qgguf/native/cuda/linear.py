@@ -18,8 +18,9 @@ __all__ = ["CudaCodebookLinear", "cuda_codebook_linear"]
 
 
 class CudaCodebookLinear(LinearBase):
-    """A codebook weight (``aq`` or ``vq``) applied by the CUDA kernels: fused matvec for up to
-    :data:`qgguf.native.cuda.FUSED_MAX_TOKENS` tokens (2), fp16 dequantization + cuBLAS above."""
+    """A codebook weight (``aq`` or ``vq``) applied by the CUDA kernels: the fused kernels for a few tokens (8 for AQ
+    with up to 2 codebooks, 4 otherwise: :meth:`qgguf.native.cuda.CudaAQTensor.matmul`), fp16 dequantization +
+    cuBLAS above."""
 
     kind = "cuda"
 
