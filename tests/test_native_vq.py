@@ -29,6 +29,8 @@ CASES = [("vq-v8-k256", 64, 96), ("vq-v8-k4096-256-o2-g3", 128, 200), ("vq-v16-k
          # segments shorter than a block, partial blocks read from the tail table or (at the stream's end) in order
          ("vq-v4-k16-16-o2-g8", 256, 530), ("vq-v2-k16-16-o3-g5", 18, 181), ("vq-v8-k16-16-g4", 64, 64),
          ("vq-v16-k16-16-o2-g3", 48, 150), ("vq-v4-k16-o1-g7", 40, 100), ("vq-v8-k16-o4", 24, 333),
+         # byte indices with a byte residual (VPTQ's 2-bit layout): eight positions per step, the group tails
+         ("vq-v8-k256-256-o2-g3", 64, 150), ("vq-v16-k256-256-g2", 32, 77),
          # ... and the AVX2 one (k, kr <= 16; 8 positions per step)
          ("vq-v4-k8-8-o3", 16, 203), ("vq-v16-k16-o1-g2", 48, 90)]
 
