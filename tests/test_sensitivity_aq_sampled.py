@@ -134,3 +134,33 @@ def test_sampled_search_against_full_search_on_stories():
         assert it["searched"] == pytest.approx(full.tensors[it["tensor"]].error[it["type"]], rel=1e-6)
     with pytest.raises(OptionError, match="AQ search"):
         measure(src, aq_search="some", **kw)
+
+
+def test_cli_aq_search_reaches_the_sensitivity_options(monkeypatch, tmp_path):
+    """``qgguf convert --aq-search full`` hands ``aq_search='full'`` to the measurement (default: not set, i.e.
+    sampled); a bad value is refused by the parser."""
+    from qgguf import cli
+    from qgguf.convert import pipeline
+
+    seen = []
+
+    class _Rep:
+        def summary(self):
+            return ""
+
+        def to_json(self):
+            return "{}"
+
+    def fake_convert(src, out, **kw):
+        seen.append(kw.get("sensitivity"))
+        return _Rep()
+
+    monkeypatch.setattr(pipeline, "convert", fake_convert)
+    base = ["convert", "in.gguf", "-o", str(tmp_path / "o.gguf"), "--method", "aq", "--compat", "any",
+            "--target-size", "1000000", "-q"]
+    cli.main(base + ["--aq-search", "full"])
+    cli.main(base)
+    assert seen[0]["aq_search"] == "full"
+    assert "aq_search" not in seen[1]
+    with pytest.raises(SystemExit):
+        cli.main(base + ["--aq-search", "some"])

@@ -89,6 +89,9 @@ def add_parsers(sub) -> None:
     x.add_argument("--proxy-check", type=int, default=0, metavar="N",
                    help="also measure N single-tensor KL divergences with other types and report the rank "
                         "correlation of the prediction with them")
+    x.add_argument("--aq-search", choices=["sampled", "full"],
+                   help="AQ candidates (--compat any --method aq): searched in the KL-measured layers and predicted "
+                        "per role elsewhere (sampled, the default) or searched in every layer (full, slower)")
     p.add_argument("-t", "--threads", type=int)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -156,6 +159,8 @@ def _convert(args: argparse.Namespace) -> int:
         sens["types"] = [t for t in args.mix_types.split(",") if t.strip()]
     if args.sens_nsamples:
         sens["nsamples"] = args.sens_nsamples
+    if args.aq_search:
+        sens["aq_search"] = args.aq_search
     if args.seqlen:
         sens["seqlen"] = min(args.seqlen, 512)
     rep = convert(args.src, args.out, method=args.method, type=args.type, tensor_types=args.tensor_type,
