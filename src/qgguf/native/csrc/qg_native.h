@@ -99,7 +99,8 @@ void qg_gemm_tile_scalar(const float *X, int64_t N, int64_t C, const float *Wt, 
  *   aux1      a qg_vq_side (rbooks, obook, perm, colbias)
  *   iparam    [0] k  [1] residual bits (0: none)  [2] kr  [3] n_out  [4] G  [5] columns per group
  *   W[b*v+i, perm[p]] = (book(p)[idx][i] + rbook(p)[ridx][i]) * scale[p] + bias[p]   (float32,
- *   no FMA); the matvec prepares xs[p] = x[perm[p]] * scale[p] and the bias term sum x[perm[p]]*bias[p]. */
+ *   no FMA); the matvec prepares xs[p] = x[perm[p]] * scale[p] and the bias term sum x[perm[p]]*bias[p]
+ *   (the AVX-512 4-bit kernel, qg_vq_avx512.c, stores xs in its own lane order and needs qg_vq_prep_size_avx512). */
 typedef struct qg_vq_side {
     const float *rbooks;   /* [G][kr][v] or NULL */
     const float *obook;    /* [k][v] or NULL (n_out = 0) */
