@@ -215,3 +215,27 @@ def test_gptq_fp_target_end_to_end(tmp_path):
     rep = convert(stories, b, method_options={"target": "fp"}, **kw)
     assert "target=fp" in rep.method
     assert a.read_bytes() != b.read_bytes()
+
+
+@pytest.mark.parametrize("method,given,expected", [("gptq", None, 64), ("gptq", 16, 16), ("quantease", None, 128)])
+def test_calibration_size_defaults(tmp_path, monkeypatch, method, given, expected):
+    """GPTQ calibrates on 64 x 512 tokens unless --nsamples says otherwise (its 5-minute budget on SmolLM2);
+    the other error-feedback methods keep 128."""
+    from pathlib import Path
+
+    from qgguf.convert.pipeline import convert
+    from qgguf.quantize import blockwise
+
+    class Seen(Exception):
+        pass
+
+    def fake_run_blocks(*a, nsamples=None, seqlen=None, **kw):
+        raise Seen((nsamples, seqlen))
+
+    monkeypatch.setattr(blockwise, "run_blocks", fake_run_blocks)
+    stories = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K.gguf"
+    with pytest.raises(Seen) as e:
+        convert(stories, tmp_path / "o.gguf", method=method, type="Q8_0", calib="self", nsamples=given,
+                progress=False)
+    assert e.value.args[0] == (expected, 512)
+    assert not (tmp_path / "o.gguf").exists()

@@ -11,8 +11,9 @@ and output in Q8_0, then the same evaluation of every file:
   blank line; both cut it into windows of 512 tokens, 128 of them);
 * ``rtn``, ``imatrix``, ``gptq``, ``autoround``, ``quantease`` (``NAME:key=value,...`` adds ``-O key=value``
   method options, e.g. ``autoround:init=gptq``): ``qgguf convert --method M --type T --pure
-  --token-embedding-type Q8_0 --output-tensor-type Q8_0 --calib CALIB`` (128 x 512 calibration tokens;
-  AutoRound's recipe sets its own).
+  --token-embedding-type Q8_0 --output-tensor-type Q8_0 --calib CALIB`` (each method's default calibration
+  size: 128 x 512 tokens, GPTQ 64 x 512, AutoRound's recipe its own; ``--nsamples N`` sets it for all, and for
+  llama-imatrix).
 
 Each file is evaluated by qgguf's evaluator (llama-perplexity's protocol, ``--chunks`` of ``--ctx`` tokens of
 the text; KLD, same-top against the F32 model) and loaded by llama.cpp (llama-cpp-python) for its own
@@ -84,7 +85,7 @@ def make_file(method: str, qtype: str, args, imatrix: Path, dest: Path, log: Pat
            "--seed", str(args.seed), "-t", str(args.threads), "--json", "-q"]
     if method != "rtn":
         cmd += ["--calib", args.calib]
-    if method not in ("rtn", "autoround"):        # AutoRound's recipe sets its own calibration size
+    if method not in ("rtn", "autoround") and args.nsamples:   # else the method's own default (AutoRound: recipe)
         cmd += ["--nsamples", str(args.nsamples)]
     if method == "autoround":
         cmd += ["--recipe", args.recipe]
@@ -187,8 +188,9 @@ def main(argv=None) -> int:
     ap.add_argument("--types", default="Q2_K,Q3_K,Q4_0")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--recipe", default="default", help="AutoRound recipe")
-    ap.add_argument("--nsamples", type=int, default=128,
-                    help="calibration windows of --ctx tokens, for llama-imatrix and qgguf alike (AutoRound: its recipe)")
+    ap.add_argument("--nsamples", type=int, default=None,
+                    help="calibration windows of --ctx tokens, for llama-imatrix and qgguf alike (default: llama-imatrix "
+                         "128, each qgguf method its own default: 128, GPTQ 64, AutoRound its recipe)")
     ap.add_argument("--out", default=str(ROOT / "bench-out" / "methods"))
     args = ap.parse_args(argv)
 
@@ -196,7 +198,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = []
     text = calib_text(args.calib, args.seed, out / "calib.txt")
-    imatrix = out / ("llamacpp-imatrix.gguf" if args.nsamples == 128 else f"llamacpp-imatrix-{args.nsamples}.gguf")
+    lc_nsamples = args.nsamples or 128
+    imatrix = out / ("llamacpp-imatrix.gguf" if lc_nsamples == 128 else f"llamacpp-imatrix-{lc_nsamples}.gguf")
     for qtype in args.types.split(","):
         for method in args.methods.split(","):
             tag = f"{qtype}-{method.replace('.', '').replace(':', '-').replace(',', '-').replace('=', '')}"
@@ -207,7 +210,7 @@ def main(argv=None) -> int:
             if args.table_only:
                 continue
             if method == "llama.cpp":
-                llamacpp_imatrix(args.model, text, imatrix, args.nsamples, args.ctx, args.threads)
+                llamacpp_imatrix(args.model, text, imatrix, lc_nsamples, args.ctx, args.threads)
             dest = out / f"{tag}.gguf"
             print(f"== {tag}", file=sys.stderr, flush=True)
             made = make_file(method, qtype, args, imatrix, dest, out / f"{tag}.log")
