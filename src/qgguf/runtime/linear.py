@@ -117,6 +117,9 @@ def dequantize_tensor(name: str, tensor_type: int, shape: tuple, raw_data: np.nd
     try:
         qt = gguf_types.by_ggml(int(tensor_type))
     except QggufError:
+        w = _dequantize_with_gguf_py(name, tensor_type, shape, raw_data)
+        if w is not None:
+            return w
         tname = _type_name(tensor_type) or f"id {int(tensor_type)}"
         raise UnsupportedModelError(f"tensor {name} has type {tname}, which qgguf cannot load yet") from None
     raw = np.ascontiguousarray(raw_data).view(np.uint8)
@@ -125,6 +128,34 @@ def dequantize_tensor(name: str, tensor_type: int, shape: tuple, raw_data: np.nd
         raise UnsupportedModelError(
             f"tensor {name}: {raw.size} bytes of {qt.name} data for shape {tuple(shape)} (expected {expected})")
     return qt.dequantize(raw, tuple(int(s) for s in shape))
+
+
+#: ggml types that qgguf reads but does not write (llama.cpp's i-quants with lattice grids): their dequantization
+#: is gguf-py's (``gguf.quants``), so that llama.cpp's own IQ2_XXS ... files can be evaluated beside ours
+READ_ONLY_GGML = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "IQ4_XS")
+
+
+def _dequantize_with_gguf_py(name: str, tensor_type: int, shape: tuple, raw_data: np.ndarray) -> np.ndarray | None:
+    """Float32 of ``shape`` through gguf-py's dequantizer for a :data:`READ_ONLY_GGML` type (None: not one)."""
+    tname = _type_name(tensor_type)
+    if tname not in READ_ONLY_GGML:
+        return None
+    import gguf
+    from gguf import quants
+
+    qtype = gguf.GGMLQuantizationType[tname]
+    block, tsize = gguf.GGML_QUANT_SIZES[qtype]
+    shape = tuple(int(s) for s in shape)
+    n = shape[-1]
+    if n % block:
+        raise UnsupportedModelError(f"tensor {name}: rows of {n} values do not divide into {tname} blocks of {block}")
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    raw = np.ascontiguousarray(raw_data).view(np.uint8).reshape(-1)
+    if raw.size != rows * (n // block) * tsize:
+        raise UnsupportedModelError(f"tensor {name}: {raw.size} bytes of {tname} data for shape {shape} "
+                                    f"(expected {rows * (n // block) * tsize})")
+    w = quants.dequantize(raw.reshape(rows, -1), qtype)
+    return np.ascontiguousarray(w, dtype=np.float32).reshape(shape)
 
 
 def make_linear(name: str, tensor_type: int, shape: tuple, raw_data: np.ndarray) -> LinearBase:
