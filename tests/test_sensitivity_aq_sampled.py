@@ -93,7 +93,8 @@ def test_check_layers_are_unsearched_midpoints():
 def test_sampled_search_against_full_search_on_stories():
     """stories260K, KL divergence layers 0, 2, 4 (alpha_stride 2): the sampled search searches AQ there only
     (identical errors to the full search), predicts layers 1 and 3 close to the full search's errors, checks them
-    (held out) with ``check``, and costs less AQ time."""
+    (held out) with ``check``. (Its cost is measured by tools/bench_mixed.py, not timed here: with the check the
+    sampled search also searches the held-out layers, so on 5 layers it is not cheaper.)"""
     from qgguf.convert.sources import open_source
     src = open_source(STORIES)
 
@@ -126,7 +127,6 @@ def test_sampled_search_against_full_search_on_stories():
     assert _spearman(pred, exact) > 0.95
     ratio = np.asarray(exact) / np.asarray(pred)
     assert 0.6 < float(np.median(ratio)) < 1.6
-    assert samp.aq_seconds < full.aq_seconds
     ap = samp.proxy_check["aq_prediction"]
     assert ap["layers"] == [1, 3] and ap["pairs"] == len(pred) and ap["spearman"] > 0.95
     # the check searches the held-out layers with the same seeds as the full search

@@ -218,19 +218,13 @@ def main() -> int:
     return 0
 
 
-def aq_rounds_check(f32: str, calib: str, layer: int, types: str | None, nsamples: int = 8, seqlen: int = 256) -> dict:
-    """Layer errors e(t, q) = tr(dW H dW^T)/N of block ``layer``'s linears for every AQ candidate, with the
-    sensitivity measurement's short AQ search (AQ_MEASURE) and with the conversion's (quantize/aq.py defaults,
-    without block fine-tuning); Spearman rank correlation over all (tensor, type) pairs and per tensor."""
+def _calibrated_inputs(f32: str, calib: str, nsamples: int, seqlen: int):
+    """(source, tensor names, hparams, rope tables, embedded calibration tokens) of the checks below (1 thread)."""
     import numpy as np
     import torch
 
-    sys.path.insert(0, str(ROOT / "src"))
-    from qgguf import gguf_types
     from qgguf.convert.sources import open_source
-    from qgguf.quantize.aq import METHOD_DEFAULTS
     from qgguf.quantize.blockwise import _calibration
-    from qgguf.quantize.sensitivity import AQ_CANDIDATES, _aq_quantized, _err, _spearman
     from qgguf.runtime import model as rm
 
     torch.set_num_threads(1)
@@ -242,7 +236,23 @@ def aq_rounds_check(f32: str, calib: str, layer: int, types: str | None, nsample
     emb = torch.from_numpy(np.array(src.load("token_embd.weight"), np.float32))
     hp = rm.hparams_from_metadata(md, emb.shape[0], src.path)
     rope = rm.rope_tables(hp, seqlen, None)
-    x = rm.embed(emb, torch.tensor(seqs, dtype=torch.long))
+    return src, names, hp, rope, rm.embed(emb, torch.tensor(seqs, dtype=torch.long))
+
+
+def aq_rounds_check(f32: str, calib: str, layer: int, types: str | None, nsamples: int = 8, seqlen: int = 256) -> dict:
+    """Layer errors e(t, q) = tr(dW H dW^T)/N of block ``layer``'s linears for every AQ candidate, with the
+    sensitivity measurement's short AQ search (AQ_MEASURE) and with the conversion's (quantize/aq.py defaults,
+    without block fine-tuning); Spearman rank correlation over all (tensor, type) pairs and per tensor."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from qgguf import gguf_types
+    from qgguf.quantize.aq import METHOD_DEFAULTS
+    from qgguf.quantize.sensitivity import AQ_CANDIDATES, _aq_quantized, _err, _spearman
+    from qgguf.runtime import model as rm
+
+    src, names, hp, rope, x = _calibrated_inputs(f32, calib, nsamples, seqlen)
     shapes = {t.name: tuple(t.shape) for t in src.tensors}
     from qgguf.quantize.blockwise import short_key
     with torch.no_grad():
@@ -301,22 +311,12 @@ def aq_sample_check(f32: str, calib: str, check: list[int], nsamples: int = 8, s
     sys.path.insert(0, str(ROOT / "src"))
     from qgguf import gguf_types
     from qgguf.convert.budget import file_bytes
-    from qgguf.convert.sources import open_source
-    from qgguf.quantize.blockwise import _calibration, short_key
+    from qgguf.quantize.blockwise import short_key
     from qgguf.quantize.sensitivity import (AQ_CANDIDATES, STANDARD_CANDIDATES, TensorSensitivity, _aq_prediction_check,
                                             _aq_quantized, _err, _quantized, candidate_types, predict_aq_errors)
     from qgguf.runtime import model as rm
 
-    torch.set_num_threads(1)
-    src = open_source(f32)
-    md = {k: v.value for k, v in src.metadata.items()}
-    md["general.architecture"] = src.arch
-    names = {t.name for t in src.tensors}
-    seqs, _ = _calibration(src, md, names, calib, nsamples, seqlen, 0, False, 1)
-    emb = torch.from_numpy(np.array(src.load("token_embd.weight"), np.float32))
-    hp = rm.hparams_from_metadata(md, emb.shape[0], src.path)
-    rope = rm.rope_tables(hp, seqlen, None)
-    x = rm.embed(emb, torch.tensor(seqs, dtype=torch.long))
+    src, names, hp, rope, x = _calibrated_inputs(f32, calib, nsamples, seqlen)
     N = float(x.shape[0] * x.shape[1])
     shapes = {t.name: tuple(t.shape) for t in src.tensors}
     stride = max(1, hp.n_layer // 6)
