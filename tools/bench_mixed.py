@@ -239,6 +239,24 @@ def _calibrated_inputs(f32: str, calib: str, nsamples: int, seqlen: int):
     return src, names, hp, rope, rm.embed(emb, torch.tensor(seqs, dtype=torch.long))
 
 
+def _linear_grams(hp, w: dict, x, rope) -> dict:
+    """Float32 Gram matrix ``X^T X`` of each block linear's inputs (float weights ``w``, block input ``x``)."""
+    import torch
+
+    from qgguf.runtime import model as rm
+
+    n = rm.rms_norm(x, w["attn_norm"], hp.norm_eps)
+    a = rm.attention(hp, w, n, rope)
+    m = rm.rms_norm(x + rm.linear(w, "attn_output", a), w["ffn_norm"], hp.norm_eps)
+    h = rm.ffn_hidden(w, m)
+    inputs = {"attn_q": n, "attn_k": n, "attn_v": n, "attn_output": a, "ffn_gate": m, "ffn_up": m, "ffn_down": h}
+    grams = {}
+    for k, inp in inputs.items():
+        t2 = inp.reshape(-1, inp.shape[-1])
+        grams[k] = (t2.T @ t2).to(torch.float32)
+    return grams
+
+
 def aq_rounds_check(f32: str, calib: str, layer: int, types: str | None, nsamples: int = 8, seqlen: int = 256) -> dict:
     """Layer errors e(t, q) = tr(dW H dW^T)/N of block ``layer``'s linears for every AQ candidate, with the
     sensitivity measurement's short AQ search (AQ_MEASURE) and with the conversion's (quantize/aq.py defaults,
@@ -261,19 +279,12 @@ def aq_rounds_check(f32: str, calib: str, layer: int, types: str | None, nsample
             w = {k: torch.from_numpy(np.array(src.load(n), np.float32).reshape(shapes[n])) for k, n in keys.items()}
             if il < layer:
                 x = rm.block_forward(hp, w, x, rope)
-        n = rm.rms_norm(x, w["attn_norm"], hp.norm_eps)
-        a = rm.attention(hp, w, n, rope)
-        x1 = x + rm.linear(w, "attn_output", a)
-        m = rm.rms_norm(x1, w["ffn_norm"], hp.norm_eps)
-        h = rm.ffn_hidden(w, m)
+        grams = _linear_grams(hp, w, x, rope)
     N = float(x.shape[0] * x.shape[1])
-    inputs = {"attn_q": n, "attn_k": n, "attn_v": n, "attn_output": a, "ffn_gate": m, "ffn_up": m, "ffn_down": h}
     cands = [t for t in (types.split(",") if types else AQ_CANDIDATES)]
     full = {k: v for k, v in METHOD_DEFAULTS.items()}
     pairs, per_tensor = [], {}
-    for k, inp in inputs.items():
-        t2 = inp.reshape(-1, inp.shape[-1])
-        H = (t2.T @ t2).to(torch.float32)
+    for k, H in grams.items():
         name = keys[k]
         W = w[k].reshape(-1, shapes[name][-1])
         ws = np.ascontiguousarray(W.numpy())
@@ -328,15 +339,7 @@ def aq_sample_check(f32: str, calib: str, check: list[int], nsamples: int = 8, s
             keys = {short_key(n, il): n for n in names if short_key(n, il) is not None}
             w = {k: torch.from_numpy(np.array(src.load(n), np.float32).reshape(shapes[n])) for k, n in keys.items()}
             if il in searched or il in check:
-                n = rm.rms_norm(x, w["attn_norm"], hp.norm_eps)
-                a = rm.attention(hp, w, n, rope)
-                m = rm.rms_norm(x + rm.linear(w, "attn_output", a), w["ffn_norm"], hp.norm_eps)
-                h = rm.ffn_hidden(w, m)
-                inputs = {"attn_q": n, "attn_k": n, "attn_v": n, "attn_output": a, "ffn_gate": m, "ffn_up": m,
-                          "ffn_down": h}
-                for k, inp in inputs.items():
-                    t2 = inp.reshape(-1, inp.shape[-1])
-                    H = (t2.T @ t2).to(torch.float32)
+                for k, H in _linear_grams(hp, w, x, rope).items():
                     name = keys[k]
                     W = w[k].reshape(-1, shapes[name][-1])
                     ws = np.ascontiguousarray(W.numpy())
