@@ -13,7 +13,7 @@ import torch
 from qgguf import gguf_types
 from qgguf.errors import OptionError
 from qgguf.quantize import aq_core as C
-from qgguf.quantize.aq import AQ, choose_config, config_bpw, plan_aq
+from qgguf.quantize.aq import AQ, choose_config, config_bpw, head_types, plan_aq
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STORIES = SHARED / "models" / "stories260K.gguf"
@@ -169,8 +169,24 @@ def test_plan_aq_tensor_methods_and_heads():
     assert p.output_tensor_type == "Q8_0"           # tied embeddings, rows of 576: Q6_K does not fit
     p = plan_aq(SMOL, aq_config="aq-2x8-g8")
     assert len(p.tensors) == 210 and p.config.name == "aq-2x8-g8"
+    assert p.output_tensor_type == "Q8_0"           # no bit budget: the head keeps 8 bits
     with pytest.raises(OptionError):
         plan_aq(SMOL, tensor_methods=["nothing_matches=aq"])
+
+
+def test_head_types_follow_the_bit_budget():
+    # the whole model under --bits: the head gets the smallest type of at least bits + 2.5 bits per weight
+    assert plan_aq(SMOL, bits=2).output_tensor_type == "IQ4_NL"
+    assert plan_aq(SMOL, bits=3).output_tensor_type == "Q5_0"
+    assert plan_aq(SMOL, bits=4).output_tensor_type == "Q8_0"    # no 6-bit type for rows of 32-blocks
+    wide = {"token_embd.weight": (1000, 2048), "output.weight": (1000, 2048)}
+    assert head_types(wide, None, None, 2) == ("Q4_K", "Q4_K")
+    assert head_types(wide, None, None, 3) == ("Q5_K", "Q5_K")
+    assert head_types(wide, None, None, 4) == ("Q6_K", "Q6_K")
+    assert head_types(wide, None, None) == ("Q6_K", "Q6_K")
+    assert head_types(wide, "Q8_0", None, 2) == ("Q8_0", "Q4_K")   # given types win
+    # AQ on some tensors only (--tensor-method): the rest of the file, heads included, is --type's business
+    assert plan_aq(SMOL, type="Q8_0", bits=2, tensor_methods=["ffn_down=aq"]).output_tensor_type == "Q8_0"
 
 
 def test_method_options():

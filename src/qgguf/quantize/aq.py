@@ -504,11 +504,33 @@ class AQPlan:
     other: str | None                   # the method of the block linears that are not AQ
 
 
-def head_types(shapes: dict, token_embedding_type: str | None, output_tensor_type: str | None):
-    """(token embedding type, output type) for a codebook-method file: the given ones, else Q6_K where rows divide
-    into 256-blocks and Q8_0 otherwise (a tied output is the token embedding, typed through the output's choice)."""
+#: standard types for the token embedding / output of a codebook file given --bits: (bits per weight, type) for
+#: rows that divide into 256-blocks and for rows that divide into 32-blocks, smallest first
+_HEAD_LADDER = {256: ((4.5, "Q4_K"), (5.5, "Q5_K"), (6.5625, "Q6_K"), (8.5, "Q8_0")),
+                32: ((4.5, "IQ4_NL"), (5.5, "Q5_0"), (6.0, "Q5_1"), (8.5, "Q8_0"))}
+#: how many bits per weight more than the block linears' budget the head gets under --bits (module docstring)
+HEAD_EXTRA_BITS = 2.5
+
+
+def head_types(shapes: dict, token_embedding_type: str | None, output_tensor_type: str | None,
+               bits: float | None = None):
+    """(token embedding type, output type) for a codebook-method file: the given ones; else, when the whole model
+    has a bit budget (``bits`` per linear weight), the smallest standard type of at least ``bits`` +
+    :data:`HEAD_EXTRA_BITS` bits per weight (``--bits 2``: IQ4_NL or Q4_K, ``--bits 3``: Q5_0 or Q5_K, ``--bits 4``:
+    Q6_K or Q8_0); without a budget Q6_K where rows divide into 256-blocks and Q8_0 otherwise. A tied output is the
+    token embedding, typed through the output's choice.
+
+    Why bits + 2.5: the embedding/output matrix holds a fifth of a small model's weights, every token reads it, and
+    a tied one is also the output layer, so it carries more bits than the linears; the mixed-precision search
+    (convert/mixed.py, with measured KLD per tensor and type) gave SmolLM2-135M's tied embedding IQ4_NL at the
+    size of the AQ 2-bit file. Q8_0 at every budget would make the head most of a 2-3 bit file."""
     def head_type(name: str) -> str:
-        return "Q6_K" if shapes[name][-1] % 256 == 0 else "Q8_0"
+        row = shapes[name][-1]
+        if bits is None:
+            return "Q6_K" if row % 256 == 0 else "Q8_0"
+        ladder = _HEAD_LADDER[256] if row % 256 == 0 else _HEAD_LADDER[32] if row % 32 == 0 else ((16.0, "F16"),)
+        want = float(bits) + HEAD_EXTRA_BITS
+        return next((t for b, t in ladder if b >= want), ladder[-1][1])
 
     tied = "output.weight" not in shapes
     ote = output_tensor_type
@@ -532,7 +554,8 @@ def plan_aq(tensors, *, type: str = "Q8_0", aq_config: str | None = None, bits: 
       best fit for ``bits`` (:func:`choose_config`), else :data:`DEFAULT_CONFIG`;
     * rows that do not divide into groups of ``g`` keep the standard type the plan gives them
       (``--type``; llama.cpp's row-length fallbacks, F16 at worst);
-    * token_embd / output: Q6_K when the rows divide into 256, else Q8_0 (unless given)."""
+    * token_embd / output: given, else by the bit budget when AQ covers the whole model (:func:`head_types`),
+      else Q6_K when the rows divide into 256 and Q8_0 otherwise."""
     shapes = {n: tuple(s) for n, s in tensors}
     tms = parse_tensor_methods(tensor_methods)
     from ..convert.presets import parse_tensor_types
@@ -578,7 +601,7 @@ def plan_aq(tensors, *, type: str = "Q8_0", aq_config: str | None = None, bits: 
         raise OptionError(f"{cfg.name}: no tensor has rows that divide into groups of {cfg.g}")
     bpw = config_bpw(cfg, [shapes[n] for n in want], fb_type)
     tt = [(re.escape(n), cfg.name.upper()) for n in aq_names] + [(p, t) for p, _rx, t in user_tt]
-    tte, ote = head_types(shapes, token_embedding_type, output_tensor_type)
+    tte, ote = head_types(shapes, token_embedding_type, output_tensor_type, None if tms else bits)
     return AQPlan(cfg, std_type, aq_names, fallback, bpw, tt, tte, ote, other)
 
 
