@@ -174,6 +174,25 @@ def test_plan_aq_tensor_methods_and_heads():
         plan_aq(SMOL, tensor_methods=["nothing_matches=aq"])
 
 
+def test_bits_upgrades_roles_within_the_budget():
+    # one configuration for all matrices would leave --bits 3 at 2.18 bits (every 3-codebook configuration costs
+    # more than 3 bits on the 576 x 576 matrices); per-role upgrades use the budget and never exceed it
+    for bits in (1.5, 2, 2.5, 3, 4):
+        p = plan_aq(SMOL, bits=bits)
+        assert bits - 0.25 < p.bpw <= bits + 1e-9
+        types = dict((n.replace("\\", ""), t) for n, t in p.tensor_types)
+        assert len(types) == 210
+        roles = {}
+        for n, t in types.items():
+            roles.setdefault(n.split(".")[2], set()).add(t)
+        assert all(len(ts) == 1 for ts in roles.values())      # a role has one configuration in every block
+    types = dict((n.replace("\\", ""), t) for n, t in plan_aq(SMOL, bits=3).tensor_types)
+    assert types["blk.0.ffn_down.weight"] == "AQ-3X8-G8" and types["blk.0.attn_q.weight"] == "AQ-2X8-G8"
+    # an explicit configuration is not upgraded
+    p = plan_aq(SMOL, aq_config="aq-2x8-g8", bits=3)
+    assert {t for _n, t in p.tensor_types} == {"AQ-2X8-G8"}
+
+
 def test_head_types_follow_the_bit_budget():
     # the whole model under --bits: the head gets the smallest type of at least bits + 2.5 bits per weight
     assert plan_aq(SMOL, bits=2).output_tensor_type == "IQ4_NL"

@@ -208,7 +208,10 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
             if aqp.other and "other" not in opts:
                 m.other = aqp.other
             if bits is not None:   # the configuration --bits chose, and its true size
-                print(f"qgguf: --bits {bits:g}: {aqp.config.name} on {len(aqp.tensors)} tensors, {aqp.bpw:.3f} bits "
+                from collections import Counter
+                mix = Counter(t.lower() for _p, t in aqp.tensor_types[:len(aqp.tensors)])
+                print(f"qgguf: --bits {bits:g}: {', '.join(f'{c} on {k}' for c, k in mix.most_common())} tensors "
+                      f"(embedding/output {aqp.output_tensor_type or aqp.token_embedding_type}), {aqp.bpw:.3f} bits "
                       "per weight counting every byte" + (f" ({len(aqp.fallback)} in their fallback type)"
                                                           if aqp.fallback else ""), file=sys.stderr)
         recipe = None

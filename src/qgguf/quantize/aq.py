@@ -466,6 +466,53 @@ def choose_config(shapes, bits: float, configs=None, fallback_type: str = "Q8_0"
     return fit[0][0]
 
 
+def _fallback_share(shapes, names, fallback, fb_type: str, bits: float) -> float:
+    """How far the budget per AQ weight must shrink to pay for the tensors that keep their fallback type."""
+    if not fallback:
+        return 0.0
+    n_aq = sum(int(np.prod(shapes[n])) for n in names)
+    n_fb = sum(int(np.prod(shapes[n])) for n in fallback)
+    fb_bits = 8.0 * sum(_fallback_bytes(shapes[n], fb_type) for n in fallback)
+    return max(0.0, (fb_bits - bits * n_fb) / max(1, n_aq))
+
+
+def upgrade_configs(shapes: dict, base: AQConfig, bits: float, configs=None, fallback_type: str = "Q8_0") -> dict:
+    """Per-tensor configurations within ``bits`` per weight over ``shapes`` ({name: (rows, cols)}), starting from
+    ``base`` everywhere (:func:`choose_config`'s single choice). The codebooks are a fixed cost per matrix, so
+    one configuration for all matrices leaves budget unused: at ``--bits 3`` on SmolLM2 every 3-codebook
+    configuration costs more than 3 bits on the 576 x 576 matrices, and a single choice falls back to 2x8-g8
+    (2.18 bits). Tensors of one shape (one role of every block) are upgraded together, largest first, one step
+    at a time (the next configuration in :func:`choose_config`'s accuracy order that keeps the total within the
+    budget), round after round until nothing changes, so the roles rise evenly."""
+    configs = list(configs or available_configs())
+    def rank(c):    # choose_config's accuracy order; at equal code bits the smaller group (and smaller codebooks)
+        return (c.code_bits, c.B, -c.g)
+    order = sorted(configs, key=rank, reverse=True)
+    groups: dict[tuple, list[str]] = {}
+    for n, sh in shapes.items():
+        groups.setdefault(tuple(sh), []).append(n)
+    chosen = {sh: base for sh in groups}
+    n_all = sum(int(np.prod(sh)) * len(ns) for sh, ns in groups.items())
+
+    def nbytes(sh, c):
+        return config_bpw(c, [sh], fallback_type) * int(np.prod(sh)) * len(groups[sh]) / 8.0
+
+    budget = bits * n_all / 8.0 + 1e-6
+    changed = True
+    while changed:
+        changed = False
+        for sh in sorted(groups, key=lambda t: -int(np.prod(t))):
+            rest = sum(nbytes(o, chosen[o]) for o in groups if o != sh)
+            cur = chosen[sh]
+            for c in reversed(order):     # the next step up that fits, so that the roles rise evenly
+                if not c.fits(sh[-1]) or rank(c) <= rank(cur):
+                    continue
+                if rest + nbytes(sh, c) <= budget:
+                    chosen[sh], changed = c, True
+                    break
+    return {n: chosen[tuple(sh)] for n, sh in shapes.items()}
+
+
 def parse_tensor_methods(items) -> list[tuple[str, re.Pattern, str]]:
     """``["PATTERN=METHOD", ...]`` -> [(pattern, compiled, method)]."""
     out = []
@@ -599,8 +646,14 @@ def plan_aq(tensors, *, type: str = "Q8_0", aq_config: str | None = None, bits: 
     fallback = [n for n in want if not cfg.fits(shapes[n][-1])]
     if not aq_names:
         raise OptionError(f"{cfg.name}: no tensor has rows that divide into groups of {cfg.g}")
-    bpw = config_bpw(cfg, [shapes[n] for n in want], fb_type)
-    tt = [(re.escape(n), cfg.name.upper()) for n in aq_names] + [(p, t) for p, _rx, t in user_tt]
+    per = {n: cfg for n in aq_names}
+    if bits is not None and not aq_config and config_of(type) is None:
+        per = upgrade_configs({n: shapes[n] for n in aq_names}, cfg, float(bits) - _fallback_share(
+            shapes, aq_names, fallback, fb_type, float(bits)), fallback_type=fb_type)
+    nbytes = sum(per[n].nbytes(int(np.prod(shapes[n][:-1])), int(shapes[n][-1])) for n in aq_names) + \
+        sum(_fallback_bytes(shapes[n], fb_type) for n in fallback)
+    bpw = 8.0 * nbytes / max(1, sum(int(np.prod(shapes[n])) for n in want))
+    tt = [(re.escape(n), per[n].name.upper()) for n in aq_names] + [(p, t) for p, _rx, t in user_tt]
     tte, ote = head_types(shapes, token_embedding_type, output_tensor_type, None if tms else bits)
     return AQPlan(cfg, std_type, aq_names, fallback, bpw, tt, tte, ote, other)
 
