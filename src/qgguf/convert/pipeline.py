@@ -4,7 +4,6 @@ The plain path (``method="rtn"``) imports no torch/transformers; only calibratio
 """
 from __future__ import annotations
 
-import os
 import resource
 import sys
 import time
@@ -12,10 +11,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType
+from gguf import GGUFValueType
 
 from ..errors import BadWeightsError, OptionError, QggufError
-from .ggufread import MetaValue
 from .presets import TypePlan, plan_types
 from .sources import ModelSource, is_alias, open_source
 

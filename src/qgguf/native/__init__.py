@@ -32,6 +32,8 @@ import contextlib
 import os
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..errors import QggufError
@@ -465,6 +467,59 @@ __all__ += ["decode_attention"]
 _TYPE_VQ = 1
 
 
+@dataclass(frozen=True)
+class VQParams:
+    """The checked parameters of a VQ tensor and what follows from them (shared by :class:`VQTensor` and the
+    CUDA path's ``CudaVQTensor``, which passes its narrower bounds)."""
+    v: int
+    k: int
+    kr: int
+    R: int
+    C: int
+    n_out: int
+    groups: int
+
+    @property
+    def nc(self) -> int:            # columns of the main codebook groups (the outlier columns come first)
+        return self.C - self.n_out
+
+    @property
+    def gs(self) -> int:            # columns per codebook group
+        return -(-self.nc // self.groups)
+
+    @property
+    def nb(self) -> int:            # vector rows
+        return self.R // self.v
+
+    @property
+    def kbits(self) -> int:
+        return self.k.bit_length() - 1
+
+    @property
+    def rbits(self) -> int:
+        return self.kr.bit_length() - 1 if self.kr else 0
+
+
+def vq_params(*, v, k, kr, R, C, n_out, groups, max_rows: int = 1 << 40, max_cols: int = 1 << 31) -> VQParams:
+    """Check a VQ tensor's parameters (docs/FORMAT.md "VQ tensors"): a clear :class:`QggufError` for each bad one."""
+    v = _int("v", v, 2, 16)
+    if v not in (2, 4, 8, 16):
+        raise QggufError(f"vector length v must be 2, 4, 8 or 16, got {v}")
+    k = _int("k", k, 4, 65536)
+    kr = _int("kr", kr, 0, 65536)
+    if k & (k - 1) or (kr and kr & (kr - 1)) or kr == 1:
+        raise QggufError(f"k={k} and kr={kr} must be powers of two (kr=0: no residual)")
+    R = _int("R", R, 1, max_rows)
+    C = _int("C", C, 1, max_cols)
+    if R % v:
+        raise QggufError(f"R={R} is not a multiple of v={v}")
+    if R * C >= _MAX_ELEMS:
+        raise QggufError(f"tensor too large: R={R}, C={C}")
+    n_out = _int("n_out", n_out, 0, C - 1)
+    G = _int("groups", groups, 1, max(1, C - n_out))
+    return VQParams(v, k, kr, R, C, n_out, G)
+
+
 class VQTensor:
     """A VQ (VPTQ-style vector-quantized) weight of R output rows and C input columns, kept packed
     (qgguf.gguf_types.vq, docs/FORMAT.md "VQ tensors"): the kernels decode the bit-packed index streams
@@ -476,25 +531,9 @@ class VQTensor:
     def __init__(self, idx, books, perm, colscale, colbias, *, v, k, R, C, ridx=None, rbooks=None, kr=0,
                  obook=None, n_out=0, groups=1):
         lib = _require()
-        v = _int("v", v, 2, 16)
-        if v not in (2, 4, 8, 16):
-            raise QggufError(f"vector length v must be 2, 4, 8 or 16, got {v}")
-        k = _int("k", k, 4, 65536)
-        kr = _int("kr", kr, 0, 65536)
-        if k & (k - 1) or (kr and kr & (kr - 1)) or kr == 1:
-            raise QggufError(f"k={k} and kr={kr} must be powers of two (kr=0: no residual)")
-        R = _int("R", R, 1, 1 << 40)
-        C = _int("C", C, 1, 1 << 31)
-        if R % v:
-            raise QggufError(f"R={R} is not a multiple of v={v}")
-        if R * C >= _MAX_ELEMS:
-            raise QggufError(f"tensor too large: R={R}, C={C}")
-        n_out = _int("n_out", n_out, 0, C - 1)
-        G = _int("groups", groups, 1, max(1, C - n_out))
-        nc = C - n_out
-        gs = -(-nc // G)
-        nb = R // v
-        kbits, rbits = k.bit_length() - 1, (kr.bit_length() - 1 if kr else 0)
+        P = vq_params(v=v, k=k, kr=kr, R=R, C=C, n_out=n_out, groups=groups)
+        v, k, kr, R, C, n_out, G = P.v, P.k, P.kr, P.R, P.C, P.n_out, P.groups
+        nc, gs, nb, kbits, rbits = P.nc, P.gs, P.nb, P.kbits, P.rbits
 
         def stream(name, a, n, bits):
             a = _array(name, a)

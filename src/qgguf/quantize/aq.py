@@ -43,18 +43,15 @@ The choice of configuration (``--aq-config``, ``--bits``) and of the tensors AQ 
 """
 from __future__ import annotations
 
-import math
 import re
 import time
 from dataclasses import dataclass, fields as dc_fields
-from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import OptionError, QggufError
-from .aq_core import (CONFIGS, AQConfig, AQOptions, dequantize, from_fields, parse_config, quantize_matrix,
-                      to_fields)
+from .aq_core import CONFIGS, AQConfig, AQOptions, dequantize, parse_config, quantize_matrix, to_fields
 from .base import QuantContext
 from .blockwise import BlockMethod, sequential_quantize
 

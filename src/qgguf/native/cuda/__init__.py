@@ -547,22 +547,12 @@ class CudaVQTensor(_CudaTensor):
     def __init__(self, idx, books, perm, colscale, colbias, *, v, k, R, C, ridx=None, rbooks=None, kr=0,
                  obook=None, n_out=0, groups=1, device=None):
         _require()
-        if v not in (2, 4, 8, 16):
-            raise QggufError(f"VQ vector length v={v!r} must be 2, 4, 8 or 16")
-        k = _check_int("k", k, 4, 65536)
-        kr = _check_int("kr", kr, 0, 65536)
-        if k & (k - 1) or (kr and kr & (kr - 1)) or kr == 1:
-            raise QggufError(f"VQ k={k} and kr={kr} must be powers of two (kr=0: no residual)")
-        R = _check_int("R", R, 1, (1 << 31) - 1)
-        C = _check_int("C", C, 1, (1 << 31) - 1)
-        if R % v:
-            raise QggufError(f"R={R} is not a multiple of v={v}")
-        n_out = _check_int("n_out", n_out, 0, C - 1)
-        G = _check_int("groups", groups, 1, max(1, C - n_out))
-        self.v, self.k, self.kr, self.R, self.C, self.n_out, self.groups = v, k, kr, R, C, n_out, G
-        self.nb, self.nc = R // v, C - n_out
-        self.gs = _cdiv(self.nc, G)
-        self.kbits, self.rbits = k.bit_length() - 1, (kr.bit_length() - 1 if kr else 0)
+        from .. import vq_params
+        P = vq_params(v=v, k=k, kr=kr, R=R, C=C, n_out=n_out, groups=groups,
+                      max_rows=(1 << 31) - 1, max_cols=(1 << 31) - 1)     # 32-bit indexing in the kernels
+        self.v, self.k, self.kr, self.R, self.C, self.n_out, self.groups = P.v, P.k, P.kr, P.R, P.C, P.n_out, P.groups
+        self.nb, self.nc, self.gs, self.kbits, self.rbits = P.nb, P.nc, P.gs, P.kbits, P.rbits
+        v, k, kr, R, C, n_out, G = P.v, P.k, P.kr, P.R, P.C, P.n_out, P.groups
         self.device = _device(device)
 
         def stream(name, a, n, bits):
