@@ -2,6 +2,7 @@
 """Relative layer errors of codebook configurations (VQ and AQ) on the linears of chosen blocks of a model.
 
     python tools/vq_layer_errors.py --layers 3 --configs vq-v4-k128-o2-g8,vq-v8-k256-64-o1,aq-3x8-g16
+    python tools/vq_layer_errors.py --layers 3 --configs "aq-2x8-g8,aq-2x8-g8:beam=4;max_rounds=8"
 
 For each block in ``--layers``, the Gram matrices ``H = X^T X`` of its seven linears are collected the way the
 block methods collect them (true-sequential, :func:`qgguf.quantize.blockwise.sequential_quantize`, here with the
@@ -32,16 +33,29 @@ from qgguf.runtime import model as rm  # noqa: E402
 from qgguf.runtime.tokenizer import Tokenizer  # noqa: E402
 
 
-def layer_error(cfg: str, W: np.ndarray, H: np.ndarray) -> tuple[float, int]:
-    """(relative error, bytes) of one linear in configuration ``cfg``."""
-    if cfg.startswith("aq-"):
+def layer_error(cfg: str, W: np.ndarray, H: np.ndarray, name: str = "") -> tuple[float, int]:
+    """(relative error, bytes) of one linear in configuration ``cfg`` (``file:PATH``: the tensor ``name`` as stored
+    in the GGUF file PATH, e.g. one of llama.cpp's, where it has a quantized type)."""
+    if cfg.startswith("file:"):
+        src = _files.setdefault(cfg, open_source(cfg[5:]))
+        Wq = np.array(src.load(name), np.float64)
+        dW = Wq - W.astype(np.float64)
+        Hd = H.astype(np.float64)
+        err = float(np.einsum("ij,jk,ik->", dW, Hd, dW) / np.einsum("ij,jk,ik->", W.astype(np.float64), Hd, W))
+        return err, int(src.file.tensor(name).nbytes) if hasattr(src, "file") else 0
+    if cfg.startswith("aq-"):    # aq-MxB-gG[:KEY=VALUE;KEY=VALUE]: AQ options over the method's defaults
         from qgguf.quantize.aq import aq_options
         from qgguf.quantize.aq_core import parse_config, quantize_matrix
-        c = parse_config(cfg)
-        return quantize_matrix(W, H, c, aq_options({}), seed=0).rel_err, c.nbytes(*W.shape)
+        name, _, opts = cfg.partition(":")
+        c = parse_config(name)
+        o = aq_options(dict(kv.split("=", 1) for kv in opts.split(";") if kv))
+        return quantize_matrix(W, H, c, o, seed=0).rel_err, c.nbytes(*W.shape)
     from qgguf.quantize.vq_core import VQOptions, quantize_matrix
     qt = gguf_types.get(cfg)
     return quantize_matrix(W, H, qt, VQOptions(), seed=0).rel_err, qt.nbytes(W.shape)
+
+
+_files: dict = {}
 
 
 def main(argv=None) -> int:
@@ -81,7 +95,7 @@ def main(argv=None) -> int:
                 errs, nbytes, n = {}, 0, 0
                 for k in rm.BLOCK_LINEARS:
                     W = w[k].numpy()
-                    errs[k], nb = layer_error(cfg, W, grams[k])
+                    errs[k], nb = layer_error(cfg, W, grams[k], names[k])
                     nbytes += nb
                     n += W.size
                 print(f"blk.{il} {cfg:24s} {8 * nbytes / n:.3f} bpw  mean rel. error {np.mean(list(errs.values())):.4f}  "
