@@ -36,13 +36,16 @@ from qgguf.runtime.tokenizer import Tokenizer  # noqa: E402
 def layer_error(cfg: str, W: np.ndarray, H: np.ndarray, name: str = "") -> tuple[float, int]:
     """(relative error, bytes) of one linear in configuration ``cfg`` (``file:PATH``: the tensor ``name`` as stored
     in the GGUF file PATH, e.g. one of llama.cpp's, where it has a quantized type)."""
-    if cfg.startswith("file:"):
-        src = _files.setdefault(cfg, open_source(cfg[5:]))
-        Wq = np.array(src.load(name), np.float64)
+    if cfg.startswith("file:"):      # through the runner's loader: standard, i-quant and codebook types alike
+        if cfg not in _files:
+            from qgguf.runtime.linear import load_llama
+            _files[cfg] = load_llama(cfg[5:], threads=1)
+        il, key = int(name.split(".")[1]), name.split(".")[2]
+        Wq = _files[cfg].block_weights(il)[key].double().numpy()
         dW = Wq - W.astype(np.float64)
         Hd = H.astype(np.float64)
         err = float(np.einsum("ij,jk,ik->", dW, Hd, dW) / np.einsum("ij,jk,ik->", W.astype(np.float64), Hd, W))
-        return err, int(src.file.tensor(name).nbytes) if hasattr(src, "file") else 0
+        return err, 0
     if cfg.startswith("aq-"):    # aq-MxB-gG[:KEY=VALUE;KEY=VALUE]: AQ options over the method's defaults
         from qgguf.quantize.aq import aq_options
         from qgguf.quantize.aq_core import parse_config, quantize_matrix
