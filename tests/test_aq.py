@@ -308,3 +308,71 @@ def test_stories_resume_byte_identical(tmp_path):
     rep = _convert(out, resume=True, **kw)
     assert rep.resumed_blocks == 2
     assert out.read_bytes() == full.read_bytes()
+
+
+def test_salient_positions_pick_the_costliest_weights():
+    from qgguf.quantize.aq import salient_positions
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 32)).astype(np.float32)
+    H = np.eye(32)
+    H[5, 5] = 1e4                          # a "massive activation" input: every weight of column 5 is costly
+    w[3, 7] = 50.0                         # a "super weight"
+    idx = salient_positions(w, H, 17 / w.size)
+    assert list(idx) == sorted(idx) and idx.dtype == np.int64
+    assert set(np.unravel_index(idx, w.shape)[1]) >= {5} and 3 * 32 + 7 in idx
+    assert (np.unravel_index(idx, w.shape)[1] == 5).sum() == 16
+    assert salient_positions(w, H, 0.0).size == 0
+
+
+def test_sparse_added_linear_keeps_the_compressed_kind():
+    from qgguf.runtime.linear import DenseLinear, LinearBase
+    from qgguf.runtime.model import SparseAddedLinear, add_sparse
+
+    class Wrapped(LinearBase):           # stands for a compressed kind (AQ, VQ)
+        kind = "test"
+
+        def __init__(self, w):
+            super().__init__("t", *w.shape)
+            self.w = w
+
+        def forward(self, x):
+            return x @ self.w.t()
+
+        def dense_weight(self):
+            return self.w
+
+    rng = np.random.default_rng(1)
+    w = torch.from_numpy(rng.standard_normal((6, 10)).astype(np.float32))
+    idx = np.array([0, 13, 59], np.int64)
+    vals = np.array([1.5, -2.0, 0.25], np.float16)
+    lin = add_sparse(Wrapped(w), idx, vals)
+    assert isinstance(lin, SparseAddedLinear)
+    ref = w.clone().reshape(-1)
+    ref[torch.from_numpy(idx)] += torch.from_numpy(vals.astype(np.float32))
+    ref = ref.reshape(6, 10)
+    assert torch.allclose(lin.dense_weight(), ref)
+    x = torch.from_numpy(rng.standard_normal((2, 3, 10)).astype(np.float32))
+    assert torch.allclose(lin(x), x @ ref.t(), atol=1e-5)
+    assert isinstance(add_sparse(DenseLinear("d", w), idx, vals), DenseLinear)    # a dense weight stays dense
+
+
+@needs_data
+def test_stories_outliers_are_exact(tmp_path):
+    # AQ with sparse outliers: the salient weights come back exactly (float16) from the file, through the fine-tuning
+    from qgguf.runtime.linear import load_llama
+    from qgguf.runtime.model import LlamaModel
+    out = tmp_path / "aq-out.gguf"
+    rep = _convert(out, aq_config="aq-1x8-g8", opts=dict(outliers=0.02))
+    assert rep.outliers and all(v > 0 for v in rep.outliers.values())
+    m, src = load_llama(out, threads=1), LlamaModel.from_gguf(STORIES, threads=1)
+    lin = m.layers[1].wq
+    assert "sparse outliers" in lin.extra_repr()
+    w_q, w_f = lin.dense_weight(), src.layers[1].wq.dense_weight()
+    idx = lin.sparse.indices()
+    got, want = w_q[idx[0], idx[1]], w_f[idx[0], idx[1]]
+    assert torch.allclose(got, want, rtol=2e-3, atol=1e-4)
+    plain = tmp_path / "plain.gguf"
+    _convert(plain, aq_config="aq-1x8-g8")
+    assert _kld(out) < _kld(plain)
+    with pytest.raises(OptionError):
+        AQ(outliers=0.7)

@@ -11,7 +11,8 @@ logits of tools/compare_methods.py; files llama.cpp can load also get llama.cpp'
   (AQ issue, acceptance b);
 * ``lc-PRESET`` for any other llama-quantize type name (e.g. ``lc-IQ1_S``: llama.cpp's smallest file);
 * ``aq-ffn_down-B``: ``qgguf convert --type Q8_0 --pure --tensor-method ffn_down=aq --bits B --method aq``;
-* ``aq-B`` / ``vq-B``: ``qgguf convert --method aq|vq --bits B`` (the whole model).
+* ``aq-B`` / ``vq-B``: ``qgguf convert --method aq|vq --bits B`` (the whole model);
+* any qgguf run with ``+KEY=VALUE`` suffixes adds those method options (``aq-3+finetune=no``: ``-O finetune=no``).
 
 The importance matrix ``I`` is llama-imatrix's on the same calibration text in qgguf's order (shared with
 tools/compare_methods.py). Results go to OUT/RUN.json (a finished run is not redone; an interrupted qgguf
@@ -45,6 +46,7 @@ def make_file(name: str, args, imatrix: Path, dest: Path, log: Path) -> dict:
             qtype = spec
         cmd += [args.model, str(dest), qtype, str(args.threads)]
         return {"wall_s": run(cmd, log), "command": " ".join(cmd[1:])}
+    name, *extra = name.split("+")     # aq-3+finetune=no: method options (-O KEY=VALUE) for an ablation
     method, _, rest = name.partition("-")
     if method not in ("aq", "vq"):
         raise SystemExit(f"unknown run {name!r}")
@@ -54,6 +56,8 @@ def make_file(name: str, args, imatrix: Path, dest: Path, log: Path) -> dict:
         cmd += ["--type", "Q8_0", "--pure", "--tensor-method", f"ffn_down={method}", "--bits", rest[len("ffn_down-"):]]
     else:
         cmd += ["--bits", rest]
+    for kv in extra:
+        cmd += ["-O", kv]
     if dest.with_name(dest.name + ".qgguf-resume").is_dir():
         cmd.append("--resume")
     wall = run(cmd, log)

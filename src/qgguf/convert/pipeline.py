@@ -200,6 +200,7 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
                 from ..quantize.aq import plan_aq
                 aqp = plan_aq([(t.name, t.shape) for t in source.tensors], type=type, aq_config=aq_config,
                               bits=bits, tensor_methods=tensor_methods, tensor_types=tensor_types,
+                              outliers=float(getattr(m, "outliers", 0.0) or 0.0),
                               token_embedding_type=token_embedding_type, output_tensor_type=output_tensor_type)
             type, tensor_types = aqp.type, aqp.tensor_types
             token_embedding_type, output_tensor_type = aqp.token_embedding_type, aqp.output_tensor_type

@@ -76,7 +76,7 @@ class FinetuneOptions:
 
 _AQ_KEYS = {f.name for f in dc_fields(AQOptions)}
 _FT_KEYS = {f.name for f in dc_fields(FinetuneOptions)}
-_OTHER_KEYS = {"other", "linear_threads", "verbose", "tensor_methods", "aq_config"}
+_OTHER_KEYS = {"other", "linear_threads", "verbose", "tensor_methods", "aq_config", "outliers"}
 
 #: AQ defaults chosen for the time budget (module docstring); AQOptions' own defaults are the library's
 METHOD_DEFAULTS = dict(beam=1, max_rounds=4, tol=0.01, adam_steps=20, adam_later=5, lr=5e-3, kmeans_iters=15,
@@ -149,6 +149,9 @@ class AQ(BlockMethod):
             raise OptionError(f"unknown aq option(s): {', '.join(sorted(unknown))}; known: "
                               f"{', '.join(sorted(_AQ_KEYS | _FT_KEYS | {'other'}))}")
         self.aq = aq_options(options)
+        self.outliers = float(options.get("outliers") or 0.0)
+        if not 0.0 <= self.outliers < 0.5:
+            raise OptionError(f"aq option outliers={self.outliers!r}: expected a fraction of the weights in [0, 0.5)")
         self._setup(calib, nsamples, seqlen, options, "aq")
 
     def _setup(self, calib, nsamples, seqlen, options: dict, family: str) -> None:
@@ -178,7 +181,8 @@ class AQ(BlockMethod):
     def describe(self) -> str:
         a = self.aq
         return (f"aq(beam={a.beam}, max_rounds={a.max_rounds}, tol={a.tol:g}, adam_steps={a.adam_steps}, "
-                f"lr={a.lr:g}, kmeans={a.kmeans_iters}x{a.kmeans_points}") + self._describe_finetune()
+                f"lr={a.lr:g}, kmeans={a.kmeans_iters}x{a.kmeans_points}"
+                + (f", outliers={self.outliers:g}" if self.outliers else "")) + self._describe_finetune()
 
     # -- non-AQ linears -------------------------------------------------------------------------------
     def _quantize_other(self, name, w, qtype, H, importance, ctx):
@@ -204,6 +208,7 @@ class AQ(BlockMethod):
         nt = int((ctx.options or {}).get("linear_threads") or 1)
         old_threads = torch.get_num_threads()
         state: dict[str, tuple] = {}          # key -> (cfg, codes, codebooks, scales)
+        exact: dict[str, tuple] = {}          # key -> (flat positions, original values) of the sparse outliers
         keys = {v: k for k, v in block.names.items()}
 
         def quantize_linear(name, w, qtype, H, importance, ctx):
@@ -219,14 +224,22 @@ class AQ(BlockMethod):
                     bar.set_postfix_str(f"{stage}: rel err {err:.4g}", refresh=False)
                     bar.update(1)
 
+            idx = salient_positions(w, H, self.outliers) if self.outliers > 0 else None
+            w_aq = w
+            if idx is not None:       # the salient weights go to the sparse part; AQ fits the rest
+                w_aq = np.array(w, np.float32, copy=True)
+                w_aq.reshape(-1)[idx] = 0.0
             torch.set_num_threads(nt)
             try:
-                res = quantize_matrix(w, H, cfg, self.aq, seed=seed, progress=progress)
+                res = quantize_matrix(w_aq, H, cfg, self.aq, seed=seed, progress=progress)
             finally:
                 torch.set_num_threads(old_threads)
                 if bar is not None:
                     bar.close()
             state[key] = (cfg, res.codes, res.codebooks, res.scales)
+            if idx is not None:
+                exact[key] = (torch.from_numpy(idx), torch.from_numpy(np.asarray(w, np.float32).reshape(-1)[idx]))
+                _set_outliers(ctx, name, exact[key], dequantize(res.codes, res.codebooks, res.scales))
             if ctx.progress and _as_bool(ctx.options.get("verbose", False)):
                 _write(f"aq blk.{block.index} {key}: rel err {res.rel_err:.4g} ({res.seconds:.1f} s; "
                        + ", ".join(f"{s} {e:.4g}" for s, e in res.history) + ")")
@@ -238,11 +251,13 @@ class AQ(BlockMethod):
             t0 = time.perf_counter()
             torch.set_num_threads(nt)
             try:
-                res = finetune_block(block, packed, state, self.ft, ctx)
+                res = finetune_block(block, packed, state, self.ft, ctx, exact=exact)
             finally:
                 torch.set_num_threads(old_threads)
             for key, (cfg, codes, books, scales) in res.state.items():
                 packed[key] = pack(block.qtypes[key], cfg, codes, books, scales)
+                if key in exact:      # the outliers stay exact: their values against the tuned codebooks
+                    _set_outliers(ctx, block.names[key], exact[key], dequantize(codes, books, scales))
             for key, v in res.norms.items():
                 packed[key] = v.astype(np.float32)
             ctx.extra.setdefault("block_loss", {})[block.index] = {
@@ -256,6 +271,31 @@ class AQ(BlockMethod):
 
 # ------------------------------------------------------------------------------------------------
 # packing
+
+
+#: bits per sparse outlier in the file: an int32 flat position and a float16 value (docs/FORMAT.md)
+OUTLIER_BITS = 48
+
+
+def salient_positions(w: np.ndarray, H: np.ndarray, fraction: float) -> np.ndarray:
+    """The flat positions (sorted, int64) of the ``fraction`` of the weights with the largest saliency
+    ``w_rc^2 H_cc`` (the layer-error cost of zeroing one weight, the diagonal of the Gram matrix standing for
+    the rest). On SmolLM2-135M these hold the "super weights" of the early ffn_down matrices: a few inputs with
+    huge activations make blk.2.ffn_down's error 9x llama.cpp's IQ2_XXS under AQ 2x8-g8 without them."""
+    n = int(round(float(fraction) * w.size))
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    sal = (np.asarray(w, np.float64) ** 2 * np.clip(np.diag(np.asarray(H, np.float64)), 0, None)[None, :]).reshape(-1)
+    idx = np.argpartition(sal, sal.size - n)[sal.size - n:]
+    return np.sort(idx).astype(np.int64)
+
+
+def _set_outliers(ctx: QuantContext, name: str, exact: tuple, deq: torch.Tensor) -> None:
+    """``ctx.extra["outliers"][name]``: float16 values that, added to the dequantized AQ weight ``deq``, give back
+    the original weights at the outlier positions (the pipeline's sparse part, quantize/quantease.py)."""
+    idx, orig = exact
+    vals = (orig - deq.reshape(-1)[idx].float()).numpy().astype(np.float16)
+    ctx.extra.setdefault("outliers", {})[name] = (idx.numpy().astype(np.int32), vals)
 
 
 def pack(qtype, cfg: AQConfig, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
@@ -288,10 +328,13 @@ class _F16STE(torch.autograd.Function):
         return g
 
 
-def finetune_block(block, packed: dict, state: dict, ft: FinetuneOptions, ctx: QuantContext) -> FinetuneResult:
+def finetune_block(block, packed: dict, state: dict, ft: FinetuneOptions, ctx: QuantContext,
+                   exact: dict | None = None) -> FinetuneResult:
     """Adam on the codebooks, scales and RMSNorm weights of one block (codes frozen) against the original
     block's outputs (module docstring). Parameters are relative (codebooks in units of their RMS, scales and
-    norms as factors of their start), so one learning rate suits every layer."""
+    norms as factors of their start), so one learning rate suits every layer. ``exact``: key -> (flat positions,
+    values) held fixed in that linear's weight (AQ's sparse outliers)."""
+    exact = exact or {}
     from ..runtime import model as rm
 
     hp, rope = block.hp, block.rope
@@ -350,6 +393,9 @@ def finetune_block(block, packed: dict, state: dict, ft: FinetuneOptions, ctx: Q
         for k, (cfg, codes, rms, s0, pb, ps) in meta.items():
             b = _F16STE.apply(pb * rms) if grad else (pb * rms).half().float()
             w[k] = dequantize(codes, b, s0 * ps)
+            if k in exact:
+                idx, vals = exact[k]
+                w[k] = w[k].reshape(-1).index_put((idx,), vals).reshape(w[k].shape)
         for k, (n0, pn) in norms.items():
             w[k] = n0 * pn
         return w
@@ -589,7 +635,7 @@ def head_types(shapes: dict, token_embedding_type: str | None, output_tensor_typ
 
 def plan_aq(tensors, *, type: str = "Q8_0", aq_config: str | None = None, bits: float | None = None,
             tensor_methods=(), tensor_types=(), token_embedding_type: str | None = None,
-            output_tensor_type: str | None = None, method: str = "aq") -> AQPlan:
+            output_tensor_type: str | None = None, method: str = "aq", outliers: float = 0.0) -> AQPlan:
     """Decide the AQ configuration and the tensors it applies to. ``tensors``: (name, numpy shape) pairs.
 
     * AQ applies to every block linear, or with ``tensor_methods`` (``PATTERN=aq``) to the block linears
@@ -598,6 +644,7 @@ def plan_aq(tensors, *, type: str = "Q8_0", aq_config: str | None = None, bits: 
       best fit for ``bits`` (:func:`choose_config`), else :data:`DEFAULT_CONFIG`;
     * rows that do not divide into groups of ``g`` keep the standard type the plan gives them
       (``--type``; llama.cpp's row-length fallbacks, F16 at worst);
+    * ``outliers`` (the fraction of each AQ tensor's weights kept as sparse float16 values) comes off ``bits``;
     * token_embd / output: given, else by the bit budget when AQ covers the whole model (:func:`head_types`),
       else Q6_K when the rows divide into 256 and Q8_0 otherwise."""
     shapes = {n: tuple(s) for n, s in tensors}
@@ -632,6 +679,9 @@ def plan_aq(tensors, *, type: str = "Q8_0", aq_config: str | None = None, bits: 
         fb_type = resolve_preset(std_type)[2]
     except OptionError:
         fb_type = "Q8_0"
+    head_bits = None if tms else bits
+    if bits is not None:      # the sparse outliers (an int32 position and a float16 value each) come off the budget
+        bits = float(bits) - OUTLIER_BITS * float(outliers)
     if cfg is None and bits is not None:
         cfg = choose_config([shapes[n] for n in want], float(bits), fallback_type=fb_type)
     if cfg is None:
@@ -649,9 +699,10 @@ def plan_aq(tensors, *, type: str = "Q8_0", aq_config: str | None = None, bits: 
             shapes, aq_names, fallback, fb_type, float(bits)), fallback_type=fb_type)
     nbytes = sum(per[n].nbytes(int(np.prod(shapes[n][:-1])), int(shapes[n][-1])) for n in aq_names) + \
         sum(_fallback_bytes(shapes[n], fb_type) for n in fallback)
-    bpw = 8.0 * nbytes / max(1, sum(int(np.prod(shapes[n])) for n in want))
+    n_aq = sum(int(np.prod(shapes[n])) for n in aq_names)
+    bpw = (8.0 * nbytes + OUTLIER_BITS * float(outliers) * n_aq) / max(1, sum(int(np.prod(shapes[n])) for n in want))
     tt = [(re.escape(n), per[n].name.upper()) for n in aq_names] + [(p, t) for p, _rx, t in user_tt]
-    tte, ote = head_types(shapes, token_embedding_type, output_tensor_type, None if tms else bits)
+    tte, ote = head_types(shapes, token_embedding_type, output_tensor_type, head_bits)
     return AQPlan(cfg, std_type, aq_names, fallback, bpw, tt, tte, ote, other)
 
 

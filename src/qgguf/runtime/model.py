@@ -229,15 +229,46 @@ OUTLIER_IDX = ".outlier_idx"   # companion tensor: I32 flat indices row * ncols 
 OUTLIER_VAL = ".outlier_val"   # companion tensor: F16 values added to the dense weight at those positions
 
 
+class SparseAddedLinear(LinearBase):
+    """A compressed linear (AQ, VQ: kept in its own kind) plus a sparse float part: ``y = lin(x) + x S^T`` with
+    ``S`` a sparse COO matrix, so the weight stays compressed in memory."""
+
+    kind = "sparse-added"
+
+    def __init__(self, lin: LinearBase, idx: np.ndarray, vals: np.ndarray):
+        super().__init__(lin.name, lin.out_features, lin.in_features)
+        self.inner = lin
+        rows, cols = np.divmod(idx, lin.in_features)
+        self.sparse = torch.sparse_coo_tensor(torch.from_numpy(np.stack([rows, cols])),
+                                              torch.from_numpy(np.asarray(vals, np.float32).reshape(-1)),
+                                              (lin.out_features, lin.in_features), check_invariants=True).coalesce()
+        self.count = int(idx.size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)
+        flat = x.reshape(-1, self.in_features).to(torch.float32)
+        extra = torch.sparse.mm(self.sparse, flat.t()).t()
+        return y + extra.reshape(y.shape)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.inner.dense_weight().to(torch.float32) + self.sparse.to_dense()
+
+    def extra_repr(self) -> str:
+        return f"{self.inner.extra_repr()} + {self.count} sparse outliers"
+
+
 def add_sparse(lin: LinearBase, idx: np.ndarray, vals: np.ndarray) -> LinearBase:
-    """``lin`` with the sparse part added: a :class:`DenseLinear` holding ``dense + scatter(idx, vals)``."""
+    """``lin`` with the sparse part added: a :class:`DenseLinear` holding ``dense + scatter(idx, vals)`` for a
+    dense weight, else a :class:`SparseAddedLinear` (the compressed kind kept as it is)."""
     from .linear import DenseLinear
 
-    w = lin.dense_weight().detach().to(torch.float32).clone()
-    n = w.numel()
+    n = lin.out_features * lin.in_features
     idx = np.asarray(idx, dtype=np.int64).reshape(-1)
     if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n):
         raise UnsupportedModelError(f"tensor {lin.name}: outlier index out of range 0..{n - 1}")
+    if not isinstance(lin, DenseLinear):
+        return SparseAddedLinear(lin, idx, vals)
+    w = lin.dense_weight().detach().to(torch.float32).clone()
     w.view(-1).index_add_(0, torch.from_numpy(idx), torch.from_numpy(np.asarray(vals, dtype=np.float32).reshape(-1)))
     return DenseLinear(lin.name, w, source_type=f"{getattr(lin, 'source_type', lin.kind)}+outliers")
 
@@ -655,4 +686,4 @@ class LlamaModel(torch.nn.Module):
 
 __all__ = ["LlamaModel", "LlamaHParams", "KVCache", "hparams_from_metadata", "read_metadata", "rms_norm",
            "block_forward", "attention", "ffn_hidden", "linear", "embed", "final_norm", "lm_head", "rope_tables",
-           "rope_apply", "add_sparse", "BLOCK_LINEARS", "BLOCK_NORMS", "OUTLIER_IDX", "OUTLIER_VAL"]
+           "rope_apply", "add_sparse", "SparseAddedLinear", "BLOCK_LINEARS", "BLOCK_NORMS", "OUTLIER_IDX", "OUTLIER_VAL"]
