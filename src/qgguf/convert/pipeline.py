@@ -173,6 +173,8 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
         if method not in ("aq", "rtn", "imatrix"):
             opts.setdefault("other", method)
         method = "aq"
+        if recipe_file is not None or target_size is not None or target_bpw is not None or dynamic:
+            opts.setdefault("outliers", 0.0)    # a mixed-precision plan has no budget for AQ's sparse outliers
     m = get_method(method, calib=calib, nsamples=nsamples, seqlen=seqlen, imatrix=imatrix, imatrix_out=imatrix_out,
                    **opts)
     blockwise = is_blockwise(m)

@@ -32,6 +32,13 @@ Options (``-O KEY=VALUE``; defaults fit SmolLM2-135M, 210 linears plus fine-tuni
     adam_later=5    Adam steps in the later rounds
     lr=0.005        Adam learning rate (relative to the codebooks' RMS and the scales)
     kmeans_iters=15 kmeans_points=16384   residual k-means initialisation (points sampled per codebook)
+    damp=1.0        added to the diagonal of H / mean(diag H) (AQLM fits against the raw Gram matrix; on
+                    SmolLM2's ffn_down, 16 x 256 calibration tokens, the undamped fit put its error where the
+                    calibration text has little energy: one-chunk-pair KLD, ffn_down alone, 0.607 undamped,
+                    0.481 at 0.1, 0.472 at 1, 0.493 at 3; llama.cpp's IQ2_XXS 0.508)
+    outliers=0.002  share of the weights kept as sparse float16 values (:func:`salient_positions`: largest
+                    w^2 H_cc, the "super weights" and the inputs with massive activations), exact in the file,
+                    counted in --bits (48 bits each); 0 turns it off (same probe, damp=1: 0.802 without them)
     finetune=yes    ft_epochs=3  ft_lr=0.0005  ft_batch=4  ft_tol=0.001  ft_target=fp|xq
     other=imatrix   method of linears with a standard type
     linear_threads=1  torch threads of the per-linear search and the fine-tuning (small operations: one
@@ -80,7 +87,9 @@ _OTHER_KEYS = {"other", "linear_threads", "verbose", "tensor_methods", "aq_confi
 
 #: AQ defaults chosen for the time budget (module docstring); AQOptions' own defaults are the library's
 METHOD_DEFAULTS = dict(beam=1, max_rounds=4, tol=0.01, adam_steps=20, adam_later=5, lr=5e-3, kmeans_iters=15,
-                       kmeans_points=16384)
+                       kmeans_points=16384, damp=1.0)
+#: share of each AQ tensor's weights kept as sparse float16 outliers by default (module docstring)
+DEFAULT_OUTLIERS = 0.002
 
 
 def _as_bool(v) -> bool:
@@ -149,7 +158,7 @@ class AQ(BlockMethod):
             raise OptionError(f"unknown aq option(s): {', '.join(sorted(unknown))}; known: "
                               f"{', '.join(sorted(_AQ_KEYS | _FT_KEYS | {'other'}))}")
         self.aq = aq_options(options)
-        self.outliers = float(options.get("outliers") or 0.0)
+        self.outliers = float(DEFAULT_OUTLIERS if options.get("outliers") is None else options["outliers"])
         if not 0.0 <= self.outliers < 0.5:
             raise OptionError(f"aq option outliers={self.outliers!r}: expected a fraction of the weights in [0, 0.5)")
         self._setup(calib, nsamples, seqlen, options, "aq")
