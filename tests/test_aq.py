@@ -352,7 +352,9 @@ def test_sparse_added_linear_keeps_the_compressed_kind():
     ref = ref.reshape(6, 10)
     assert torch.allclose(lin.dense_weight(), ref)
     x = torch.from_numpy(rng.standard_normal((2, 3, 10)).astype(np.float32))
-    assert torch.allclose(lin(x), x @ ref.t(), atol=1e-5)
+    assert torch.allclose(lin(x), x @ ref.t(), atol=1e-5)                   # the decode path (<= 16 tokens)
+    x = torch.from_numpy(rng.standard_normal((40, 10)).astype(np.float32))
+    assert torch.allclose(lin(x), x @ ref.t(), atol=1e-5)                   # the prompt path (sparse product)
     assert isinstance(add_sparse(DenseLinear("d", w), idx, vals), DenseLinear)    # a dense weight stays dense
 
 

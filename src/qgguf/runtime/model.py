@@ -243,11 +243,18 @@ class SparseAddedLinear(LinearBase):
                                               torch.from_numpy(np.asarray(vals, np.float32).reshape(-1)),
                                               (lin.out_features, lin.in_features), check_invariants=True).coalesce()
         self.count = int(idx.size)
+        self.rows = torch.from_numpy(np.ascontiguousarray(rows, np.int64))
+        self.cols = torch.from_numpy(np.ascontiguousarray(cols, np.int64))
+        self.vals = torch.from_numpy(np.asarray(vals, np.float32).reshape(-1).copy())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.inner(x)
         flat = x.reshape(-1, self.in_features).to(torch.float32)
-        extra = torch.sparse.mm(self.sparse, flat.t()).t()
+        if flat.shape[0] <= 16:     # decode: a gather and an index_add (9 us against the sparse product's 41 us
+            extra = torch.zeros(flat.shape[0], self.out_features)      # for 1769 outliers, one token, 1 thread)
+            extra.index_add_(1, self.rows, flat[:, self.cols] * self.vals)
+        else:
+            extra = torch.sparse.mm(self.sparse, flat.t()).t()
         return y + extra.reshape(y.shape)
 
     def dense_weight(self) -> torch.Tensor:
