@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Quick ablations of the AQ fit on one role of every block: the float model with that role's 30 matrices
+replaced, no fine-tuning, KLD against the float model on a few WikiText-2 chunks.
+
+    python tools/role_probe.py --configs "aq-2x8-g8:outliers=0.002;damp=1" "file:bench-out/aq/lc-ffn_down-IQ2_XXS.gguf"
+
+Each ``--configs`` entry is ``aq-MxB-gG[:KEY=VALUE;...]`` (AQ options over the method's defaults, plus
+``outliers=F``: the share of weights kept exact, :func:`qgguf.quantize.aq.salient_positions`; ``diag=1``: fit
+against diag(H) only) or ``file:PATH`` (that file's matrices of the role, e.g. llama.cpp's). The Gram matrices
+come from the float model on ``--nsamples`` x 256 tokens of ``--calib``; every matrix sees the float model's
+inputs (not the quantized model's, as in a conversion), so a probe takes minutes, not a conversion's quarter hour.
+The figures are indicative (``--chunks`` chunks of 512 tokens, default 2); a conversion and ``qgguf eval`` give
+the real ones (tools/compare_codebooks.py).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from qgguf.quantize.aq import aq_options, salient_positions  # noqa: E402
+from qgguf.quantize.aq_core import dequantize, parse_config, quantize_matrix  # noqa: E402
+from qgguf.quantize.calib import calibration_sequences  # noqa: E402
+from qgguf.runtime.evaluate import load_tokenizer  # noqa: E402
+from qgguf.runtime.linear import DenseLinear, load_llama  # noqa: E402
+
+ATTR = {"attn_q": "wq", "attn_k": "wk", "attn_v": "wv", "attn_output": "wo", "ffn_gate": "w_gate", "ffn_up": "w_up",
+        "ffn_down": "w_down"}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(ROOT / "out" / "smollm2-f32.gguf"))
+    ap.add_argument("--calib", default=str(ROOT.parent / "shared" / "data" / "c4-sample-1000.jsonl"))
+    ap.add_argument("--text", default=str(ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"))
+    ap.add_argument("--role", default="ffn_down", choices=sorted(ATTR))
+    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--chunks", type=int, default=2)
+    ap.add_argument("--configs", nargs="+", required=True)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    attr = ATTR[a.role]
+    base, m = load_llama(a.model, threads=1), load_llama(a.model, threads=1)
+    tok = load_tokenizer(a.model)
+    toks = tok.encode(Path(a.text).read_text()[:40000 * a.chunks])
+    evals = [torch.tensor(toks[i * 512:(i + 1) * 512]) for i in range(a.chunks)]
+    with torch.no_grad():
+        ref = [torch.log_softmax(base(ids).double(), -1) for ids in evals]
+
+    def kld() -> float:
+        tot = 0.0
+        with torch.no_grad():
+            for ids, la in zip(evals, ref):
+                lb = torch.log_softmax(m(ids).double(), -1)
+                tot += float((la.exp() * (la - lb)).sum(-1).mean())
+        return tot / len(evals)
+
+    from qgguf.convert.sources import open_source
+    from qgguf.runtime.tokenizer import Tokenizer
+    src = open_source(a.model)
+    md = {k: v.value for k, v in src.metadata.items()}
+    md["general.architecture"] = src.arch
+    seqs, _ = calibration_sequences(a.calib, None, Tokenizer.from_metadata(md), md, a.nsamples, 256, 0)
+    grams: dict[int, torch.Tensor] = {}
+
+    def hook(il):
+        def f(_mod, inp, _out):
+            x = inp[0].reshape(-1, inp[0].shape[-1]).double()
+            grams[il] = grams.get(il, 0) + x.t() @ x
+        return f
+
+    hs = [getattr(L, attr).register_forward_hook(hook(i)) for i, L in enumerate(base.layers)]
+    with torch.no_grad():
+        for s in seqs:
+            base(torch.tensor(s))
+    for h in hs:
+        h.remove()
+    for spec in a.configs:
+        t0 = time.perf_counter()
+        if spec.startswith("file:"):
+            other = load_llama(spec[5:], threads=1)
+            for L, O in zip(m.layers, other.layers):
+                setattr(L, attr, getattr(O, attr))
+        else:
+            name, _, opts = spec.partition(":")
+            kv = dict(x.split("=", 1) for x in opts.split(";") if x)
+            outl, diag = float(kv.pop("outliers", 0)), bool(int(kv.pop("diag", 0)))
+            cfg, o = parse_config(name), aq_options(kv)
+            for il, L in enumerate(m.layers):
+                W = getattr(base.layers[il], attr).dense_weight().numpy().astype(np.float32)
+                H = grams[il].numpy()
+                if diag:
+                    H = np.diag(np.diag(H))
+                idx = salient_positions(W, H, outl) if outl else None
+                Wa = W.copy()
+                if idx is not None:
+                    Wa.reshape(-1)[idx] = 0.0
+                r = quantize_matrix(Wa, H, cfg, o, seed=il)
+                Wq = dequantize(r.codes, r.codebooks, r.scales).numpy()
+                if idx is not None:
+                    Wq.reshape(-1)[idx] = W.reshape(-1)[idx]
+                setattr(L, attr, DenseLinear(getattr(L, attr).name, torch.from_numpy(Wq)))
+        print(f"{a.role} {spec}: KLD ({a.chunks} chunks) {kld():.4f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
