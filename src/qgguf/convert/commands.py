@@ -42,8 +42,8 @@ def add_parsers(sub) -> None:
     g.add_argument("--passes", type=int, help="quantease: coordinate-descent passes (20)")
     g.add_argument("--init", choices=["rtn", "gptq", "quantease"], help="quantease, autoround: start point (rtn: the type's importance-weighted rounding; gptq: GPTQ's result; quantease: QuantEase's result, autoround only)")
     g.add_argument("--outliers", type=float, metavar="FRAC",
-                   help="quantease: keep this fraction of weights as sparse float16 outliers (e.g. 0.01); "
-                        "the file then needs the qgguf runner")
+                   help="quantease, aq: keep this fraction of weights as sparse float16 outliers (e.g. 0.01; "
+                        "aq's default 0.002, 0 turns them off); the file then needs the qgguf runner")
     g.add_argument("--iters", type=int, help="autoround: optimisation steps per block")
     g.add_argument("--lr", type=float, help="autoround: learning rate (default 1/iters)")
     g.add_argument("--recipe", metavar="light|default|best|FILE.json",
