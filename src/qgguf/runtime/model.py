@@ -230,22 +230,22 @@ OUTLIER_VAL = ".outlier_val"   # companion tensor: F16 values added to the dense
 
 
 class SparseAddedLinear(LinearBase):
-    """A compressed linear (AQ, VQ: kept in its own kind) plus a sparse float part: ``y = lin(x) + x S^T`` with
-    ``S`` a sparse COO matrix, so the weight stays compressed in memory."""
+    """A compressed linear (AQ, VQ: kept in its own kind) plus a sparse float part: ``y = lin(x) + x S^T``, ``S``
+    held as its (row, column, value) triples, so the weight stays compressed in memory."""
 
     kind = "sparse-added"
 
     def __init__(self, lin: LinearBase, idx: np.ndarray, vals: np.ndarray):
         super().__init__(lin.name, lin.out_features, lin.in_features)
         self.inner = lin
-        rows, cols = np.divmod(idx, lin.in_features)
-        self.sparse = torch.sparse_coo_tensor(torch.from_numpy(np.stack([rows, cols])),
-                                              torch.from_numpy(np.asarray(vals, np.float32).reshape(-1)),
-                                              (lin.out_features, lin.in_features), check_invariants=True).coalesce()
-        self.count = int(idx.size)
-        self.rows = torch.from_numpy(np.ascontiguousarray(rows, np.int64))
-        self.cols = torch.from_numpy(np.ascontiguousarray(cols, np.int64))
+        rows, cols = np.divmod(np.asarray(idx, np.int64).reshape(-1), lin.in_features)
+        self.rows, self.cols = torch.from_numpy(rows), torch.from_numpy(cols)
         self.vals = torch.from_numpy(np.asarray(vals, np.float32).reshape(-1).copy())
+        self.count = int(rows.size)
+
+    def _coo(self) -> torch.Tensor:
+        return torch.sparse_coo_tensor(torch.stack((self.rows, self.cols)), self.vals,
+                                       (self.out_features, self.in_features), check_invariants=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.inner(x)
@@ -254,11 +254,11 @@ class SparseAddedLinear(LinearBase):
             extra = torch.zeros(flat.shape[0], self.out_features)      # for 1769 outliers, one token, 1 thread)
             extra.index_add_(1, self.rows, flat[:, self.cols] * self.vals)
         else:
-            extra = torch.sparse.mm(self.sparse, flat.t()).t()
+            extra = torch.sparse.mm(self._coo(), flat.t()).t()
         return y + extra.reshape(y.shape)
 
     def dense_weight(self) -> torch.Tensor:
-        return self.inner.dense_weight().to(torch.float32) + self.sparse.to_dense()
+        return self.inner.dense_weight().to(torch.float32) + self._coo().to_dense()
 
     def extra_repr(self) -> str:
         return f"{self.inner.extra_repr()} + {self.count} sparse outliers"
