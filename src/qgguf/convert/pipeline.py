@@ -156,6 +156,7 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
         except ImportError:
             pass
     opts = {k: v for k, v in (method_options or {}).items() if v is not None}
+    mixed_wanted = recipe_file is not None or target_size is not None or target_bpw is not None or dynamic
     if imatrix and method == "rtn":
         method = "imatrix"   # an importance matrix was given: use it
     vq_wanted = (method == "vq" or vq_config is not None or str(type).strip().lower().startswith("vq-")
@@ -173,7 +174,7 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
         if method not in ("aq", "rtn", "imatrix"):
             opts.setdefault("other", method)
         method = "aq"
-        if recipe_file is not None or target_size is not None or target_bpw is not None or dynamic:
+        if mixed_wanted:
             opts.setdefault("outliers", 0.0)    # a mixed-precision plan has no budget for AQ's sparse outliers
     m = get_method(method, calib=calib, nsamples=nsamples, seqlen=seqlen, imatrix=imatrix, imatrix_out=imatrix_out,
                    **opts)
@@ -185,7 +186,6 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
     if resume and not blockwise:
         raise OptionError(f"--resume applies to block methods (gptq, quantease, autoround), not {method}")
 
-    mixed_wanted = recipe_file is not None or target_size is not None or target_bpw is not None or dynamic
     if mixed_wanted and (vq_wanted or aq_config is not None or bits is not None or tensor_methods):
         raise OptionError("mixed precision (--target-size/--target-bpw/--dynamic/--recipe) takes --method aq alone "
                           "(the recipe gives each block linear its AQ configuration or a standard type), not "

@@ -30,9 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 

@@ -550,9 +550,9 @@ class CudaVQTensor(_CudaTensor):
         from .. import vq_params
         P = vq_params(v=v, k=k, kr=kr, R=R, C=C, n_out=n_out, groups=groups,
                       max_rows=(1 << 31) - 1, max_cols=(1 << 31) - 1)     # 32-bit indexing in the kernels
-        self.v, self.k, self.kr, self.R, self.C, self.n_out, self.groups = P.v, P.k, P.kr, P.R, P.C, P.n_out, P.groups
-        self.nb, self.nc, self.gs, self.kbits, self.rbits = P.nb, P.nc, P.gs, P.kbits, P.rbits
         v, k, kr, R, C, n_out, G = P.v, P.k, P.kr, P.R, P.C, P.n_out, P.groups
+        self.v, self.k, self.kr, self.R, self.C, self.n_out, self.groups = v, k, kr, R, C, n_out, G
+        self.nb, self.nc, self.gs, self.kbits, self.rbits = P.nb, P.nc, P.gs, P.kbits, P.rbits
         self.device = _device(device)
 
         def stream(name, a, n, bits):
