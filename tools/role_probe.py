@@ -5,7 +5,7 @@ replaced, no fine-tuning, KLD against the float model on a few WikiText-2 chunks
     python tools/role_probe.py --configs "aq-2x8-g8:outliers=0.002;damp=1" "file:bench-out/aq/lc-ffn_down-IQ2_XXS.gguf"
 
 Each ``--configs`` entry is ``aq-MxB-gG[:KEY=VALUE;...]`` (AQ options over the method's defaults, plus
-``outliers=F``: the share of weights kept exact, :func:`qgguf.quantize.aq.salient_positions`; ``diag=1``: fit
+``outliers=F``: the share of weights kept exact, as in a conversion: :func:`qgguf.quantize.aq.fit_matrix`; ``diag=1``: fit
 against diag(H) only) or ``file:PATH`` (that file's matrices of the role, e.g. llama.cpp's). The Gram matrices
 come from the float model on ``--nsamples`` x 256 tokens of ``--calib``; every matrix sees the float model's
 inputs (not the quantized model's, as in a conversion), so a probe takes minutes, not a conversion's quarter hour.
@@ -25,8 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from qgguf.quantize.aq import aq_options, salient_positions  # noqa: E402
-from qgguf.quantize.aq_core import dequantize, parse_config, quantize_matrix  # noqa: E402
+from qgguf.quantize.aq import aq_options, fit_matrix  # noqa: E402
+from qgguf.quantize.aq_core import dequantize, parse_config  # noqa: E402
 from qgguf.quantize.calib import calibration_sequences  # noqa: E402
 from qgguf.runtime.evaluate import load_tokenizer  # noqa: E402
 from qgguf.runtime.linear import DenseLinear, load_llama  # noqa: E402
@@ -98,11 +98,7 @@ def main(argv=None) -> int:
                 H = grams[il].numpy()
                 if diag:
                     H = np.diag(np.diag(H))
-                idx = salient_positions(W, H, outl) if outl else None
-                Wa = W.copy()
-                if idx is not None:
-                    Wa.reshape(-1)[idx] = 0.0
-                r = quantize_matrix(Wa, H, cfg, o, seed=il)
+                r, idx = fit_matrix(W, H, cfg, o, outl, seed=il)
                 Wq = dequantize(r.codes, r.codebooks, r.scales).numpy()
                 if idx is not None:
                     Wq.reshape(-1)[idx] = W.reshape(-1)[idx]

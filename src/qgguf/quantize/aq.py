@@ -233,14 +233,9 @@ class AQ(BlockMethod):
                     bar.set_postfix_str(f"{stage}: rel err {err:.4g}", refresh=False)
                     bar.update(1)
 
-            idx = salient_positions(w, H, self.outliers) if self.outliers > 0 else None
-            w_aq = w
-            if idx is not None:       # the salient weights go to the sparse part; AQ fits the rest
-                w_aq = np.array(w, np.float32, copy=True)
-                w_aq.reshape(-1)[idx] = 0.0
             torch.set_num_threads(nt)
             try:
-                res = quantize_matrix(w_aq, H, cfg, self.aq, seed=seed, progress=progress)
+                res, idx = fit_matrix(w, H, cfg, self.aq, self.outliers, seed=seed, progress=progress)
             finally:
                 torch.set_num_threads(old_threads)
                 if bar is not None:
@@ -297,6 +292,18 @@ def salient_positions(w: np.ndarray, H: np.ndarray, fraction: float) -> np.ndarr
     sal = (np.asarray(w, np.float64) ** 2 * np.clip(np.diag(np.asarray(H, np.float64)), 0, None)[None, :]).reshape(-1)
     idx = np.argpartition(sal, sal.size - n)[sal.size - n:]
     return np.sort(idx).astype(np.int64)
+
+
+def fit_matrix(w: np.ndarray, H: np.ndarray, cfg: AQConfig, opts: AQOptions, outliers: float = 0.0, seed: int = 0,
+               progress=None):
+    """AQ of one matrix with the ``outliers`` share of its most salient weights (:func:`salient_positions`) left
+    to the sparse part: they are zeroed before :func:`qgguf.quantize.aq_core.quantize_matrix` fits the rest.
+    Returns (the fit, their flat positions or None)."""
+    idx = salient_positions(w, H, outliers) if outliers > 0 else None
+    if idx is not None:
+        w = np.array(w, np.float32, copy=True)
+        w.reshape(-1)[idx] = 0.0
+    return quantize_matrix(w, H, cfg, opts, seed=seed, progress=progress), idx
 
 
 def _set_outliers(ctx: QuantContext, name: str, exact: tuple, deq: torch.Tensor) -> None:
