@@ -101,7 +101,8 @@ def main(argv=None) -> int:
                     errs[k], nb = layer_error(cfg, W, grams[k], names[k])
                     nbytes += nb
                     n += W.size
-                print(f"blk.{il} {cfg:24s} {8 * nbytes / n:.3f} bpw  mean rel. error {np.mean(list(errs.values())):.4f}  "
+                bpw = f"{8 * nbytes / n:.3f} bpw" if nbytes else "(file)"     # file: sizes are the file's own
+                print(f"blk.{il} {cfg:24s} {bpw}  mean rel. error {np.mean(list(errs.values())):.4f}  "
                       + " ".join(f"{k}={v:.4f}" for k, v in errs.items()) + f"  ({time.perf_counter() - t0:.0f} s)",
                       flush=True)
         with torch.no_grad():
