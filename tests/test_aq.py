@@ -209,8 +209,9 @@ def test_head_types_follow_the_bit_budget():
 
 
 def test_method_options():
-    m = AQ(beam="2", finetune="no", ft_target="fp", other="rtn")
+    m = AQ(beam="2", finetune="no", ft_target="fp", e2e="no", other="rtn")
     assert m.aq.beam == 2 and not m.ft.finetune and m.other == "rtn" and not m.needs_fp_inputs
+    assert AQ(finetune="no").needs_fp_inputs    # the end-to-end stage's teacher: the float model's activations
     with pytest.raises(OptionError):
         AQ(bogus=1)
 
@@ -308,6 +309,55 @@ def test_stories_resume_byte_identical(tmp_path):
     rep = _convert(out, resume=True, **kw)
     assert rep.resumed_blocks == 2
     assert out.read_bytes() == full.read_bytes()
+
+
+@needs_data
+def test_stories_end_to_end_stage_lowers_the_kld_and_resumes(tmp_path):
+    """The end-to-end stage (quantize/finetune.py) lowers the calibration KLD it minimises and the held-out KLD;
+    a run killed inside it resumes from the checkpointed blocks and gives the same bytes; a checkpoint that
+    records the stage as done is not tuned again."""
+    from qgguf.quantize import finetune
+
+    kw = dict(opts=dict(max_rounds=1, ft_epochs=1, e2e_epochs=3, outliers=0.01))
+    off = tmp_path / "off.gguf"
+    _convert(off, opts=dict(max_rounds=1, ft_epochs=1, e2e="no", outliers=0.01))
+    full = tmp_path / "full.gguf"
+    rep = _convert(full, **kw)
+    e = rep.e2e
+    assert e["kld"] < 0.95 * e["start_kld"] and e["best_epoch"] >= 1 and len(e["history"]) >= 1
+    assert "end-to-end fine-tuning: calibration KLD" in rep.summary()
+    assert rep.outliers          # the sparse part survives the stage (its values recomputed against it)
+    assert _kld(full) < _kld(off)
+
+    out = tmp_path / "r.gguf"
+    real = finetune.finetune_model
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed in the end-to-end stage")
+    finetune.finetune_model = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _convert(out, **kw)
+    finally:
+        finetune.finetune_model = real
+    assert not out.exists() and out.with_name(out.name + ".qgguf-resume").is_dir()
+    rep2 = _convert(out, resume=True, **kw)
+    assert rep2.resumed_blocks == 5 and rep2.e2e["kld"] == e["kld"]
+    assert out.read_bytes() == full.read_bytes()
+
+    # a checkpoint whose stage is recorded as done: the resumed run takes its blocks as they are
+    from qgguf.quantize.blockwise import Checkpoint
+    marked = []
+    real_stage = Checkpoint.stage
+    Checkpoint.stage = lambda self, name: marked.append(name) or {"start_kld": 1.0, "kld": 0.5, "best_epoch": 1,
+                                                                     "history": [0.5], "seconds": 0.0, "tokens": 0}
+    finetune.finetune_model = killed
+    try:
+        rep3 = _convert(tmp_path / "m.gguf", **kw)
+    finally:
+        finetune.finetune_model = real
+        Checkpoint.stage = real_stage
+    assert marked == ["e2e"] and rep3.e2e["kld"] == 0.5
 
 
 def test_salient_positions_pick_the_costliest_weights():

@@ -51,6 +51,7 @@ class ConvertReport:
     calibration: str | None = None
     layer_errors: dict[str, float] = field(default_factory=dict)   # relative output error per linear
     resumed_blocks: int = 0
+    e2e: dict = field(default_factory=dict)     # AQ/VQ end-to-end fine-tuning: calibration KLD before/after
     outliers: dict[str, int] = field(default_factory=dict)         # sparse outliers per tensor
     codebook_types: list[str] = field(default_factory=list)       # qgguf codebook types used (AQ, VQ)
     needs_qgguf_runner: bool = False
@@ -69,6 +70,10 @@ class ConvertReport:
             worst = max(errs, key=errs.get)
             lines.append(f"  relative layer error (calibration): mean {np.mean(list(errs.values())):.3e}, "
                          f"max {errs[worst]:.3e} ({worst})")
+        if self.e2e:
+            e = self.e2e
+            lines.append(f"  end-to-end fine-tuning: calibration KLD {e['start_kld']:.4g} -> {e['kld']:.4g} "
+                         f"(best epoch {e['best_epoch']}, {e['seconds']:.0f} s)")
         if self.resumed_blocks:
             lines.append(f"  resumed: {self.resumed_blocks} blocks taken from the checkpoint")
         if self.outliers:
@@ -352,6 +357,7 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
             rep.outliers = dict(outliers)
             rep.layer_errors = dict(blocks.stats)
             rep.resumed_blocks = blocks.resumed_blocks
+            rep.e2e = dict(ctx.extra.get("e2e") or {})
             rep.calibration = blocks.dataset
     finally:
         source.close()

@@ -17,7 +17,11 @@ Block by block, in the calibration pipeline (:mod:`.blockwise`):
    checked after every epoch and the best state is kept (the start included), so fine-tuning never makes the
    block worse on the calibration data. The tuned norms go back to the pipeline as float32 arrays under their
    short keys (``attn_norm``, ``ffn_norm``), which :func:`qgguf.quantize.blockwise.run_blocks` writes instead of
-   the originals.
+   the originals;
+3. once every block is done, the end-to-end stage (:func:`qgguf.quantize.finetune.finetune_model`, AQLM's
+   global fine-tuning) tunes the codebooks, scales and norms of all blocks at once (codes still frozen) to
+   minimise the KL divergence from the float model's next-token distribution on the calibration sequences,
+   and rewrites the checkpointed blocks (a resumed run that finds the stage done skips it).
 
 What is tuned is what is stored: codebooks are float16 in the file, so the fine-tuning forward pass rounds
 them to float16 (straight-through gradient), and scales are float32.
@@ -39,7 +43,8 @@ Options (``-O KEY=VALUE``; defaults fit SmolLM2-135M, 210 linears plus fine-tuni
     outliers=0.002  share of the weights kept as sparse float16 values (:func:`salient_positions`: largest
                     w^2 H_cc, the "super weights" and the inputs with massive activations), exact in the file,
                     counted in --bits (48 bits each); 0 turns it off (same probe, damp=1: 0.802 without them)
-    finetune=yes    ft_epochs=3  ft_lr=0.0005  ft_batch=4  ft_tol=0.001  ft_target=fp|xq
+    finetune=yes    ft_epochs=3  ft_lr=0.0005  ft_batch=4  ft_tol=0.001  ft_target=fp|xq   (block stage)
+    e2e=yes         e2e_epochs=4  e2e_lr=0.0002  e2e_batch=4  e2e_tol=0.001  e2e_norms=yes   (end-to-end stage, step 3)
     other=imatrix   method of linears with a standard type
     linear_threads=1  torch threads of the per-linear search and the fine-tuning (small operations: one
                     thread is faster than two on a busy 2-core machine)
@@ -58,12 +63,13 @@ import numpy as np
 import torch
 
 from ..errors import OptionError, QggufError
-from .aq_core import CONFIGS, AQConfig, AQOptions, dequantize, parse_config, quantize_matrix, to_fields
+from .aq_core import CONFIGS, AQConfig, AQOptions, parse_config, quantize_matrix, to_fields
 from .base import QuantContext
 from .blockwise import BlockMethod, sequential_quantize
+from .finetune import FT_KEYS as _FT_KEYS, NORM_KEYS, AQState, finetune_block, finetune_options  # noqa: F401
+from .finetune import describe as _describe_ft
 
 LINEAR_KEYS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-NORM_KEYS = ("attn_norm", "ffn_norm")
 DEFAULT_CONFIG = "aq-2x8-g8"
 
 
@@ -71,18 +77,7 @@ DEFAULT_CONFIG = "aq-2x8-g8"
 # options
 
 
-@dataclass
-class FinetuneOptions:
-    finetune: bool = True
-    ft_epochs: int = 3
-    ft_lr: float = 5e-4
-    ft_batch: int = 4
-    ft_tol: float = 1e-3
-    ft_target: str = "fp"
-
-
 _AQ_KEYS = {f.name for f in dc_fields(AQOptions)}
-_FT_KEYS = {f.name for f in dc_fields(FinetuneOptions)}
 _OTHER_KEYS = {"other", "linear_threads", "verbose", "tensor_methods", "aq_config", "outliers"}
 
 #: AQ defaults chosen for the time budget (module docstring); AQOptions' own defaults are the library's
@@ -122,13 +117,6 @@ def _coerce(cls, values: dict):
 
 def aq_options(options: dict) -> AQOptions:
     return _coerce(AQOptions, {**METHOD_DEFAULTS, **{k: v for k, v in options.items() if k in _AQ_KEYS}})
-
-
-def finetune_options(options: dict) -> FinetuneOptions:
-    ft = _coerce(FinetuneOptions, {k: v for k, v in options.items() if k in _FT_KEYS})
-    if ft.ft_target not in ("xq", "fp"):
-        raise OptionError(f"aq option ft_target={ft.ft_target!r}: expected xq or fp")
-    return ft
 
 
 def config_of(qtype) -> AQConfig | None:
@@ -173,19 +161,14 @@ class AQ(BlockMethod):
         if self.other not in ("imatrix", "rtn", "gptq", "quantease"):
             raise OptionError(f"{family} option other={self.other!r}: expected imatrix, rtn, gptq or quantease")
         self._other_method = None
-        self.needs_fp_inputs = self.ft.finetune and self.ft.ft_target == "fp"
+        # the block stage's default target and the end-to-end stage's teacher are the float model's activations
+        self.needs_fp_inputs = (self.ft.finetune and self.ft.ft_target == "fp") or self.ft.e2e
         self.nsamples = int(options.get("nsamples") or nsamples or 32)
         self.seqlen = int(options.get("seqlen") or seqlen or 256)
 
     def _describe_finetune(self) -> str:
         """The shared end of :meth:`describe`: fine-tuning and ``other``."""
-        f = self.ft
-        if f.finetune:
-            s = (f", finetune={f.ft_epochs} epochs lr={f.ft_lr:g} batch={f.ft_batch} tol={f.ft_tol:g} "
-                 f"target={f.ft_target}")
-        else:
-            s = ", no finetune"
-        return s + (f", other={self.other})" if self.other != "imatrix" else ")")
+        return ", " + _describe_ft(self.ft) + (f", other={self.other})" if self.other != "imatrix" else ")")
 
     def describe(self) -> str:
         a = self.aq
@@ -216,7 +199,7 @@ class AQ(BlockMethod):
     def quantize_block(self, block, ctx: QuantContext) -> dict[str, np.ndarray]:
         nt = int((ctx.options or {}).get("linear_threads") or 1)
         old_threads = torch.get_num_threads()
-        state: dict[str, tuple] = {}          # key -> (cfg, codes, codebooks, scales)
+        state: dict[str, AQState] = {}
         exact: dict[str, tuple] = {}          # key -> (flat positions, original values) of the sparse outliers
         keys = {v: k for k, v in block.names.items()}
 
@@ -240,37 +223,131 @@ class AQ(BlockMethod):
                 torch.set_num_threads(old_threads)
                 if bar is not None:
                     bar.close()
-            state[key] = (cfg, res.codes, res.codebooks, res.scales)
+            state[key] = AQState(cfg, res.codes, res.codebooks, res.scales)
             if idx is not None:
                 exact[key] = (torch.from_numpy(idx), torch.from_numpy(np.asarray(w, np.float32).reshape(-1)[idx]))
-                _set_outliers(ctx, name, exact[key], dequantize(res.codes, res.codebooks, res.scales))
+                _set_outliers(ctx, name, exact[key], state[key].dequantized())
             if ctx.progress and _as_bool(ctx.options.get("verbose", False)):
                 _write(f"aq blk.{block.index} {key}: rel err {res.rel_err:.4g} ({res.seconds:.1f} s; "
                        + ", ".join(f"{s} {e:.4g}" for s, e in res.history) + ")")
             return pack(qtype, cfg, res.codes, res.codebooks, res.scales)
 
         packed = sequential_quantize(block, ctx, quantize_linear)
-        block.x_out = None      # recomputed by the pipeline from the final (fine-tuned) tensors
-        if self.ft.finetune and state:
-            t0 = time.perf_counter()
-            torch.set_num_threads(nt)
-            try:
-                res = finetune_block(block, packed, state, self.ft, ctx, exact=exact)
-            finally:
-                torch.set_num_threads(old_threads)
-            for key, (cfg, codes, books, scales) in res.state.items():
-                packed[key] = pack(block.qtypes[key], cfg, codes, books, scales)
-                if key in exact:      # the outliers stay exact: their values against the tuned codebooks
-                    _set_outliers(ctx, block.names[key], exact[key], dequantize(codes, books, scales))
-            for key, v in res.norms.items():
-                packed[key] = v.astype(np.float32)
-            ctx.extra.setdefault("block_loss", {})[block.index] = {
-                "method": "aq", "start": res.start_loss, "loss": res.loss, "best_epoch": res.best_epoch,
-                "seconds": time.perf_counter() - t0}
-            if ctx.progress:
-                _write(f"aq block {block.index}: fine-tuned block loss {res.start_loss:.4g} -> {res.loss:.4g} "
-                       f"(epoch {res.best_epoch}, {time.perf_counter() - t0:.0f} s)")
+        self._finetune_block(block, packed, state, exact, ctx)
         return packed
+
+    # -- the whole model, after the blocks ------------------------------------------------------------------
+    def _state_from_packed(self, qtype, data: np.ndarray, shape):
+        """The tunable state of a tensor of this method's types (None: a standard type)."""
+        return AQState.from_packed(qtype, data, shape) if config_of(qtype) is not None else None
+
+    def finish_model(self, run, ctx: QuantContext) -> None:
+        """The end-to-end stage (:func:`qgguf.quantize.finetune.finetune_model`): every block's codebooks, scales
+        and norms against the float model's next-token distributions, then written back into the checkpoint.
+        A resumed run whose checkpoint records the stage as done skips it."""
+        if not self.ft.e2e or self.ft.e2e_epochs <= 0:
+            return
+        done = run.checkpoint.stage("e2e")
+        if done is not None:
+            ctx.extra["e2e"] = done
+            return
+        from .finetune import ModelParts, Tunables, finetune_model
+        t0 = time.perf_counter()
+        src, hp = run.source, run.hp
+        choices = {c.name: c for c in run.plan.choices}
+        names = {t.name for t in src.tensors}
+        f32 = lambda n: torch.from_numpy(np.array(src.load(n), np.float32))  # noqa: E731
+        tok = f32("token_embd.weight").reshape(-1, hp.n_embd)
+        out_w = f32("output.weight").reshape(-1, hp.n_embd) if "output.weight" in names else tok
+        fixed, states, norms, exact, where = [], {}, {}, {}, {}
+        for il in range(hp.n_layer):
+            tensors, outl, _st = run.checkpoint.load(il)
+            w = {}
+            for n, data in tensors.items():
+                key = n[len(f"blk.{il}."):].removesuffix(".weight")
+                c = choices[n]
+                qt = run.qtypes[c.type]
+                st = self._state_from_packed(qt, data, c.shape)
+                if st is not None:
+                    states[(il, key)] = st
+                    where[(il, key)] = n
+                    if n in outl:
+                        idx = torch.from_numpy(np.asarray(outl[n][0], np.int64))
+                        exact[(il, key)] = (idx, f32(n).reshape(-1)[idx].clone())
+                    continue
+                t = torch.from_numpy(np.array(qt.dequantize(np.asarray(data).view(np.uint8), tuple(c.shape)),
+                                              np.float32).reshape(c.shape))
+                if n in outl:
+                    t.view(-1).index_add_(0, torch.from_numpy(np.asarray(outl[n][0], np.int64)),
+                                          torch.from_numpy(np.asarray(outl[n][1], np.float32)))
+                w[key] = t
+            fixed.append(w)
+        tuned_blocks = sorted({il for il, _ in states})
+        for il in (tuned_blocks if self.ft.e2e_norms else ()):
+            for k in NORM_KEYS:
+                if k in fixed[il]:
+                    norms[(il, k)] = fixed[il][k]
+                    where[(il, k)] = f"blk.{il}.{k}.weight"
+        if not states:
+            return
+        parts = ModelParts(hp, run.rope, tok, f32("output_norm.weight").reshape(-1), out_w, fixed)
+        tun = Tunables(states, norms, exact)
+        res = finetune_model(parts, tun, run.ids, run.teacher, self.ft, seed=run.seed, progress=run.progress)
+        del parts, tun, tok, out_w, fixed
+        if res.best_epoch:   # write the tuned blocks back
+            for il in tuned_blocks:
+                tensors, outl, st = run.checkpoint.load(il)
+                for (bi, key), state in res.state.items():
+                    if bi != il:
+                        continue
+                    n = where[(bi, key)]
+                    tensors[n] = np.ascontiguousarray(state.pack(run.qtypes[choices[n].type])).view(np.uint8).reshape(-1)
+                    if (bi, key) in exact:
+                        idx, orig = exact[(bi, key)]
+                        vals = (orig - state.dequantized().reshape(-1)[idx]).numpy().astype(np.float16)
+                        outl[n] = (np.asarray(outl[n][0], np.int32), vals)
+                for (bi, key), v in res.norms.items():
+                    if bi == il:
+                        n = where[(bi, key)]
+                        c = choices[n]
+                        tensors[n] = run.qtypes[c.type].quantize(np.asarray(v, np.float32).reshape(-1, c.shape[-1]))
+                run.checkpoint.save(il, tensors, outl, st)
+        info = {"start_kld": res.start_loss, "kld": res.loss, "best_epoch": res.best_epoch,
+                "history": list(res.history or []), "seconds": time.perf_counter() - t0,
+                "tokens": int(run.ids.numel())}
+        run.checkpoint.mark("e2e", info)
+        ctx.extra["e2e"] = info
+        if ctx.progress:
+            _write(f"{self.name}: end-to-end fine-tuning, calibration KLD {res.start_loss:.4g} -> {res.loss:.4g} "
+                   f"(epoch {res.best_epoch}, {info['seconds']:.0f} s)")
+
+    def _finetune_block(self, block, packed: dict, state: dict, exact: dict, ctx: QuantContext) -> None:
+        """The block stage (:func:`qgguf.quantize.finetune.finetune_block`) of the linears in ``state``; their
+        tuned bytes (and norms) replace those in ``packed``, and the sparse outliers in ``exact`` get their values
+        against the tuned codebooks."""
+        block.x_out = None      # recomputed by the pipeline from the final (fine-tuned) tensors
+        if not (self.ft.finetune and state):
+            return
+        nt = int((ctx.options or {}).get("linear_threads") or 1)
+        old_threads = torch.get_num_threads()
+        t0 = time.perf_counter()
+        torch.set_num_threads(nt)
+        try:
+            res = finetune_block(block, packed, state, self.ft, ctx, exact=exact)
+        finally:
+            torch.set_num_threads(old_threads)
+        for key, st in res.state.items():
+            packed[key] = st.pack(block.qtypes[key])
+            if key in exact:      # the outliers stay exact: their values against the tuned codebooks
+                _set_outliers(ctx, block.names[key], exact[key], st.dequantized())
+        for key, v in res.norms.items():
+            packed[key] = v.astype(np.float32)
+        ctx.extra.setdefault("block_loss", {})[block.index] = {
+            "method": self.name, "start": res.start_loss, "loss": res.loss, "best_epoch": res.best_epoch,
+            "seconds": time.perf_counter() - t0}
+        if ctx.progress:
+            _write(f"{self.name} block {block.index}: fine-tuned block loss {res.start_loss:.4g} -> {res.loss:.4g} "
+                   f"(epoch {res.best_epoch}, {time.perf_counter() - t0:.0f} s)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,159 +396,6 @@ def pack(qtype, cfg: AQConfig, codes: torch.Tensor, codebooks: torch.Tensor, sca
     codebooks ``[M][2^B][g]``, float32 scales ``[R]``)."""
     fields = to_fields(codes, codebooks, scales, cfg)
     return np.asarray(qtype.pack(fields))
-
-
-# ------------------------------------------------------------------------------------------------
-# block fine-tuning
-
-
-@dataclass
-class FinetuneResult:
-    state: dict
-    norms: dict
-    start_loss: float
-    loss: float
-    best_epoch: int
-
-
-class _F16STE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.half().float()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
-
-
-def finetune_block(block, packed: dict, state: dict, ft: FinetuneOptions, ctx: QuantContext,
-                   exact: dict | None = None) -> FinetuneResult:
-    """Adam on the codebooks, scales and RMSNorm weights of one block (codes frozen) against the original
-    block's outputs (module docstring). Parameters are relative (codebooks in units of their RMS, scales and
-    norms as factors of their start), so one learning rate suits every layer. ``exact``: key -> (flat positions,
-    values) held fixed in that linear's weight (AQ's sparse outliers)."""
-    exact = exact or {}
-    from ..runtime import model as rm
-
-    hp, rope = block.hp, block.rope
-    x = block.x_q
-    orig = dict(block.weights)
-    base = block.current()
-    # the block's other tensors as stored (standard-type linears, fixed tensors)
-    for k in block.qtypes:
-        if k not in state:
-            base[k] = block.dequantized(k, packed[k], ctx)
-    src = block.x_fp if (ft.ft_target == "fp" and block.x_fp is not None) else x
-    with torch.no_grad():
-        target = torch.empty_like(x)
-        for sl in block.chunks():
-            target[sl] = rm.block_forward(hp, orig, src[sl], rope)
-    tnorm = float(target.double().pow(2).mean()) or 1.0
-
-    params, meta, other = [], {}, {}
-    for k, st in state.items():
-        if hasattr(st, "tunables"):    # another codebook method's state (VQ: quantize/vq.py, VQState)
-            ps = {}
-            for name, (t0, mode) in st.tunables().items():
-                if mode == "factor":
-                    ps[name] = (t0.clone(), 1.0, torch.ones_like(t0).requires_grad_(True))
-                else:
-                    rms = float(t0.pow(2).mean().sqrt()) or 1.0
-                    ps[name] = (None, rms, (t0 / rms).clone().requires_grad_(True))
-                params.append(ps[name][2])
-            other[k] = (st, ps)
-            continue
-        cfg, codes, books, scales = st
-        rms = float(books.pow(2).mean().sqrt()) or 1.0
-        pb = (books / rms).clone().requires_grad_(True)
-        ps = torch.ones_like(scales).requires_grad_(True)
-        meta[k] = (cfg, codes, rms, scales.clone(), pb, ps)
-        params += [pb, ps]
-    norms = {}
-    for k in NORM_KEYS:
-        if k in base and k in orig:
-            n0 = base[k].detach().clone()
-            pn = torch.ones_like(n0).requires_grad_(True)
-            norms[k] = (n0, pn)
-            params.append(pn)
-
-    def tuned(ps: dict, grad: bool) -> dict:
-        out = {}
-        for name, (t0, rms, p) in ps.items():
-            val = t0 * p if t0 is not None else p * rms
-            out[name] = _F16STE.apply(val) if grad else val.half().float()
-        return out
-
-    def weights(grad: bool):
-        w = dict(base)
-        for k, (st, ps) in other.items():
-            w[k] = st.weight(tuned(ps, grad))
-        for k, (cfg, codes, rms, s0, pb, ps) in meta.items():
-            b = _F16STE.apply(pb * rms) if grad else (pb * rms).half().float()
-            w[k] = dequantize(codes, b, s0 * ps)
-            if k in exact:
-                idx, vals = exact[k]
-                w[k] = w[k].reshape(-1).index_put((idx,), vals).reshape(w[k].shape)
-        for k, (n0, pn) in norms.items():
-            w[k] = n0 * pn
-        return w
-
-    @torch.no_grad()
-    def full_loss() -> float:
-        w = weights(False)
-        tot = 0.0
-        for sl in block.chunks():
-            d = rm.block_forward(hp, w, x[sl], rope) - target[sl]
-            tot += float(d.double().pow(2).sum())
-        return tot / (target.numel() * tnorm)
-
-    def snapshot():
-        return [p.detach().clone() for p in params]
-
-    start = full_loss()
-    best = (start, snapshot(), 0)
-    opt = torch.optim.Adam(params, lr=ft.ft_lr, betas=(0.9, 0.95))
-    gen = torch.Generator().manual_seed(int(block.seed) + 17)
-    N = x.shape[0]
-    bs = max(1, min(int(ft.ft_batch), N))
-    prev = start
-    bar = _bar(ctx, f"blk.{block.index} finetune", max(1, ft.ft_epochs))
-    try:
-        for ep in range(1, max(0, ft.ft_epochs) + 1):
-            order = torch.randperm(N, generator=gen)
-            for b0 in range(0, N, bs):
-                idx = order[b0:b0 + bs]
-                with torch.enable_grad():
-                    w = weights(True)
-                    out = rm.block_forward(hp, w, x[idx], rope)
-                    loss = (out - target[idx]).pow(2).mean() / tnorm
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                opt.step()
-            cur = full_loss()
-            if bar is not None:
-                bar.set_postfix_str(f"block loss {start:.4g} -> {cur:.4g}", refresh=False)
-                bar.update(1)
-            if cur < best[0]:
-                best = (cur, snapshot(), ep)
-            if prev - cur < ft.ft_tol * prev:
-                break
-            prev = cur
-    finally:
-        if bar is not None:
-            bar.close()
-    with torch.no_grad():
-        for p, v in zip(params, best[1]):
-            p.copy_(v)
-        out_state = {}
-        for k, (cfg, codes, rms, s0, pb, ps) in meta.items():
-            out_state[k] = (cfg, codes, (pb * rms).half().float(), (s0 * ps).float())
-        for k, (st, ps) in other.items():
-            out_state[k] = st.with_values(tuned(ps, False))
-        out_norms = {k: (n0 * pn).numpy().astype(np.float32) for k, (n0, pn) in norms.items()} if best[2] else {}
-    if not best[2]:   # the start was best: keep the linears' own results and the original norms
-        out_state = {k: state[k] for k in state}
-    return FinetuneResult(out_state, out_norms, start, best[0], best[2])
 
 
 # ------------------------------------------------------------------------------------------------

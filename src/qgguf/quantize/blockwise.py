@@ -472,7 +472,7 @@ class Checkpoint:
 
     def _clear(self) -> None:
         for p in self.folder.glob("*"):
-            if p.is_file() and (p.name == "run.json" or p.name.startswith(("blk.", ".blk."))):
+            if p.is_file() and (p.name == "run.json" or p.name.startswith(("blk.", ".blk.", "stage.", ".stage."))):
                 p.unlink()
 
     @staticmethod
@@ -518,6 +518,18 @@ class Checkpoint:
             raise OptionError(f"damaged checkpoint {self.path(index)} ({e}); remove it and run again") from None
         return tensors, outl, stats
 
+    def stage(self, name: str) -> dict | None:
+        """What a finished stage after the blocks (``mark``) recorded, or None when it has not finished."""
+        p = self.folder / f"stage.{name}.json"
+        try:
+            return json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def mark(self, name: str, info: dict) -> None:
+        """Record that a stage after the blocks (the end-to-end fine-tuning) finished and rewrote the blocks."""
+        self._atomic(self.folder / f"stage.{name}.json", json.dumps(info, sort_keys=True).encode())
+
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -537,6 +549,24 @@ def fingerprint(source, plan, method, options: dict, calib, nsamples: int, seqle
 
 # ------------------------------------------------------------------------------------------------
 # The driver
+
+
+@dataclass
+class ModelRun:
+    """What :func:`run_blocks` hands to a method's ``finish_model`` hook once every block is in the checkpoint
+    (AQ/VQ's end-to-end fine-tuning): the source, plan and types, the checkpoint, hyper-parameters, rope tables,
+    the calibration tokens ``ids`` (nsamples, seqlen) and the float model's final hidden states of them
+    ``teacher`` (nsamples, seqlen, n_embd; before the output norm)."""
+    source: Any
+    plan: Any
+    qtypes: dict
+    checkpoint: "Checkpoint"
+    hp: Any
+    rope: Any
+    ids: torch.Tensor
+    teacher: torch.Tensor
+    seed: int = 0
+    progress: bool = True
 
 
 @dataclass
@@ -685,7 +715,11 @@ def run_blocks(source, plan, qtypes: dict, method: BlockMethod, ctx: QuantContex
         if bar is not None:
             bar.close()
 
-    # importance of the output matrix: the quantized model's final hidden states
+    finish = getattr(method, "finish_model", None)
+    if finish is not None and x_fp is not None:   # a stage over the whole model (AQ/VQ: end-to-end fine-tuning)
+        finish(ModelRun(source, plan, qtypes, ckpt, hp, rope, ids, x_fp, seed, progress), ctx)
+    del x_fp
+    # importance of the output matrix: the quantized model's final hidden states (before a finish_model stage)
     on = np.array(source.load("output_norm.weight"), np.float32).reshape(-1)
     h = rm.final_norm(hp, torch.from_numpy(on), x_q).reshape(-1, hp.n_embd).double()
     out_name = "output.weight" if "output.weight" in names else "token_embd.weight"
@@ -717,5 +751,5 @@ def _calibration(source, md, names, calib, nsamples, seqlen, seed, progress, thr
     return calibration_sequences(calib, None, tok, md, nsamples, seqlen, seed, progress)
 
 
-__all__ = ["Block", "BlockMethod", "GramAdapter", "BlockResult", "Checkpoint", "as_block_method", "run_blocks",
+__all__ = ["Block", "BlockMethod", "GramAdapter", "BlockResult", "ModelRun", "Checkpoint", "as_block_method", "run_blocks",
            "sequential_quantize", "relative_error", "chunk_samples", "short_key", "CHUNK_TOKENS", "RESUME_SUFFIX"]

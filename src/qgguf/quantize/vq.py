@@ -11,7 +11,7 @@ Block by block, in the calibration pipeline (:mod:`.blockwise`), as the AQ metho
    standard type take the ``other`` method (default ``imatrix``);
 2. the block's codebooks (main, residual, outlier), column scales and biases and its RMSNorm weights are
    fine-tuned with Adam (indices frozen) against the original block's outputs - the AQ method's
-   :func:`qgguf.quantize.aq.finetune_block`, through :class:`VQState`.
+   :func:`qgguf.quantize.finetune.finetune_block`, through :class:`VQState`.
 
 Options (``-O KEY=VALUE``)::
 
@@ -29,23 +29,20 @@ from __future__ import annotations
 
 import itertools
 import re
-import time
 from dataclasses import dataclass, fields as dc_fields, replace
 
 import numpy as np
 import torch
 
 from ..errors import OptionError, QggufError
-from .aq import AQ, LINEAR_KEYS, AQPlan, _as_bool, _bar, _coerce, _fallback_bytes, _write, finetune_block, head_types, \
-    parse_tensor_methods
-from .aq import FinetuneOptions
+from .aq import AQ, LINEAR_KEYS, AQPlan, _as_bool, _bar, _coerce, _fallback_bytes, _write, head_types, parse_tensor_methods
+from .finetune import FT_KEYS as _FT_KEYS
 from .base import QuantContext
 from .blockwise import sequential_quantize
-from .vq_core import VQOptions, VQResult, dequantize, quantize_matrix, to_fields
+from .vq_core import VQOptions, VQResult, dequantize, from_fields, quantize_matrix, to_fields
 
 DEFAULT_CONFIG = "vq-v8-k256-256"
 _VQ_KEYS = {f.name for f in dc_fields(VQOptions)}
-_FT_KEYS = {f.name for f in dc_fields(FinetuneOptions)}
 _OTHER_KEYS = {"other", "linear_threads", "verbose", "tensor_methods", "vq_config", "nsamples", "seqlen", "seed"}
 METHOD_DEFAULTS = dict(kmeans_iters=12, kmeans_points=1 << 15)
 
@@ -79,7 +76,7 @@ def parse_config(name: str):
 
 @dataclass
 class VQState:
-    """One quantized linear for :func:`qgguf.quantize.aq.finetune_block`: the float parts that may be
+    """One quantized linear for :func:`qgguf.quantize.finetune.finetune_block`: the float parts that may be
     tuned (all stored as float16), how the fine-tuning parametrises them, and the weight they give."""
     qt: object
     res: VQResult
@@ -87,12 +84,13 @@ class VQState:
     C: int
 
     def tunables(self) -> dict:
-        t = {"books": (self.res.books, "rms"), "colscale": (self.res.colscale, "factor"),
-             "colbias": (self.res.colbias, "rms")}
+        """name -> (start value, parametrisation, stored as float16): :class:`qgguf.quantize.finetune.Tunables`."""
+        t = {"books": (self.res.books, "rms", True), "colscale": (self.res.colscale, "factor", True),
+             "colbias": (self.res.colbias, "rms", True)}
         if self.res.rbooks is not None:
-            t["rbooks"] = (self.res.rbooks, "rms")
+            t["rbooks"] = (self.res.rbooks, "rms", True)
         if self.res.obook is not None:
-            t["obook"] = (self.res.obook, "rms")
+            t["obook"] = (self.res.obook, "rms", True)
         return t
 
     def weight(self, values: dict) -> torch.Tensor:
@@ -101,8 +99,18 @@ class VQState:
     def with_values(self, values: dict) -> "VQState":
         return VQState(self.qt, replace(self.res, **{k: v.detach() for k, v in values.items()}), self.R, self.C)
 
+    def dequantized(self) -> torch.Tensor:
+        return dequantize(self.qt, self.res, self.R, self.C)
+
     def pack(self, qtype) -> np.ndarray:
         return np.asarray(qtype.pack(to_fields(self.res)))
+
+    @classmethod
+    def from_packed(cls, qtype, data: np.ndarray, shape) -> "VQState":
+        """The state of a VQ tensor's bytes (for the end-to-end stage, which starts from the checkpoint)."""
+        qt = vq_type_of(qtype)
+        R, C = int(shape[0]), int(shape[-1])
+        return cls(qt, from_fields(qt, qtype.unpack(np.asarray(data).view(np.uint8), (R, C))), R, C)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -127,6 +135,9 @@ class VQ(AQ):
         o = self.vq
         return (f"vq(actorder={o.actorder}, norm={o.norm}, damp={o.damp:g}, kmeans={o.kmeans_iters}x{o.kmeans_points}"
                 f"{', refit' if o.refit else ''}") + self._describe_finetune()
+
+    def _state_from_packed(self, qtype, data: np.ndarray, shape):
+        return VQState.from_packed(qtype, data, shape) if vq_type_of(qtype) is not None else None
 
     def quantize_block(self, block, ctx: QuantContext) -> dict[str, np.ndarray]:
         nt = int((ctx.options or {}).get("linear_threads") or 1)
@@ -161,24 +172,7 @@ class VQ(AQ):
             return st.pack(qtype)
 
         packed = sequential_quantize(block, ctx, quantize_linear)
-        block.x_out = None      # recomputed by the pipeline from the final (fine-tuned) tensors
-        if self.ft.finetune and state:
-            t0 = time.perf_counter()
-            torch.set_num_threads(nt)
-            try:
-                res = finetune_block(block, packed, state, self.ft, ctx)
-            finally:
-                torch.set_num_threads(old_threads)
-            for key, st in res.state.items():
-                packed[key] = st.pack(block.qtypes[key])
-            for key, v in res.norms.items():
-                packed[key] = v.astype(np.float32)
-            ctx.extra.setdefault("block_loss", {})[block.index] = {
-                "method": "vq", "start": res.start_loss, "loss": res.loss, "best_epoch": res.best_epoch,
-                "seconds": time.perf_counter() - t0}
-            if ctx.progress:
-                _write(f"vq block {block.index}: fine-tuned block loss {res.start_loss:.4g} -> {res.loss:.4g} "
-                       f"(epoch {res.best_epoch}, {time.perf_counter() - t0:.0f} s)")
+        self._finetune_block(block, packed, state, {}, ctx)
         return packed
 
 

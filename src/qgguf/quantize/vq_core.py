@@ -21,7 +21,7 @@ Quantization for Large Language Models") for one weight matrix, on the CPU.
    objective improves.
 
 The block-wise fine-tuning of centroids and norms against the block outputs is the AQ method's
-(:func:`qgguf.quantize.aq.finetune_block`, through :class:`VQState`).
+(:func:`qgguf.quantize.finetune.finetune_block`, through :class:`VQState`).
 """
 from __future__ import annotations
 

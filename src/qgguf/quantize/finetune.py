@@ -1,0 +1,387 @@
+"""Fine-tuning of the codebook methods' continuous parameters with the codes (AQ) or indices (VQ) frozen.
+
+Two stages, both Adam on the same relative parametrisation (:class:`Tunables`):
+
+* :func:`finetune_block` (AQLM section 3.3, "fine-tuning for intra-layer cohesion"): one block's codebooks,
+  scales and RMSNorm weights against the original block's outputs on the calibration set, right after the
+  block's linears were quantized (run by the AQ and VQ methods inside the block pipeline).
+* :func:`finetune_model` (AQLM's end-to-end fine-tuning, its appendix "global fine-tuning"; PV-Tuning's
+  continuous step): after every block is quantized, the codebooks, scales and RMSNorm weights of *all* blocks
+  at once against the original model's next-token distributions: the loss is the KL divergence from the float
+  model's softmax to the quantized model's on the calibration sequences. The block stage matches each block's
+  outputs in isolation; this stage lets a block correct what the later blocks and the output head make of its
+  error, which is what the evaluation measures. Blocks run under activation checkpointing (their weights are
+  rebuilt from the codebooks in the backward pass), and the logits are made a chunk of tokens at a time, so
+  the memory is one block's activations plus one chunk of logits. The teacher is the float model's final hidden
+  state of every calibration token (the block pipeline computes it as ``x_fp``); its logits are made per
+  batch from the float output matrix. The student uses the same float token embeddings and output matrix
+  (AQLM keeps them unquantized too): the stage tunes the blocks only.
+
+Parameters are relative (codebooks in units of their RMS, scales and norms as factors of their start), so one
+learning rate suits every layer. What is tuned is what is stored: values stored as float16 are rounded to float16
+in the forward pass (straight-through gradient). Each stage checks its loss over the whole calibration set after
+every epoch and keeps the best state, the start included, so it never makes the calibration loss worse.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields as dc_fields
+from typing import Any, Hashable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import OptionError
+from ..runtime import model as rm
+from .aq_core import AQConfig, dequantize
+
+NORM_KEYS = ("attn_norm", "ffn_norm")
+
+
+# ------------------------------------------------------------------------------------------------
+# options
+
+
+@dataclass
+class FinetuneOptions:
+    """``-O`` options of both stages (AQ and VQ)."""
+    finetune: bool = True        # block stage
+    ft_epochs: int = 3
+    ft_lr: float = 5e-4
+    ft_batch: int = 4
+    ft_tol: float = 1e-3
+    ft_target: str = "fp"
+    e2e: bool = True             # end-to-end stage
+    e2e_epochs: int = 4
+    e2e_lr: float = 2e-4
+    e2e_batch: int = 4
+    e2e_tol: float = 1e-3
+    e2e_norms: bool = True       # tune the RMSNorm weights of the blocks in the end-to-end stage too
+
+
+FT_KEYS = {f.name for f in dc_fields(FinetuneOptions)}
+
+
+def finetune_options(options: dict) -> FinetuneOptions:
+    from .aq import _coerce
+    ft = _coerce(FinetuneOptions, {k: v for k, v in options.items() if k in FT_KEYS})
+    if ft.ft_target not in ("xq", "fp"):
+        raise OptionError(f"option ft_target={ft.ft_target!r}: expected xq or fp")
+    for k in ("ft_epochs", "ft_batch", "e2e_epochs", "e2e_batch"):
+        if getattr(ft, k) < (1 if k.endswith("batch") else 0):
+            raise OptionError(f"option {k}={getattr(ft, k)}: expected a {'positive' if k.endswith('batch') else 'non-negative'} integer")
+    return ft
+
+
+def describe(ft: FinetuneOptions) -> str:
+    s = (f"finetune={ft.ft_epochs} epochs lr={ft.ft_lr:g} batch={ft.ft_batch} tol={ft.ft_tol:g} target={ft.ft_target}"
+         if ft.finetune else "no finetune")
+    if ft.e2e:
+        s += (f", e2e={ft.e2e_epochs} epochs lr={ft.e2e_lr:g} batch={ft.e2e_batch} tol={ft.e2e_tol:g}"
+              + ("" if ft.e2e_norms else " no norms"))
+    return s
+
+
+# ------------------------------------------------------------------------------------------------
+# what is tuned
+
+
+@dataclass
+class AQState:
+    """One AQ linear: codes (R, J, M) long, codebooks (M, K, g) and scales (R,) float32. Codebooks are stored as
+    float16, scales as float32 (docs/FORMAT.md)."""
+    cfg: AQConfig
+    codes: torch.Tensor
+    codebooks: torch.Tensor
+    scales: torch.Tensor
+
+    def tunables(self) -> dict:
+        return {"codebooks": (self.codebooks, "rms", True), "scales": (self.scales, "factor", False)}
+
+    def weight(self, values: dict) -> torch.Tensor:
+        return dequantize(self.codes, values["codebooks"], values["scales"])
+
+    def dequantized(self) -> torch.Tensor:
+        return dequantize(self.codes, self.codebooks, self.scales)
+
+    def with_values(self, values: dict) -> "AQState":
+        return AQState(self.cfg, self.codes, values["codebooks"].detach(), values["scales"].detach())
+
+    def pack(self, qtype) -> np.ndarray:
+        from .aq import pack
+        return pack(qtype, self.cfg, self.codes, self.codebooks, self.scales)
+
+    @classmethod
+    def from_packed(cls, qtype, data: np.ndarray, shape) -> "AQState":
+        """The state of an AQ tensor's bytes (``qtype.unpack``: codes [C/g][M][R], codebooks, scales)."""
+        from .aq import config_of
+        f = qtype.unpack(np.asarray(data).view(np.uint8), tuple(shape))
+        codes = torch.from_numpy(np.ascontiguousarray(np.asarray(f["codes"]).astype(np.int64).transpose(2, 0, 1)))
+        return cls(config_of(qtype), codes, torch.from_numpy(np.asarray(f["codebooks"], np.float32)),
+                   torch.from_numpy(np.asarray(f["scales"], np.float32).reshape(-1)))
+
+
+class _F16STE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.half().float()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class Tunables:
+    """The tunable parameters of some quantized linears (states with ``tunables()``/``weight()``/
+    ``with_values()``: :class:`AQState`, :class:`qgguf.quantize.vq.VQState`) and RMSNorm weights, by any
+    hashable key (a block's short keys, or ``(block, key)`` for the whole model). ``exact``: key -> (flat
+    positions, values) held fixed in that linear's weight (AQ's sparse outliers)."""
+
+    def __init__(self, states: dict, norms: dict | None = None, exact: dict | None = None):
+        self.states = dict(states)
+        self.exact = dict(exact or {})
+        self.lin: dict[Hashable, dict] = {}
+        self.norms: dict[Hashable, tuple] = {}
+        self.params: list[torch.Tensor] = []
+        for k, st in self.states.items():
+            ps = {}
+            for name, (t0, mode, half) in st.tunables().items():
+                if mode == "factor":
+                    ps[name] = (t0.clone(), 1.0, torch.ones_like(t0).requires_grad_(True), half)
+                else:
+                    rms = float(t0.pow(2).mean().sqrt()) or 1.0
+                    ps[name] = (None, rms, (t0 / rms).clone().requires_grad_(True), half)
+                self.params.append(ps[name][2])
+            self.lin[k] = ps
+        for k, n0 in (norms or {}).items():
+            pn = torch.ones_like(n0).requires_grad_(True)
+            self.norms[k] = (n0.detach().clone(), pn)
+            self.params.append(pn)
+
+    @staticmethod
+    def _values(ps: dict, grad: bool) -> dict:
+        out = {}
+        for name, (t0, rms, p, half) in ps.items():
+            val = t0 * p if t0 is not None else p * rms
+            if half:
+                val = _F16STE.apply(val) if grad else val.half().float()
+            out[name] = val
+        return out
+
+    def weight(self, key, grad: bool) -> torch.Tensor:
+        w = self.states[key].weight(self._values(self.lin[key], grad))
+        if key in self.exact:
+            idx, vals = self.exact[key]
+            w = w.reshape(-1).index_put((idx,), vals).reshape(w.shape)
+        return w
+
+    def norm(self, key) -> torch.Tensor:
+        n0, pn = self.norms[key]
+        return n0 * pn
+
+    def weights(self, grad: bool, keys=None) -> dict:
+        keys = set(self.lin) | set(self.norms) if keys is None else keys
+        out = {k: self.weight(k, grad) for k in self.lin if k in keys}
+        out.update({k: self.norm(k) for k in self.norms if k in keys})
+        return out
+
+    def snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def restore(self, snap: list[torch.Tensor]) -> None:
+        for p, v in zip(self.params, snap):
+            p.copy_(v)
+
+    @torch.no_grad()
+    def result(self) -> tuple[dict, dict]:
+        """The tuned states (values rounded as stored) and norms (float32 numpy)."""
+        states = {k: self.states[k].with_values(self._values(ps, False)) for k, ps in self.lin.items()}
+        norms = {k: (n0 * pn).numpy().astype(np.float32) for k, (n0, pn) in self.norms.items()}
+        return states, norms
+
+
+@dataclass
+class FinetuneResult:
+    state: dict            # key -> tuned state (the given states when the start was best)
+    norms: dict            # key -> float32 numpy (empty when the start was best)
+    start_loss: float
+    loss: float
+    best_epoch: int
+    history: list = None   # loss after each epoch
+
+
+def _train(tun: Tunables, states: dict, full_loss, batch_loss, n: int, bs: int, epochs: int, lr: float, tol: float,
+           seed: int, bar=None, label: str = "loss") -> FinetuneResult:
+    """Adam over ``n`` samples in shuffled batches of ``bs`` for up to ``epochs`` epochs; ``full_loss()`` after
+    each, best kept (the start included); stops early when an epoch improves by less than ``tol``."""
+    start = full_loss()
+    best = (start, tun.snapshot(), 0)
+    history = []
+    opt = torch.optim.Adam(tun.params, lr=lr, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(int(seed) + 17)
+    bs = max(1, min(int(bs), n))
+    prev = start
+    try:
+        for ep in range(1, max(0, int(epochs)) + 1):
+            order = torch.randperm(n, generator=gen)
+            for b0 in range(0, n, bs):
+                with torch.enable_grad():
+                    loss = batch_loss(order[b0:b0 + bs])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                opt.step()
+            cur = full_loss()
+            history.append(cur)
+            if bar is not None:
+                bar.set_postfix_str(f"{label} {start:.4g} -> {cur:.4g}", refresh=False)
+                bar.update(1)
+            if cur < best[0]:
+                best = (cur, tun.snapshot(), ep)
+            if prev - cur < tol * prev:
+                break
+            prev = cur
+    finally:
+        if bar is not None:
+            bar.close()
+    tun.restore(best[1])
+    if not best[2]:   # the start was best: keep the given states and the original norms
+        return FinetuneResult(dict(states), {}, start, best[0], 0, history)
+    out_state, out_norms = tun.result()
+    return FinetuneResult(out_state, out_norms, start, best[0], best[2], history)
+
+
+# ------------------------------------------------------------------------------------------------
+# block stage
+
+
+def finetune_block(block, packed: dict, state: dict, ft: FinetuneOptions, ctx, exact: dict | None = None
+                   ) -> FinetuneResult:
+    """Adam on the codebooks, scales and RMSNorm weights of one block (codes frozen) against the original
+    block's outputs (module docstring). ``state``: short key -> :class:`AQState` or VQ state; ``exact``: short
+    key -> (flat positions, values) of the sparse outliers."""
+    from .aq import _bar
+    hp, rope = block.hp, block.rope
+    x = block.x_q
+    orig = dict(block.weights)
+    base = block.current()
+    for k in block.qtypes:   # the block's other quantized linears as stored
+        if k not in state:
+            base[k] = block.dequantized(k, packed[k], ctx)
+    src = block.x_fp if (ft.ft_target == "fp" and block.x_fp is not None) else x
+    with torch.no_grad():
+        target = torch.empty_like(x)
+        for sl in block.chunks():
+            target[sl] = rm.block_forward(hp, orig, src[sl], rope)
+    tnorm = float(target.double().pow(2).mean()) or 1.0
+    tun = Tunables(state, {k: base[k] for k in NORM_KEYS if k in base and k in orig}, exact)
+
+    def weights(grad: bool) -> dict:
+        w = dict(base)
+        w.update(tun.weights(grad))
+        return w
+
+    @torch.no_grad()
+    def full_loss() -> float:
+        w = weights(False)
+        tot = 0.0
+        for sl in block.chunks():
+            d = rm.block_forward(hp, w, x[sl], rope) - target[sl]
+            tot += float(d.double().pow(2).sum())
+        return tot / (target.numel() * tnorm)
+
+    def batch_loss(idx):
+        out = rm.block_forward(hp, weights(True), x[idx], rope)
+        return (out - target[idx]).pow(2).mean() / tnorm
+
+    bar = _bar(ctx, f"blk.{block.index} finetune", max(1, ft.ft_epochs))
+    return _train(tun, state, full_loss, batch_loss, x.shape[0], ft.ft_batch, ft.ft_epochs, ft.ft_lr, ft.ft_tol,
+                  block.seed, bar, "block loss")
+
+
+# ------------------------------------------------------------------------------------------------
+# end-to-end stage
+
+#: tokens per chunk of the output head in the end-to-end loss (a chunk's logits are n_vocab floats per token)
+HEAD_CHUNK = 256
+
+
+@dataclass
+class ModelParts:
+    """What :func:`finetune_model` needs of the model: hyper-parameters, rope tables, the float token embedding
+    (n_vocab, n_embd), output norm and output matrix, and per block the weights that stay fixed (short key ->
+    float32 tensor: the other linears as stored, and the norms' start values)."""
+    hp: Any
+    rope: Any
+    tok_embd: torch.Tensor
+    out_norm: torch.Tensor
+    out_w: torch.Tensor
+    fixed: list[dict]
+
+
+def _kl_chunks(parts: ModelParts, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Sum over tokens of KL(softmax(teacher logits) || softmax(student logits)) for student hidden states ``h``
+    and teacher hidden states ``t`` (both (N, n_embd), before the final norm), a chunk of tokens at a time."""
+    tot = h.new_zeros(())
+    for s in range(0, h.shape[0], HEAD_CHUNK):
+        def chunk(hs, ts):
+            lp = F.log_softmax(rm.lm_head(parts.out_w, rm.final_norm(parts.hp, parts.out_norm, hs)), -1)
+            with torch.no_grad():
+                lt = F.log_softmax(rm.lm_head(parts.out_w, rm.final_norm(parts.hp, parts.out_norm, ts)), -1)
+            return (lt.exp() * (lt - lp)).sum()
+        hs, ts = h[s:s + HEAD_CHUNK], t[s:s + HEAD_CHUNK]
+        tot = tot + (checkpoint(chunk, hs, ts, use_reentrant=False) if hs.requires_grad else chunk(hs, ts))
+    return tot
+
+
+def finetune_model(parts: ModelParts, tun: Tunables, ids: torch.Tensor, teacher: torch.Tensor,
+                   ft: FinetuneOptions, seed: int = 0, progress: bool = True) -> FinetuneResult:
+    """The end-to-end stage (module docstring). ``tun``: keyed by ``(block index, short key)``; ``ids``:
+    (nsamples, seqlen) calibration tokens; ``teacher``: the float model's final hidden states of them
+    (nsamples, seqlen, n_embd). Returns the tuned states and norms under the same keys; the loss is the mean
+    KL divergence per token."""
+    hp = parts.hp
+    n_layer = len(parts.fixed)
+    per_block = [[k for k in list(tun.lin) + list(tun.norms) if k[0] == il] for il in range(n_layer)]
+    ntok = float(ids.shape[1])
+
+    def block_weights(il: int, grad: bool) -> dict:
+        w = dict(parts.fixed[il])
+        w.update({k[1]: v for k, v in tun.weights(grad, set(per_block[il])).items()})
+        return w
+
+    def run(idx, grad: bool) -> torch.Tensor:
+        x = rm.embed(parts.tok_embd, ids[idx])
+        for il in range(n_layer):
+            if grad and per_block[il]:
+                def blk(a, il=il):
+                    return rm.block_forward(hp, block_weights(il, True), a, parts.rope)
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = rm.block_forward(hp, block_weights(il, False), x, parts.rope)
+        return x
+
+    @torch.no_grad()
+    def full_loss() -> float:
+        tot = 0.0
+        for s in range(0, ids.shape[0], max(1, ft.e2e_batch)):
+            idx = torch.arange(s, min(s + max(1, ft.e2e_batch), ids.shape[0]))
+            h = run(idx, False)
+            tot += float(_kl_chunks(parts, h.reshape(-1, h.shape[-1]), teacher[idx].reshape(-1, h.shape[-1])))
+        return tot / (ids.shape[0] * ntok)
+
+    def batch_loss(idx):
+        h = run(idx, True)
+        return _kl_chunks(parts, h.reshape(-1, h.shape[-1]), teacher[idx].reshape(-1, h.shape[-1])) / (len(idx) * ntok)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=max(1, ft.e2e_epochs), desc="end-to-end finetune", unit="epoch", leave=False)
+    return _train(tun, tun.states, full_loss, batch_loss, int(ids.shape[0]), ft.e2e_batch, ft.e2e_epochs, ft.e2e_lr,
+                  ft.e2e_tol, seed, bar, "KLD")
+
+
+__all__ = ["FinetuneOptions", "finetune_options", "AQState", "Tunables", "FinetuneResult", "finetune_block",
+           "ModelParts", "finetune_model", "FT_KEYS", "NORM_KEYS"]
