@@ -44,7 +44,7 @@ Options (``-O KEY=VALUE``; defaults fit SmolLM2-135M, 210 linears plus fine-tuni
                     w^2 H_cc, the "super weights" and the inputs with massive activations), exact in the file,
                     counted in --bits (48 bits each); 0 turns it off (same probe, damp=1: 0.802 without them)
     finetune=yes    ft_epochs=3  ft_lr=0.0005  ft_batch=4  ft_tol=0.001  ft_target=fp|xq   (block stage)
-    e2e=yes         e2e_epochs=4  e2e_lr=0.0002  e2e_batch=4  e2e_tol=0.001  e2e_norms=yes   (end-to-end stage, step 3)
+    e2e=yes         e2e_epochs=4  e2e_lr=0.001  e2e_batch=4  e2e_tol=0.001  e2e_norms=yes   (end-to-end stage, step 3)
     other=imatrix   method of linears with a standard type
     linear_threads=1  torch threads of the per-linear search and the fine-tuning (small operations: one
                     thread is faster than two on a busy 2-core machine)

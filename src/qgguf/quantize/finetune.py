@@ -54,7 +54,7 @@ class FinetuneOptions:
     ft_target: str = "fp"
     e2e: bool = True             # end-to-end stage
     e2e_epochs: int = 4
-    e2e_lr: float = 2e-4
+    e2e_lr: float = 1e-3
     e2e_batch: int = 4
     e2e_tol: float = 1e-3
     e2e_norms: bool = True       # tune the RMSNorm weights of the blocks in the end-to-end stage too
