@@ -26,8 +26,8 @@ Block by block, in the calibration pipeline (:mod:`.blockwise`):
 What is tuned is what is stored: codebooks are float16 in the file, so the fine-tuning forward pass rounds
 them to float16 (straight-through gradient), and scales are float32.
 
-Options (``-O KEY=VALUE``; defaults fit SmolLM2-135M, 210 linears plus fine-tuning, in about 45 minutes on
-2 CPU cores):
+Options (``-O KEY=VALUE``; with the defaults SmolLM2-135M ``--bits 3``, 210 linears plus both fine-tuning stages,
+took 19 minutes on 2 CPU cores, the end-to-end stage 7 of them; docs/BENCHMARKS.md):
 
     beam=1          beam size of the code search (AQLM's beam_size; 1 = greedy coordinate descent)
     max_rounds=4    rounds of (Adam, beam search) per linear
