@@ -15,7 +15,11 @@ Flow (:func:`run_blocks`, called by :func:`qgguf.convert.pipeline.convert` for b
 4. each finished block's bytes go to a checkpoint folder beside the output (``OUT.qgguf-resume/``); with
    ``resume=True`` finished blocks are skipped (their ``x_q`` contribution recomputed from the checkpointed
    bytes), so a killed run continues and, with the same settings, gives the same bytes;
-5. the tensors outside the blocks (``token_embd``, ``output``) are quantized by the type's own
+5. a method with a ``finish_model`` hook then gets the whole model (:class:`ModelRun`: the checkpoint, the
+   calibration tokens and the float model's final hidden states of them) and may rewrite the checkpointed blocks
+   (AQ/VQ's end-to-end fine-tuning, :mod:`.finetune`); it records itself in the checkpoint (``mark``) so a
+   resumed run skips it;
+6. the tensors outside the blocks (``token_embd``, ``output``) are quantized by the type's own
    importance-weighted search, the output matrix with the importance of the quantized model's final hidden
    states.
 
