@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     if resume:
         shutil.rmtree(ck, ignore_errors=True)
         shutil.copytree(pristine, ck, ignore=shutil.ignore_patterns("stage.*"))
+        (ck / "run.json").write_text(json.dumps(blockwise.fingerprint(), indent=1, sort_keys=True))
     elif not args.once and opts.get("e2e", "yes").lower() not in ("no", "0", "false", "off"):
         raise SystemExit("the first run of a kind makes the shared block checkpoint: give it -O e2e=no")
     kw = (dict(type="Q8_0", pure=True, tensor_methods=["ffn_down=aq"], bits=2.2) if args.kind == "ffn_down"
