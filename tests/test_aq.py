@@ -214,6 +214,9 @@ def test_method_options():
     assert AQ(finetune="no").needs_fp_inputs    # the end-to-end stage's teacher: the float model's activations
     with pytest.raises(OptionError):
         AQ(bogus=1)
+    with pytest.raises(OptionError, match="e2e_batch"):
+        AQ(e2e_batch=0)
+    assert "e2e=4 epochs lr=0.001" in AQ().describe() and "e2e" not in AQ(e2e="no").describe()
 
 
 # ------------------------------------------------------------------------------------------------ end to end
