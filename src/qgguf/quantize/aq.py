@@ -65,7 +65,7 @@ import torch
 from ..errors import OptionError, QggufError
 from .aq_core import CONFIGS, AQConfig, AQOptions, parse_config, quantize_matrix, to_fields
 from .base import QuantContext
-from .blockwise import BlockMethod, sequential_quantize
+from .blockwise import BlockMethod, sequential_quantize, short_key, stored_weight
 from .finetune import FT_KEYS as _FT_KEYS, NORM_KEYS, AQState, finetune_block, finetune_options  # noqa: F401
 from .finetune import describe as _describe_ft
 
@@ -259,58 +259,43 @@ class AQ(BlockMethod):
         f32 = lambda n: torch.from_numpy(np.array(src.load(n), np.float32))  # noqa: E731
         tok = f32("token_embd.weight").reshape(-1, hp.n_embd)
         out_w = f32("output.weight").reshape(-1, hp.n_embd) if "output.weight" in names else tok
-        fixed, states, norms, exact, where = [], {}, {}, {}, {}
+        fixed, states, norms, exact, stored = [], {}, {}, {}, {}
         for il in range(hp.n_layer):
-            tensors, outl, _st = run.checkpoint.load(il)
+            tensors, outl, st = run.checkpoint.load(il)
             w = {}
             for n, data in tensors.items():
-                key = n[len(f"blk.{il}."):].removesuffix(".weight")
-                c = choices[n]
+                key, c = short_key(n, il), choices[n]
                 qt = run.qtypes[c.type]
-                st = self._state_from_packed(qt, data, c.shape)
-                if st is not None:
-                    states[(il, key)] = st
-                    where[(il, key)] = n
-                    if n in outl:
-                        idx = torch.from_numpy(np.asarray(outl[n][0], np.int64))
-                        exact[(il, key)] = (idx, f32(n).reshape(-1)[idx].clone())
+                state = self._state_from_packed(qt, data, c.shape)
+                if state is None:
+                    w[key] = stored_weight(qt, data, c.shape, outl.get(n))
                     continue
-                t = torch.from_numpy(np.array(qt.dequantize(np.asarray(data).view(np.uint8), tuple(c.shape)),
-                                              np.float32).reshape(c.shape))
+                states[(il, key)] = state
+                stored[il] = (tensors, outl, st)     # written back with the tuned values
                 if n in outl:
-                    t.view(-1).index_add_(0, torch.from_numpy(np.asarray(outl[n][0], np.int64)),
-                                          torch.from_numpy(np.asarray(outl[n][1], np.float32)))
-                w[key] = t
+                    idx = torch.from_numpy(np.asarray(outl[n][0], np.int64))
+                    exact[(il, key)] = (idx, f32(n).reshape(-1)[idx].clone())
             fixed.append(w)
-        tuned_blocks = sorted({il for il, _ in states})
-        for il in (tuned_blocks if self.ft.e2e_norms else ()):
-            for k in NORM_KEYS:
-                if k in fixed[il]:
-                    norms[(il, k)] = fixed[il][k]
-                    where[(il, k)] = f"blk.{il}.{k}.weight"
         if not states:
             return
+        if self.ft.e2e_norms:
+            norms = {(il, k): fixed[il][k] for il in stored for k in NORM_KEYS if k in fixed[il]}
         parts = ModelParts(hp, run.rope, tok, f32("output_norm.weight").reshape(-1), out_w, fixed)
         tun = Tunables(states, norms, exact)
         res = finetune_model(parts, tun, run.ids, run.teacher, self.ft, seed=run.seed, progress=run.progress)
         del parts, tun, tok, out_w, fixed
         if res.best_epoch:   # write the tuned blocks back
-            for il in tuned_blocks:
-                tensors, outl, st = run.checkpoint.load(il)
-                for (bi, key), state in res.state.items():
-                    if bi != il:
-                        continue
-                    n = where[(bi, key)]
-                    tensors[n] = np.ascontiguousarray(state.pack(run.qtypes[choices[n].type])).view(np.uint8).reshape(-1)
-                    if (bi, key) in exact:
-                        idx, orig = exact[(bi, key)]
-                        vals = (orig - state.dequantized().reshape(-1)[idx]).numpy().astype(np.float16)
-                        outl[n] = (np.asarray(outl[n][0], np.int32), vals)
-                for (bi, key), v in res.norms.items():
-                    if bi == il:
-                        n = where[(bi, key)]
-                        c = choices[n]
-                        tensors[n] = run.qtypes[c.type].quantize(np.asarray(v, np.float32).reshape(-1, c.shape[-1]))
+            for (il, key), state in res.state.items():
+                tensors, outl, _st = stored[il]
+                n = f"blk.{il}.{key}.weight"
+                tensors[n] = np.ascontiguousarray(state.pack(run.qtypes[choices[n].type])).view(np.uint8).reshape(-1)
+                if (il, key) in exact:
+                    outl[n] = outlier_values(exact[(il, key)], state.dequantized())
+            for (il, key), v in res.norms.items():
+                n = f"blk.{il}.{key}.weight"
+                c = choices[n]
+                stored[il][0][n] = run.qtypes[c.type].quantize(np.asarray(v, np.float32).reshape(-1, c.shape[-1]))
+            for il, (tensors, outl, st) in stored.items():
                 run.checkpoint.save(il, tensors, outl, st)
         info = {"start_kld": res.start_loss, "kld": res.loss, "best_epoch": res.best_epoch,
                 "history": list(res.history or []), "seconds": time.perf_counter() - t0,
@@ -383,12 +368,17 @@ def fit_matrix(w: np.ndarray, H: np.ndarray, cfg: AQConfig, opts: AQOptions, out
     return quantize_matrix(w, H, cfg, opts, seed=seed, progress=progress), idx
 
 
-def _set_outliers(ctx: QuantContext, name: str, exact: tuple, deq: torch.Tensor) -> None:
-    """``ctx.extra["outliers"][name]``: float16 values that, added to the dequantized AQ weight ``deq``, give back
-    the original weights at the outlier positions (the pipeline's sparse part, quantize/quantease.py)."""
+def outlier_values(exact: tuple, deq: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(int32 flat positions, float16 values) that, added to the dequantized AQ weight ``deq``, give back the
+    original weights ``exact = (positions, originals)`` at the outlier positions."""
     idx, orig = exact
     vals = (orig - deq.reshape(-1)[idx].float()).numpy().astype(np.float16)
-    ctx.extra.setdefault("outliers", {})[name] = (idx.numpy().astype(np.int32), vals)
+    return idx.numpy().astype(np.int32), vals
+
+
+def _set_outliers(ctx: QuantContext, name: str, exact: tuple, deq: torch.Tensor) -> None:
+    """``ctx.extra["outliers"][name]``: :func:`outlier_values` (the pipeline's sparse part, quantize/quantease.py)."""
+    ctx.extra.setdefault("outliers", {})[name] = outlier_values(exact, deq)
 
 
 def pack(qtype, cfg: AQConfig, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> np.ndarray:

@@ -688,14 +688,8 @@ def run_blocks(source, plan, qtypes: dict, method: BlockMethod, ctx: QuantContex
                 x_out = blk.x_out
                 del blk, fixed
             # the block's final weights -> the next block's inputs
-            final = {}
-            for k, n in keys.items():
-                c = choices[n]
-                final[k] = _deq(qtypes[c.type], tensors[n], c.shape)
-                if n in outl:
-                    idx, vals = outl[n]
-                    final[k].view(-1).index_add_(0, torch.from_numpy(np.asarray(idx, np.int64)),
-                                                 torch.from_numpy(np.asarray(vals, np.float32)))
+            final = {k: stored_weight(qtypes[choices[n].type], tensors[n], choices[n].shape, outl.get(n))
+                     for k, n in keys.items()}
             for n, (idx, _) in outl.items():
                 outlier_counts[n] = int(len(idx))
             stats_all.update({n: v for n, v in st.items() if not n.startswith("_")})
@@ -736,6 +730,17 @@ def _deq(qt, data: np.ndarray, shape) -> torch.Tensor:
                                      dtype=np.float32).reshape(shape))
 
 
+def stored_weight(qt, data: np.ndarray, shape, outliers: tuple | None = None) -> torch.Tensor:
+    """The float32 tensor a checkpointed tensor stands for: ``data`` (bytes of ``qt``) dequantized, plus its
+    sparse outliers ``(flat positions, values)`` when it has them."""
+    w = _deq(qt, data, shape)
+    if outliers is not None:
+        idx, vals = outliers
+        w.view(-1).index_add_(0, torch.from_numpy(np.asarray(idx, np.int64)),
+                              torch.from_numpy(np.asarray(vals, np.float32)))
+    return w
+
+
 def _block_seed(seed: int, index: int) -> int:
     return (int(seed) * 1_000_003 + 7919 * (index + 1)) % (2 ** 63)
 
@@ -756,4 +761,4 @@ def _calibration(source, md, names, calib, nsamples, seqlen, seed, progress, thr
 
 
 __all__ = ["Block", "BlockMethod", "GramAdapter", "BlockResult", "ModelRun", "Checkpoint", "as_block_method", "run_blocks",
-           "sequential_quantize", "relative_error", "chunk_samples", "short_key", "CHUNK_TOKENS", "RESUME_SUFFIX"]
+           "sequential_quantize", "relative_error", "chunk_samples", "short_key", "stored_weight", "CHUNK_TOKENS", "RESUME_SUFFIX"]
