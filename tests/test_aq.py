@@ -363,6 +363,35 @@ def test_stories_end_to_end_stage_lowers_the_kld_and_resumes(tmp_path):
     assert marked == ["e2e"] and rep3.e2e["kld"] == 0.5
 
 
+@needs_data
+def test_end_to_end_stage_draws_more_calibration_samples(tmp_path):
+    """``-O e2e_nsamples=N`` gives the end-to-end stage N sequences: the block pass's, then more from the same
+    text (here twice as many more as the block pass has), whose teacher (the float model's final hidden states) is
+    what a block pass over all N would compute."""
+    import torch
+    from qgguf.quantize import finetune
+    seen = []
+    real = finetune.finetune_model
+
+    def spy(parts, tun, ids, teacher, ft, **k):
+        seen.append((ids.clone(), teacher.clone()))
+        return real(parts, tun, ids, teacher, ft, **k)
+    finetune.finetune_model = spy
+    try:
+        rep = _convert(tmp_path / "a.gguf", nsamples=8, opts=dict(max_rounds=1, ft_epochs=1, e2e_epochs=1,
+                                                                    e2e_nsamples=24))
+        _convert(tmp_path / "b.gguf", nsamples=24, opts=dict(max_rounds=1, ft_epochs=1, e2e_epochs=1))
+    finally:
+        finetune.finetune_model = real
+    (ia, ta), (ib, tb) = seen
+    assert ia.shape == (24, 128) and torch.equal(ia, ib)
+    torch.testing.assert_close(ta, tb, rtol=1e-4, atol=1e-4)
+    assert rep.e2e["tokens"] == 24 * 128
+    assert "nsamples=24" in AQ(e2e_nsamples=24).describe()
+    with pytest.raises(OptionError, match="e2e_nsamples"):
+        AQ(e2e_nsamples=-1)
+
+
 def test_salient_positions_pick_the_costliest_weights():
     from qgguf.quantize.aq import salient_positions
     rng = np.random.default_rng(0)

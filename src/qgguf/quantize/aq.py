@@ -241,6 +241,9 @@ class AQ(BlockMethod):
         """The tunable state of a tensor of this method's types (None: a standard type)."""
         return AQState.from_packed(qtype, data, shape) if config_of(qtype) is not None else None
 
+    def finish_samples(self, nsamples: int) -> int:
+        return max(nsamples, self.ft.e2e_nsamples) if self.ft.e2e and self.ft.e2e_epochs > 0 else nsamples
+
     def finish_model(self, run, ctx: QuantContext) -> None:
         """The end-to-end stage (:func:`qgguf.quantize.finetune.finetune_model`): every block's codebooks, scales
         and norms against the float model's next-token distributions, then written back into the checkpoint.

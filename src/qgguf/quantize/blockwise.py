@@ -130,9 +130,11 @@ class Block:
 
     @torch.no_grad()
     def forward(self, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """:func:`qgguf.runtime.model.block_forward` of all samples of ``x``, chunk by chunk."""
+        """:func:`qgguf.runtime.model.block_forward` of all samples of ``x``, chunk by chunk (``x`` may have
+        other samples than the block's: the end-to-end stage's extra sequences)."""
         out = torch.empty_like(x)
-        for sl in self.chunks():
+        for s in range(0, x.shape[0], self.chunk):
+            sl = slice(s, min(s + self.chunk, x.shape[0]))
             out[sl] = rm.block_forward(self.hp, w, x[sl], self.rope)
         return out
 
@@ -386,6 +388,11 @@ class BlockMethod(Method):
         self.calib, self.nsamples, self.seqlen = calib, nsamples, seqlen
         self.options = options
 
+    def finish_samples(self, nsamples: int) -> int:
+        """How many calibration sequences a ``finish_model`` stage wants (at least ``nsamples``, the block
+        pass's): the extra ones are drawn after the block pass's and only run through the float model."""
+        return nsamples
+
     def quantize_block(self, block: Block, ctx: QuantContext) -> dict[str, np.ndarray]:
         """Packed uint8 bytes ``(rows, row_bytes)`` for every short key in ``block.qtypes``. A method that also
         tunes float tensors of the block (AQ's RMSNorm weights) returns their new values as float32 arrays under
@@ -614,16 +621,21 @@ def run_blocks(source, plan, qtypes: dict, method: BlockMethod, ctx: QuantContex
     emb = np.array(source.load("token_embd.weight"), dtype=np.float32)
     hp = hparams_from_metadata(md, emb.shape[0], source.path)
 
-    # calibration tokens
-    seqs, dataset = _calibration(source, md, names, calib, nsamples, seqlen, seed, progress, ctx.threads)
-    ids = torch.tensor(seqs, dtype=torch.long)
+    # calibration tokens (and the extra sequences a finish_model stage asks for: their float activations only)
+    finish = getattr(method, "finish_model", None)
+    more = int(method.finish_samples(nsamples)) - nsamples if finish is not None and method.needs_fp_inputs else 0
+    seqs, dataset = _calibration(source, md, names, calib, nsamples + max(0, more), seqlen, seed, progress,
+                                 ctx.threads)
+    ids = torch.tensor(seqs[:nsamples], dtype=torch.long)
+    ids_more = torch.tensor(seqs[nsamples:], dtype=torch.long) if len(seqs) > nsamples else None
     T = int(ids.shape[1])
     rope_freqs = (torch.from_numpy(np.asarray(source.load("rope_freqs.weight"), np.float32).reshape(-1))
                   if "rope_freqs.weight" in names else None)
     rope = rm.rope_tables(hp, T, rope_freqs)
     x_q = rm.embed(torch.from_numpy(emb), ids)
-    del emb
     x_fp = x_q if method.needs_fp_inputs else None
+    x_more = rm.embed(torch.from_numpy(emb), ids_more) if ids_more is not None else None
+    del emb
     chunk = chunk_samples(T)
 
     stats_all: dict[str, float] = {}
@@ -697,6 +709,8 @@ def run_blocks(source, plan, qtypes: dict, method: BlockMethod, ctx: QuantContex
             x_next = x_out if x_out is not None else fw.forward(final, x_q)
             if x_fp is not None:
                 x_fp = fw.forward(weights, x_fp)
+            if x_more is not None:
+                x_more = fw.forward(weights, x_more)
             x_q = x_next
             del tensors, final, weights, fw, x_out
             if bar is not None:
@@ -713,10 +727,13 @@ def run_blocks(source, plan, qtypes: dict, method: BlockMethod, ctx: QuantContex
         if bar is not None:
             bar.close()
 
-    finish = getattr(method, "finish_model", None)
     if finish is not None and x_fp is not None:   # a stage over the whole model (AQ/VQ: end-to-end fine-tuning)
-        finish(ModelRun(source, plan, qtypes, ckpt, hp, rope, ids, x_fp, seed, progress), ctx)
-    del x_fp
+        run = (ModelRun(source, plan, qtypes, ckpt, hp, rope, ids, x_fp, seed, progress) if x_more is None else
+               ModelRun(source, plan, qtypes, ckpt, hp, rope, torch.cat([ids, ids_more]), torch.cat([x_fp, x_more]),
+                        seed, progress))
+        finish(run, ctx)
+        del run
+    del x_fp, x_more
     # importance of the output matrix: the quantized model's final hidden states (before a finish_model stage)
     on = np.array(source.load("output_norm.weight"), np.float32).reshape(-1)
     h = rm.final_norm(hp, torch.from_numpy(on), x_q).reshape(-1, hp.n_embd).double()

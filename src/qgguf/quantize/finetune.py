@@ -58,6 +58,8 @@ class FinetuneOptions:
     e2e_batch: int = 4
     e2e_tol: float = 1e-3
     e2e_norms: bool = True       # tune the RMSNorm weights of the blocks in the end-to-end stage too
+    e2e_nsamples: int = 0        # calibration sequences of the end-to-end stage (0: the block pass's; more are
+                                 # drawn from the same source, after the block pass's, their teacher run in float)
 
 
 FT_KEYS = {f.name for f in dc_fields(FinetuneOptions)}
@@ -68,7 +70,7 @@ def finetune_options(options: dict) -> FinetuneOptions:
     ft = _coerce(FinetuneOptions, {k: v for k, v in options.items() if k in FT_KEYS})
     if ft.ft_target not in ("xq", "fp"):
         raise OptionError(f"option ft_target={ft.ft_target!r}: expected xq or fp")
-    for k in ("ft_epochs", "ft_batch", "e2e_epochs", "e2e_batch"):
+    for k in ("ft_epochs", "ft_batch", "e2e_epochs", "e2e_batch", "e2e_nsamples"):
         if getattr(ft, k) < (1 if k.endswith("batch") else 0):
             raise OptionError(f"option {k}={getattr(ft, k)}: expected a {'positive' if k.endswith('batch') else 'non-negative'} integer")
     return ft
@@ -79,7 +81,7 @@ def describe(ft: FinetuneOptions) -> str:
          if ft.finetune else "no finetune")
     if ft.e2e:
         s += (f", e2e={ft.e2e_epochs} epochs lr={ft.e2e_lr:g} batch={ft.e2e_batch} tol={ft.e2e_tol:g}"
-              + ("" if ft.e2e_norms else " no norms"))
+              + ("" if ft.e2e_norms else " no norms") + (f" nsamples={ft.e2e_nsamples}" if ft.e2e_nsamples else ""))
     return s
 
 
