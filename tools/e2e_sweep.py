@@ -46,6 +46,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", type=float, default=None, help="instead of the kind's --bits")
     ap.add_argument("--aq-config", default=None, help="instead of the kind's --bits (e.g. aq-2x8-g8)")
     ap.add_argument("--once", action="store_true", help="a whole conversion with these options: no shared blocks")
+    ap.add_argument("--tensor-type", action="append", default=[], metavar="PATTERN=TYPE",
+                    help="qgguf convert's --tensor-type (e.g. 'blk\\.(0|2)\\.ffn_down=aq-3x8-g8'); a kind's shared "
+                         "blocks are made with the same ones (use another --out for another set)")
     args = ap.parse_args(argv)
 
     from qgguf.convert.pipeline import convert
@@ -68,6 +71,7 @@ def main(argv=None) -> int:
         raise SystemExit("the first run of a kind makes the shared block checkpoint: give it -O e2e=no")
     kw = (dict(type="Q8_0", pure=True, tensor_methods=["ffn_down=aq"], bits=2.2) if args.kind == "ffn_down"
           else dict(bits=3.0 if args.kind == "bits3" else 2.0))
+    kw["tensor_types"] = list(args.tensor_type)
     if args.bits is not None or args.aq_config:
         kw.pop("bits")
         kw.update({"bits": args.bits} if args.bits is not None else {"aq_config": args.aq_config})
@@ -86,7 +90,8 @@ def main(argv=None) -> int:
     if ev.returncode:
         raise SystemExit(f"qgguf eval failed: {ev.stderr[-2000:]}")
     r = json.loads(ev.stdout)
-    line = {"kind": args.kind, "tag": args.tag, "opts": opts, "bits": args.bits, "aq_config": args.aq_config, "bytes": out.stat().st_size, "chunks": args.chunks,
+    line = {"kind": args.kind, "tag": args.tag, "opts": opts, "bits": args.bits, "aq_config": args.aq_config,
+            "tensor_types": args.tensor_type, "bytes": out.stat().st_size, "chunks": args.chunks,
             "kld": r["kld"], "ppl": r["ppl"], "same_top": r["same_top"], "e2e": rep.e2e, "convert_s": conv,
             "resumed": resume, "eval_s": time.time() - t0, "peak_rss_bytes": rep.peak_rss_bytes,
             "date": time.strftime("%Y-%m-%d %H:%M")}

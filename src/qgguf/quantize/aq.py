@@ -45,6 +45,10 @@ took 19 minutes on 2 CPU cores, the end-to-end stage 7 of them; docs/BENCHMARKS.
                     counted in --bits (48 bits each); 0 turns it off (same probe, damp=1: 0.802 without them)
     finetune=yes    ft_epochs=3  ft_lr=0.0005  ft_batch=4  ft_tol=0.001  ft_target=fp|xq   (block stage)
     e2e=yes         e2e_epochs=4  e2e_lr=0.001  e2e_batch=4  e2e_tol=0.001  e2e_norms=yes   (end-to-end stage, step 3)
+    e2e_nsamples=0  sequences of the end-to-end stage (0: the block pass's); more are drawn from the same
+                    calibration source after the block pass's and only run through the float model (their
+                    teacher). The stage's time grows with them; it overfits 32 x 256 tokens (SmolLM2 ffn_down:
+                    calibration KLD -36 %, WikiText-2 -6 %), 128 sequences for 2 epochs gave -9 % (docs/BENCHMARKS.md)
     other=imatrix   method of linears with a standard type
     linear_threads=1  torch threads of the per-linear search and the fine-tuning (small operations: one
                     thread is faster than two on a busy 2-core machine)
