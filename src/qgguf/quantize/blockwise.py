@@ -728,11 +728,10 @@ def run_blocks(source, plan, qtypes: dict, method: BlockMethod, ctx: QuantContex
             bar.close()
 
     if finish is not None and x_fp is not None:   # a stage over the whole model (AQ/VQ: end-to-end fine-tuning)
-        run = (ModelRun(source, plan, qtypes, ckpt, hp, rope, ids, x_fp, seed, progress) if x_more is None else
-               ModelRun(source, plan, qtypes, ckpt, hp, rope, torch.cat([ids, ids_more]), torch.cat([x_fp, x_more]),
-                        seed, progress))
-        finish(run, ctx)
-        del run
+        if x_more is not None:
+            ids, x_fp = torch.cat([ids, ids_more]), torch.cat([x_fp, x_more])
+            x_more = None
+        finish(ModelRun(source, plan, qtypes, ckpt, hp, rope, ids, x_fp, seed, progress), ctx)
     del x_fp, x_more
     # importance of the output matrix: the quantized model's final hidden states (before a finish_model stage)
     on = np.array(source.load("output_norm.weight"), np.float32).reshape(-1)
