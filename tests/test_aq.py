@@ -216,7 +216,7 @@ def test_method_options():
         AQ(bogus=1)
     with pytest.raises(OptionError, match="e2e_batch"):
         AQ(e2e_batch=0)
-    assert "e2e=4 epochs lr=0.001" in AQ().describe() and "e2e" not in AQ(e2e="no").describe()
+    assert "e2e=2 epochs lr=0.001" in AQ().describe() and "nsamples=128" in AQ().describe() and "e2e" not in AQ(e2e="no").describe()
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -380,7 +380,8 @@ def test_end_to_end_stage_draws_more_calibration_samples(tmp_path):
     try:
         rep = _convert(tmp_path / "a.gguf", nsamples=8, opts=dict(max_rounds=1, ft_epochs=1, e2e_epochs=1,
                                                                     e2e_nsamples=24))
-        _convert(tmp_path / "b.gguf", nsamples=24, opts=dict(max_rounds=1, ft_epochs=1, e2e_epochs=1))
+        _convert(tmp_path / "b.gguf", nsamples=24, opts=dict(max_rounds=1, ft_epochs=1, e2e_epochs=1,
+                                                              e2e_nsamples=0))
     finally:
         finetune.finetune_model = real
     (ia, ta), (ib, tb) = seen

@@ -27,7 +27,7 @@ What is tuned is what is stored: codebooks are float16 in the file, so the fine-
 them to float16 (straight-through gradient), and scales are float32.
 
 Options (``-O KEY=VALUE``; with the defaults SmolLM2-135M ``--bits 3``, 210 linears plus both fine-tuning stages,
-took 19 minutes on 2 CPU cores, the end-to-end stage 7 of them; docs/BENCHMARKS.md):
+took about 26 minutes on 2 CPU cores, the end-to-end stage 14 of them; docs/BENCHMARKS.md):
 
     beam=1          beam size of the code search (AQLM's beam_size; 1 = greedy coordinate descent)
     max_rounds=4    rounds of (Adam, beam search) per linear
@@ -44,11 +44,12 @@ took 19 minutes on 2 CPU cores, the end-to-end stage 7 of them; docs/BENCHMARKS.
                     w^2 H_cc, the "super weights" and the inputs with massive activations), exact in the file,
                     counted in --bits (48 bits each); 0 turns it off (same probe, damp=1: 0.802 without them)
     finetune=yes    ft_epochs=3  ft_lr=0.0005  ft_batch=4  ft_tol=0.001  ft_target=fp|xq   (block stage)
-    e2e=yes         e2e_epochs=4  e2e_lr=0.001  e2e_batch=4  e2e_tol=0.001  e2e_norms=yes   (end-to-end stage, step 3)
-    e2e_nsamples=0  sequences of the end-to-end stage (0: the block pass's); more are drawn from the same
-                    calibration source after the block pass's and only run through the float model (their
-                    teacher). The stage's time grows with them; it overfits 32 x 256 tokens (SmolLM2 ffn_down:
-                    calibration KLD -36 %, WikiText-2 -6 %), 128 sequences for 2 epochs gave -9 % (docs/BENCHMARKS.md)
+    e2e=yes         e2e_epochs=2  e2e_lr=0.001  e2e_batch=4  e2e_tol=0.001  e2e_norms=yes   (end-to-end stage, step 3)
+    e2e_nsamples=128  sequences of the end-to-end stage (at least the block pass's): the block pass's and more
+                    from the same calibration source, only run through the float model (their teacher). On the
+                    block pass's 32 x 256 tokens the stage overfits (SmolLM2 ffn_down: calibration KLD -36 %,
+                    WikiText-2 -6 %); 128 sequences for 2 epochs (twice the time of 32 for 4) gave -9 %, and
+                    -7 % on --bits 3 against the old default (docs/BENCHMARKS.md)
     other=imatrix   method of linears with a standard type
     linear_threads=1  torch threads of the per-linear search and the fine-tuning (small operations: one
                     thread is faster than two on a busy 2-core machine)

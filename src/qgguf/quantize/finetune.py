@@ -53,13 +53,13 @@ class FinetuneOptions:
     ft_tol: float = 1e-3
     ft_target: str = "fp"
     e2e: bool = True             # end-to-end stage
-    e2e_epochs: int = 4
+    e2e_epochs: int = 2
     e2e_lr: float = 1e-3
     e2e_batch: int = 4
     e2e_tol: float = 1e-3
     e2e_norms: bool = True       # tune the RMSNorm weights of the blocks in the end-to-end stage too
-    e2e_nsamples: int = 0        # calibration sequences of the end-to-end stage (0: the block pass's; more are
-                                 # drawn from the same source, after the block pass's, their teacher run in float)
+    e2e_nsamples: int = 128      # calibration sequences of the end-to-end stage (at least the block pass's; more
+                                 # are drawn from the same source after the block pass's, their teacher run in float)
 
 
 FT_KEYS = {f.name for f in dc_fields(FinetuneOptions)}
