@@ -20,7 +20,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -55,11 +54,9 @@ def main(argv=None) -> int:
     seqs, _ = calibration_sequences(a.calib, None, Tokenizer.from_metadata(md), md, a.nsamples, a.seqlen, 0)
     ids = torch.tensor(seqs)
     hp = base.hp
-    emb = torch.from_numpy(np.array(src.load("token_embd.weight"), np.float32)).reshape(-1, hp.n_embd)
-    names = {t.name for t in src.tensors}
-    out_w = (torch.from_numpy(np.array(src.load("output.weight"), np.float32)).reshape(-1, hp.n_embd)
-             if "output.weight" in names else emb)
-    onorm = torch.from_numpy(np.array(src.load("output_norm.weight"), np.float32)).reshape(-1)
+    emb = base.tok_embd.dense_weight()
+    out_w = base.output.dense_weight()       # the token embedding itself when the model ties them
+    onorm = base.output_norm
     rope = rm.rope_tables(hp, ids.shape[1])
     W = [base.block_weights(i) for i in range(hp.n_layer)]
     files = [LlamaModel.from_gguf(f, threads=a.threads) for f in a.files.split(",")]

@@ -115,10 +115,11 @@ class Block:
     def ntokens(self) -> int:
         return int(self.x_q.shape[0] * self.x_q.shape[1])
 
-    def chunks(self):
-        """Slices of samples, the same for every pass."""
-        for s in range(0, self.nsamples, self.chunk):
-            yield slice(s, min(s + self.chunk, self.nsamples))
+    def chunks(self, n: int | None = None):
+        """Slices of samples, the same for every pass (of ``n`` samples; default the block's)."""
+        n = self.nsamples if n is None else int(n)
+        for s in range(0, n, self.chunk):
+            yield slice(s, min(s + self.chunk, n))
 
     def current(self, quantized: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Weights for a forward pass: originals, overridden by ``fixed`` and then by ``quantized``."""
@@ -133,8 +134,7 @@ class Block:
         """:func:`qgguf.runtime.model.block_forward` of all samples of ``x``, chunk by chunk (``x`` may have
         other samples than the block's: the end-to-end stage's extra sequences)."""
         out = torch.empty_like(x)
-        for s in range(0, x.shape[0], self.chunk):
-            sl = slice(s, min(s + self.chunk, x.shape[0]))
+        for sl in self.chunks(x.shape[0]):
             out[sl] = rm.block_forward(self.hp, w, x[sl], self.rope)
         return out
 
@@ -621,20 +621,22 @@ def run_blocks(source, plan, qtypes: dict, method: BlockMethod, ctx: QuantContex
     emb = np.array(source.load("token_embd.weight"), dtype=np.float32)
     hp = hparams_from_metadata(md, emb.shape[0], source.path)
 
-    # calibration tokens (and the extra sequences a finish_model stage asks for: their float activations only)
+    # calibration tokens: the block pass's, then the extra sequences a finish_model stage asks for (they only go
+    # through the float model: x_fp carries them after the block pass's samples, which are all a block sees)
     finish = getattr(method, "finish_model", None)
-    more = int(method.finish_samples(nsamples)) - nsamples if finish is not None and method.needs_fp_inputs else 0
-    seqs, dataset = _calibration(source, md, names, calib, nsamples + max(0, more), seqlen, seed, progress,
-                                 ctx.threads)
-    ids = torch.tensor(seqs[:nsamples], dtype=torch.long)
-    ids_more = torch.tensor(seqs[nsamples:], dtype=torch.long) if len(seqs) > nsamples else None
+    n_fp = max(nsamples, int(method.finish_samples(nsamples))) if finish is not None and method.needs_fp_inputs \
+        else nsamples
+    seqs, dataset = _calibration(source, md, names, calib, n_fp, seqlen, seed, progress, ctx.threads)
+    ids_fp = torch.tensor(seqs, dtype=torch.long)
+    ids = ids_fp[:nsamples]
     T = int(ids.shape[1])
     rope_freqs = (torch.from_numpy(np.asarray(source.load("rope_freqs.weight"), np.float32).reshape(-1))
                   if "rope_freqs.weight" in names else None)
     rope = rm.rope_tables(hp, T, rope_freqs)
     x_q = rm.embed(torch.from_numpy(emb), ids)
-    x_fp = x_q if method.needs_fp_inputs else None
-    x_more = rm.embed(torch.from_numpy(emb), ids_more) if ids_more is not None else None
+    x_fp = None
+    if method.needs_fp_inputs:
+        x_fp = x_q if len(ids_fp) == len(ids) else rm.embed(torch.from_numpy(emb), ids_fp)
     del emb
     chunk = chunk_samples(T)
 
@@ -668,7 +670,8 @@ def run_blocks(source, plan, qtypes: dict, method: BlockMethod, ctx: QuantContex
                     else:
                         tensors[n] = _tensor_bytes(c, qt, source, method, ctx, specs[n].src_type)
                         fixed[k] = _deq(qt, tensors[n], c.shape)
-                blk = Block(index=il, hp=hp, weights=weights, qtypes=qkeys, names=keys, x_q=x_q, x_fp=x_fp,
+                blk = Block(index=il, hp=hp, weights=weights, qtypes=qkeys, names=keys, x_q=x_q,
+                            x_fp=x_fp[:len(ids)] if x_fp is not None else None,
                             fixed=fixed, rope=rope, chunk=chunk, seed=_block_seed(seed, il),
                             imatrix=({k: imatrix.get(n) for k, n in keys.items()} if imatrix else None))
                 ctx.extra.setdefault("outliers", {})
@@ -709,8 +712,6 @@ def run_blocks(source, plan, qtypes: dict, method: BlockMethod, ctx: QuantContex
             x_next = x_out if x_out is not None else fw.forward(final, x_q)
             if x_fp is not None:
                 x_fp = fw.forward(weights, x_fp)
-            if x_more is not None:
-                x_more = fw.forward(weights, x_more)
             x_q = x_next
             del tensors, final, weights, fw, x_out
             if bar is not None:
@@ -728,11 +729,8 @@ def run_blocks(source, plan, qtypes: dict, method: BlockMethod, ctx: QuantContex
             bar.close()
 
     if finish is not None and x_fp is not None:   # a stage over the whole model (AQ/VQ: end-to-end fine-tuning)
-        if x_more is not None:
-            ids, x_fp = torch.cat([ids, ids_more]), torch.cat([x_fp, x_more])
-            x_more = None
-        finish(ModelRun(source, plan, qtypes, ckpt, hp, rope, ids, x_fp, seed, progress), ctx)
-    del x_fp, x_more
+        finish(ModelRun(source, plan, qtypes, ckpt, hp, rope, ids_fp, x_fp, seed, progress), ctx)
+    del x_fp
     # importance of the output matrix: the quantized model's final hidden states (before a finish_model stage)
     on = np.array(source.load("output_norm.weight"), np.float32).reshape(-1)
     h = rm.final_norm(hp, torch.from_numpy(on), x_q).reshape(-1, hp.n_embd).double()
