@@ -123,11 +123,26 @@ def test_allocator_picks_aq_below_standard_minimum_and_recipe_reuse(tmp_path):
     assert "needs the qgguf runner" in rep.summary()
     # the AQ candidates were measured, through H, with their exact sizes
     s = r["sensitivity"]["blk.0.ffn_up.weight"]["candidates"]
-    assert s["aq-1x8-g8"][0] == file_bytes("blk.0.ffn_up.weight", (512, 256), gguf_types.get("aq-1x8-g8"))
+    # (their bytes count the AQ method's sparse outliers, 0.2 % of the weights by default, which the file has)
+    assert r["sensitivity"]["_calibration"]["aq_outliers"] == 0.002
+    assert s["aq-1x8-g8"][0] == file_bytes("blk.0.ffn_up.weight", (512, 256), gguf_types.get("aq-1x8-g8"), 0.002)
+    assert s["aq-1x8-g8"][0] > file_bytes("blk.0.ffn_up.weight", (512, 256), gguf_types.get("aq-1x8-g8"))
+    assert rep.outliers and set(rep.outliers) == set(aq)
     assert s["aq-2x8-g8"][1] < s["aq-1x8-g8"][1]
-    # --recipe reproduces the file byte for byte
+    # --recipe reproduces the file byte for byte (the recipe's outlier share with it)
     qgguf.convert(src, tmp_path / "again.gguf", recipe_file=tmp_path / "r.json", **CAL)
     assert (tmp_path / "again.gguf").read_bytes() == (tmp_path / "mix.gguf").read_bytes()
+    # another budget from the same sensitivities needs the outlier share they were measured with
+    with pytest.raises(OptionError, match="outliers=0.002"):
+        qgguf.convert(src, tmp_path / "x.gguf", target_size=target - 10_000, sensitivity={"from": str(tmp_path / "r.json")},
+                      **{**CAL, "method_options": {**FAST_AQ, "outliers": 0.0}})
+    assert not (tmp_path / "x.gguf").exists()
+    # without outliers the same tensors are smaller: a plan at the same budget has room for more (or larger) AQ
+    rep0 = qgguf.convert(src, tmp_path / "o0.gguf", target_size=target, save_recipe=tmp_path / "r0.json",
+                         sensitivity=sens, **{**CAL, "method_options": {**FAST_AQ, "outliers": 0.0}})
+    r0 = json.loads((tmp_path / "r0.json").read_text())
+    assert r0["sensitivity"]["_calibration"]["aq_outliers"] == 0.0 and not rep0.outliers
+    assert (tmp_path / "o0.gguf").stat().st_size == r0["sensitivity"]["_calibration"]["planned_file_bytes"] <= target
     from qgguf.runtime.evaluate import evaluate
     res = evaluate(tmp_path / "mix.gguf", WIKI, ctx=64, chunks=2, base=src, progress=False)
     assert np.isfinite(res["kld"]) and res["kld"] >= 0

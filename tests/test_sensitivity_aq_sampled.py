@@ -164,3 +164,8 @@ def test_cli_aq_search_reaches_the_sensitivity_options(monkeypatch, tmp_path):
     assert "aq_search" not in seen[1]
     with pytest.raises(SystemExit):
         cli.main(base + ["--aq-search", "some"])
+    # --kld-stride K: the single-tensor KL divergence layers (alpha_stride); not set: the measurement's default
+    cli.main(base + ["--kld-stride", "1"])
+    assert seen[-1]["alpha_stride"] == 1 and "alpha_stride" not in seen[1]
+    n = len(seen)
+    assert cli.main(base + ["--kld-stride", "0"]) == 2 and len(seen) == n

@@ -64,18 +64,41 @@ def tensor_info_bytes(name: str, ndims: int) -> int:
     return 8 + len(name.encode("utf-8")) + 4 + 8 * int(ndims) + 4 + 8
 
 
-def file_bytes(name: str, shape, qt) -> int:
+def outlier_bytes(name: str, count: int) -> int:
+    """Bytes of ``count`` sparse outliers of ``name`` in a file (the writer's ``plan_outliers``): the int32
+    positions and float16 values, each padded, their two tensor-info records and the
+    ``qgguf.tensor.NAME.outliers`` key (UINT32). Zero when ``count`` is 0 (the writer stores nothing)."""
+    from .writer import OUTLIER_IDX, OUTLIER_VAL
+    count = int(count)
+    if count <= 0:
+        return 0
+    key = f"qgguf.tensor.{name}.outliers"
+    return (padded(4 * count) + padded(2 * count) + tensor_info_bytes(name + OUTLIER_IDX, 1)
+            + tensor_info_bytes(name + OUTLIER_VAL, 1) + 8 + len(key.encode("utf-8")) + 4 + 4)
+
+
+def file_bytes(name: str, shape, qt, outliers: float = 0.0) -> int:
     """Bytes ``name`` adds to a file in type ``qt`` beyond its tensor-info record as a standard type: the data
     padded to the alignment, and for a codebook type (qgguf's AQ/VQ) every companion padded, the companions'
     tensor-info records and the ``qgguf.tensor.NAME.*`` keys, less the one record of the standard tensor (the
-    header of the file this tensor goes into counts it already). For standard types: the padded data."""
+    header of the file this tensor goes into counts it already); with ``outliers`` (the share of the weights
+    AQ keeps as sparse float16 values) also their bytes (:func:`outlier_bytes`). For standard types: the padded
+    data."""
     from ..gguf_types.codebook import is_codebook
     shape = tuple(int(s) for s in shape)
     if not is_codebook(qt):
         return padded(qt.nbytes(shape))
     nb = sum(padded(c.nbytes) + tensor_info_bytes(name + c.suffix, len(c.shape)) for c in qt.companion_specs(shape))
     nb += sum(kv_bytes(k, mv) for k, mv in qt.metadata(name, shape).items())
+    if outliers:
+        nb += outlier_bytes(name, outlier_count(int(np.prod(shape)), outliers))
     return nb - tensor_info_bytes(name, len(shape))
+
+
+def outlier_count(n_weights: int, fraction: float) -> int:
+    """How many of ``n_weights`` weights a share ``fraction`` of sparse outliers keeps (AQ's
+    :func:`qgguf.quantize.aq.salient_positions` takes this many)."""
+    return max(0, int(round(float(fraction) * int(n_weights))))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -73,8 +73,9 @@ def add_parsers(sub) -> None:
     x.add_argument("--target-bpw", type=float, metavar="X", help="at most X bits per weight over all tensors")
     x.add_argument("--compat", choices=["llama.cpp", "any"], default=None,
                    help="candidate types: llama.cpp-loadable only (default; F16 Q8_0 Q6_K Q5_1 Q5_K Q5_0 Q4_1 Q4_K "
-                        "IQ4_NL Q4_0 Q3_K Q2_K where the row length allows) or any qgguf type (for now the same list: AQ/VQ "
-                        "candidates are not measured yet)")
+                        "IQ4_NL Q4_0 Q3_K Q2_K where the row length allows) or any qgguf type (with --method aq also the "
+                        "AQ configurations aq-4x8-g8 aq-3x8-g8 aq-2x8-g8 aq-1x8-g8 for the block linears; the default "
+                        "with --method aq)")
     x.add_argument("--dynamic", action="store_true",
                    help="with --type: keep the tensors whose quantization hurts most at higher precision, for at "
                         "most --dynamic-extra more bytes of the quantized tensors")
@@ -89,6 +90,9 @@ def add_parsers(sub) -> None:
     x.add_argument("--proxy-check", type=int, default=0, metavar="N",
                    help="also measure N single-tensor KL divergences with other types and report the rank "
                         "correlation of the prediction with them")
+    x.add_argument("--kld-stride", type=int, metavar="K",
+                   help="measure the block linears' single-tensor KL divergence in every K-th layer (and the last) "
+                        "and interpolate the layers between (default n_layer // 6; 1: every layer)")
     x.add_argument("--aq-search", choices=["sampled", "full"],
                    help="AQ candidates (--compat any --method aq): searched in the KL-measured layers and predicted "
                         "per role elsewhere (sampled, the default) or searched in every layer (full, slower)")
@@ -150,6 +154,7 @@ def _split_recipe(args: argparse.Namespace):
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from ..errors import OptionError
     from .pipeline import convert
     recipe_file = _split_recipe(args)
     sens = {"check": args.proxy_check}
@@ -161,6 +166,10 @@ def _convert(args: argparse.Namespace) -> int:
         sens["nsamples"] = args.sens_nsamples
     if args.aq_search:
         sens["aq_search"] = args.aq_search
+    if args.kld_stride is not None:
+        if args.kld_stride < 1:
+            raise OptionError(f"--kld-stride {args.kld_stride}: expected a layer stride of at least 1")
+        sens["alpha_stride"] = args.kld_stride
     if args.seqlen:
         sens["seqlen"] = min(args.seqlen, 512)
     rep = convert(args.src, args.out, method=args.method, type=args.type, tensor_types=args.tensor_type,

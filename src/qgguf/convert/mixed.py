@@ -18,6 +18,11 @@ seqlen, kld_samples, kld_seqlen, check (``--proxy-check``), alpha_stride, aq_opt
 (``"sampled"``, the default: the AQ candidates searched only in the KL divergence layers, predicted in the
 others; ``"full"``: searched in every layer).
 
+The AQ candidates keep the AQ method's sparse outliers (``aq_outliers``, its ``outliers`` option, 0.2 % of the
+weights by default): their bytes (positions, values, records, keys) are in the candidates' sizes and the outliers in
+their measured errors; the recipe records the share (``_calibration.aq_outliers``), ``--recipe`` converts with it and
+``--sens-from`` refuses sensitivities measured with another.
+
 Tensors pinned by ``--tensor-type`` (or ``--token-embedding-type`` / ``--output-tensor-type``) keep their type
 and count as fixed bytes. The result is a set of exact per-tensor overrides for :func:`plan_types`.
 """
@@ -32,7 +37,9 @@ import numpy as np
 
 from .. import gguf_types
 from ..errors import InputFileError, OptionError
-from .budget import ALIGNMENT, Recipe, allocate, load_recipe, padded, parse_size, recipe_metadata
+from ..gguf_types.codebook import is_codebook
+from .budget import (ALIGNMENT, Recipe, allocate, load_recipe, outlier_count, padded, parse_size,
+                     recipe_metadata)
 from .presets import normalize_type, parse_tensor_types, plan_types
 
 COMPAT = ("llama.cpp", "any")
@@ -50,11 +57,13 @@ def _base_plan(source, **kw):
                       float_source_types={t.name: t.src_type for t in source.tensors}, **kw)
 
 
-def _header_bytes(source, plan, out: Path, recipe: Recipe, ftype) -> int:
-    """Bytes before the tensor data of the file the pipeline will write (metadata and tensor infos, padded)."""
+def _header_bytes(source, plan, out: Path, recipe: Recipe, ftype, outliers: dict[str, int] | None = None) -> int:
+    """Bytes before the tensor data of the file the pipeline will write (metadata and tensor infos, padded);
+    ``outliers``: the sparse-outlier counts of the AQ tensors (their keys and companion records)."""
     from gguf import GGUFValueType
 
-    from .writer import OutputFile
+    from ..gguf_types.codebook import QGGUF_FORMAT_VERSION
+    from .writer import OutputFile, plan_outliers
     probe = out.with_name(out.name + ".qgguf-probe")
     of = OutputFile(probe, source.arch)
     try:
@@ -63,8 +72,14 @@ def _header_bytes(source, plan, out: Path, recipe: Recipe, ftype) -> int:
             of.set("general.file_type", int(ftype), GGUFValueType.UINT32)
         of.set("general.quantization_version", 2, GGUFValueType.UINT32)
         of.update(recipe_metadata(recipe))
+        if outliers:
+            of.set("qgguf.version", QGGUF_FORMAT_VERSION, GGUFValueType.UINT32)
+            for name, k in outliers.items():
+                of.set(f"qgguf.tensor.{name}.outliers", int(k), GGUFValueType.UINT32)
         for c in plan.choices:
             of.plan_qtensor(c.name, c.shape, gguf_types.get(c.type))
+            if outliers and c.name in outliers:
+                plan_outliers(of, c.name, outliers[c.name])
         of.open()
         for f in (getattr(of._writer, "fout", None) or []):
             f.flush()
@@ -95,13 +110,21 @@ def check_recipe(recipe: Recipe, source, path, codebook: bool = False) -> None:
                                  f"{shapes[name][-1]}", path)
 
 
-def sensitivity_from(path, free: dict, types_for):
-    """The sensitivities saved in a recipe file (``--sens-from``): a new budget without a new measurement."""
+def sensitivity_from(path, free: dict, types_for, aq_outliers: float | None = None):
+    """The sensitivities saved in a recipe file (``--sens-from``): a new budget without a new measurement.
+    ``aq_outliers``: the AQ outlier share of this conversion (None: no AQ candidates), which must be the one the
+    recipe's AQ bytes and errors were measured with."""
     from ..quantize.sensitivity import Sensitivity, TensorSensitivity
     r = load_recipe(path)
     if not r.sensitivity:
         raise InputFileError("the recipe has no sensitivities (it was not made by a measurement)", path)
     cal = r.sensitivity.get("_calibration", {})
+    measured_with = float(cal.get("aq_outliers", 0.0) or 0.0)
+    if aq_outliers is not None and abs(measured_with - float(aq_outliers)) > 1e-12 and any(
+            str(q).startswith("aq-") for d in r.sensitivity.values() if isinstance(d, dict)
+            for q in d.get("candidates", {})):
+        raise OptionError(f"--sens-from {path}: its AQ candidates were measured with outliers={measured_with:g}, this "
+                          f"conversion keeps outliers={float(aq_outliers):g} (pass --outliers {measured_with:g})")
     out = {}
     for name, c in free.items():
         d = r.sensitivity.get(name)
@@ -124,8 +147,9 @@ def plan_mixed(source, out: Path, *, type: str, method: str, pure: bool = False,
                target_bpw: float | None = None, compat: str | None = None, dynamic: bool = False,
                dynamic_extra: float = 0.10, recipe=None, calib=None, imatrix=None, seed: int = 0,
                sensitivity: dict | None = None, progress: bool = True, threads: int | None = None,
-               metadata_margin: int = 1024, codebook: bool = False) -> Recipe:
-    """The recipe of a mixed-precision conversion (module docstring)."""
+               metadata_margin: int = 1024, codebook: bool = False, aq_outliers: float = 0.0) -> Recipe:
+    """The recipe of a mixed-precision conversion (module docstring). ``aq_outliers``: the share of each AQ
+    tensor's weights the AQ method keeps as sparse float16 outliers; the AQ candidates' bytes and errors count them."""
     modes = [m for m, on in (("recipe", recipe is not None), ("target-size", target_size is not None),
                              ("target-bpw", target_bpw is not None), ("dynamic", dynamic)) if on]
     if len(modes) > 1:
@@ -190,13 +214,13 @@ def plan_mixed(source, out: Path, *, type: str, method: str, pure: bool = False,
     def log(s: str) -> None:   # three lines of timings, also with --quiet
         print("qgguf: " + s, file=sys.stderr)
     if so.get("from"):
-        sens = sensitivity_from(so["from"], free, types_for)
+        sens = sensitivity_from(so["from"], free, types_for, aq_outliers if aq_pool else None)
     else:
         sens = measure(source, types_for=types_for, calib=calib, nsamples=int(so.get("nsamples", 32)),
                        seqlen=int(so.get("seqlen", 512)), seed=seed, imatrix=imp,
                        kld_samples=int(so.get("kld_samples", 4)), kld_seqlen=int(so.get("kld_seqlen", 128)),
                        alpha_stride=so.get("alpha_stride"), aq_options=so.get("aq_options"),
-                       aq_search=str(so.get("aq_search") or "sampled"),
+                       aq_search=str(so.get("aq_search") or "sampled"), aq_outliers=aq_outliers if aq_pool else 0.0,
                        check=int(so.get("check", 0)), progress=progress, threads=threads, log=log)
     missing = set(free) - set(sens.tensors)
     if missing:
@@ -244,14 +268,19 @@ def plan_mixed(source, out: Path, *, type: str, method: str, pure: bool = False,
                                               "kld_tokens": sens.kld_tokens, "allocator": alloc.how,
                                               "aq_search_seconds": float(getattr(sens, "aq_seconds", 0.0)),
                                               "aq_search": getattr(sens, "aq_search", "") or None,
+                                              "aq_outliers": float(aq_outliers) if aq_pool else 0.0,
                                               "budget_tensor_bytes": int(budget + fixed)}
     recipe_obj.proxy_check = sens.proxy_check
     if mode == "target-size":   # the file as planned, header included, must fit (sizes are exact; margin 1 KiB)
         final = _base_plan(source, type=type, pure=pure, token_embedding_type=token_embedding_type,
                            output_tensor_type=output_tensor_type, tensor_types=[*recipe_obj.overrides(), *tensor_types],
                            has_imatrix=has_imatrix)
-        planned = _header_bytes(source, final, out, recipe_obj, final.ftype) + sum(
-            padded(s) for c in final.choices for s in _data_sizes(c))
+        outl = {c.name: outlier_count(int(np.prod(c.shape)), aq_outliers) for c in final.choices
+                if aq_outliers and is_codebook(gguf_types.get(c.type))}
+        outl = {n: k for n, k in outl.items() if k > 0}
+        planned = _header_bytes(source, final, out, recipe_obj, final.ftype, outl) + sum(
+            padded(s) for c in final.choices for s in _data_sizes(c)) + sum(
+            padded(4 * k) + padded(2 * k) for k in outl.values())
         recipe_obj.sensitivity["_calibration"]["planned_file_bytes"] = int(planned)
         if planned > file_bytes_target:
             raise OptionError(f"internal: the plan needs {planned:,} bytes, more than --target-size {file_bytes_target:,}")

@@ -179,8 +179,6 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
         if method not in ("aq", "rtn", "imatrix"):
             opts.setdefault("other", method)
         method = "aq"
-        if mixed_wanted:
-            opts.setdefault("outliers", 0.0)    # a mixed-precision plan has no budget for AQ's sparse outliers
     m = get_method(method, calib=calib, nsamples=nsamples, seqlen=seqlen, imatrix=imatrix, imatrix_out=imatrix_out,
                    **opts)
     blockwise = is_blockwise(m)
@@ -229,8 +227,12 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
                                 has_imatrix=m.needs_calibration, target_size=target_size, target_bpw=target_bpw,
                                 compat=compat, dynamic=dynamic, dynamic_extra=dynamic_extra, recipe=recipe_file,
                                 calib=calib, imatrix=imatrix, seed=seed, sensitivity=sensitivity,
-                                progress=progress, threads=threads, codebook=aq_wanted)
+                                progress=progress, threads=threads, codebook=aq_wanted,
+                                aq_outliers=float(getattr(m, "outliers", 0.0) or 0.0) if aq_wanted else 0.0)
             tensor_types = [*recipe.overrides(), *tensor_types]
+            if aq_wanted and recipe_file is not None and "outliers" not in opts:
+                # the recipe's AQ bytes were planned with this outlier share (recipes before it: none)
+                m.outliers = float((recipe.sensitivity or {}).get("_calibration", {}).get("aq_outliers", 0.0) or 0.0)
             if save_recipe:
                 recipe.save(save_recipe)
         plan: TypePlan = plan_types(

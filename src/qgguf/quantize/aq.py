@@ -356,7 +356,8 @@ def salient_positions(w: np.ndarray, H: np.ndarray, fraction: float) -> np.ndarr
     ``w_rc^2 H_cc`` (the layer-error cost of zeroing one weight, the diagonal of the Gram matrix standing for
     the rest). On SmolLM2-135M these hold the "super weights" of the early ffn_down matrices: a few inputs with
     huge activations make blk.2.ffn_down's error 9x llama.cpp's IQ2_XXS under AQ 2x8-g8 without them."""
-    n = int(round(float(fraction) * w.size))
+    from ..convert.budget import outlier_count
+    n = outlier_count(w.size, fraction)
     if n <= 0:
         return np.zeros(0, np.int64)
     sal = (np.asarray(w, np.float64) ** 2 * np.clip(np.diag(np.asarray(H, np.float64)), 0, None)[None, :]).reshape(-1)

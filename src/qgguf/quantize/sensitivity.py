@@ -181,23 +181,34 @@ def _quantized(qt, w: np.ndarray, imp: np.ndarray | None) -> torch.Tensor:
     return torch.from_numpy(np.array(qt.dequantize(data, w.shape), dtype=np.float32))
 
 
-def _aq_quantized(qt, w: np.ndarray, H: torch.Tensor, name: str, seed: int, options: dict | None = None
-                  ) -> torch.Tensor:
+def _aq_quantized(qt, w: np.ndarray, H: torch.Tensor, name: str, seed: int, options: dict | None = None,
+                  outliers: float = 0.0) -> torch.Tensor:
     """``w`` through the layer-wise AQ search (:data:`AQ_MEASURE`, or ``options``) against ``H``, dequantized as
-    stored (float16 codebooks)."""
+    stored (float16 codebooks); with ``outliers`` the conversion's sparse part as well (that share of the most
+    salient weights zeroed before the search and kept exactly, as float16: :func:`qgguf.quantize.aq.fit_matrix`)."""
     import zlib
 
+    from .aq import salient_positions
     from .aq_core import AQOptions, dequantize, parse_config, quantize_matrix
     cfg = parse_config(qt.name)
     opts = AQOptions(**{**AQ_MEASURE, **(options or {})})
     seed = (zlib.crc32(name.encode()) * 7919 + int(seed)) % (2 ** 63)
+    w = np.array(w, dtype=np.float32, copy=True)
+    idx = salient_positions(w, H.numpy(), outliers) if outliers > 0 else None
+    kept = None
+    if idx is not None:
+        kept = w.reshape(-1)[idx].astype(np.float16)
+        w.reshape(-1)[idx] = 0.0
     old = torch.get_num_threads()
     torch.set_num_threads(1)   # small operations: one thread is faster on a busy machine (aq.py's linear_threads)
     try:
-        res = quantize_matrix(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)), H, cfg, opts, seed=seed)
+        res = quantize_matrix(torch.from_numpy(w), H, cfg, opts, seed=seed)
     finally:
         torch.set_num_threads(old)
-    return dequantize(res.codes, res.codebooks.half().float(), res.scales).to(torch.float32)
+    deq = dequantize(res.codes, res.codebooks.half().float(), res.scales).to(torch.float32)
+    if idx is not None:
+        deq.reshape(-1)[torch.from_numpy(idx)] = torch.from_numpy(kept.astype(np.float32))
+    return deq
 
 
 def _spearman(a, b) -> float:
@@ -213,13 +224,15 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
             seqlen: int = 512, seed: int = 0, imatrix: dict[str, np.ndarray] | None = None,
             kld_samples: int = 4, kld_seqlen: int = 128, check: int = 0, progress: bool = True,
             threads: int | None = None, log=None, alpha_stride: int | None = None,
-            aq_options: dict | None = None, aq_search: str = "sampled") -> Sensitivity:
+            aq_options: dict | None = None, aq_search: str = "sampled", aq_outliers: float = 0.0) -> Sensitivity:
     """Sensitivities of every quantizable tensor (``types_for(name, shape)`` -> its candidate types; a tensor
     with no candidates is skipped). ``imatrix``: importance vectors by tensor name (else ``diag(H)/N``).
     ``alpha_stride``: measure the propagation factors of the block linears in every k-th layer (and the last;
     default ``n_layer // 6``), interpolate the others. ``aq_options``: the AQ search of codebook candidates
     (default :data:`AQ_MEASURE`); ``aq_search``: ``"sampled"`` (search the AQ candidates in the layers of the
-    KL divergence measurements only, predict the others: module docstring) or ``"full"`` (every layer)."""
+    KL divergence measurements only, predict the others: module docstring) or ``"full"`` (every layer).
+    ``aq_outliers``: the share of each AQ tensor's weights the conversion keeps as sparse float16 outliers (the AQ
+    method's ``outliers``); the AQ candidates' errors and bytes include them."""
     from ..errors import OptionError
     from .blockwise import _calibration, chunk_samples
 
@@ -271,14 +284,14 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
         ts = TensorSensitivity(name, shape, {}, {})
         for q in types:
             qt = gguf_types.get(q)
-            ts.nbytes[q] = file_bytes(name, shape, qt)
+            ts.nbytes[q] = file_bytes(name, shape, qt, aq_outliers if is_codebook(qt) else 0.0)
             if is_codebook(qt):
                 if check:
                     grams[name] = Hf
                 if il is not None and il not in aq_layers and il not in check_layers:
                     continue   # predicted after the pass (predict_aq_errors)
                 t_aq = time.perf_counter()
-                wq = _aq_quantized(qt, ws, Hf, name, seed, aq_options)
+                wq = _aq_quantized(qt, ws, Hf, name, seed, aq_options, aq_outliers)
                 aq_seconds[0] += time.perf_counter() - t_aq
                 if il is not None and il not in aq_layers:
                     held_out.setdefault(name, {})[q] = _err(wt, wq, Hf, n_tok) * step
@@ -365,7 +378,7 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
             il, k = keys_of[name]
             w = M.layers[il][k]
             w2 = np.ascontiguousarray(w.reshape(-1, shape[-1]).numpy())
-            wq = (_aq_quantized(qt, w2, grams[name], name, seed, aq_options) if is_codebook(qt)
+            wq = (_aq_quantized(qt, w2, grams[name], name, seed, aq_options, aq_outliers) if is_codebook(qt)
                   else _quantized(qt, w2, imp)).reshape(w.shape)
             return M.tail_kld(il, layer_inputs[il], {k: wq})
         if name == "token_embd.weight":
