@@ -30,7 +30,6 @@ Everything is seeded (a ``torch.Generator``); the same inputs and seed give the 
 """
 from __future__ import annotations
 
-import math
 import re
 import time
 from dataclasses import dataclass, field

@@ -273,7 +273,6 @@ def sequential_quantize(block: Block, ctx: QuantContext, quantize_linear: Quanti
         fp_target = str((ctx.options or {}).get("target", "")).lower() == "fp"
     fp_target = bool(fp_target) and block.x_fp is not None
     damp = float((ctx.options or {}).get("damp") or 0.01)
-    cross: dict[str, torch.Tensor] = {}
 
     def do(keys: tuple[str, ...], H: torch.Tensor | None, C: torch.Tensor | None = None) -> None:
         keys = tuple(k for k in keys if k in block.qtypes)

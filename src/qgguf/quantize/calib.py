@@ -12,7 +12,6 @@ import json
 import random
 from pathlib import Path
 
-import numpy as np
 
 from ..errors import InputFileError, OptionError
 

@@ -67,7 +67,6 @@ def inverse_cholesky(H: np.ndarray, damp: float = 0.01) -> np.ndarray:
     """Upper ``U`` (float64) with ``U^T U = (H + damp*mean(diag)*I)^-1`` (dead columns fixed first); the
     damping is multiplied by 10 while H is not positive definite."""
     Hd, _ = prepare_hessian(H, 0.0)
-    n = Hd.shape[0]
     Ht0 = torch.from_numpy(Hd)
     mean = float(np.mean(np.diag(Hd)))
     d = damp

@@ -47,7 +47,7 @@ the prediction (and with the bare layer error) is reported: the proxy checked ag
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
