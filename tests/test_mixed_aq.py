@@ -183,3 +183,28 @@ def test_recipe_with_several_aq_configs_in_a_block(tmp_path):
     with pytest.raises(OptionError, match="takes --method aq alone"):
         qgguf.convert(STORIES, tmp_path / "x.gguf", recipe_file=tmp_path / "r.json", aq_config="aq-2x8-g8", **CAL)
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_aq_only_candidates_still_get_a_measured_propagation_factor(tmp_path):
+    """``--mix-types`` with AQ configurations only (e.g. AQ on ffn_down alone, everything else pinned): the
+    single-tensor KL divergence is still measured, with a standard reference type that is not a candidate, so the
+    predictions are not all zero (before, every prediction was 0 and the allocator took the smallest type)."""
+    src = _mid_model(tmp_path)
+    pin = [r"^(token_embd|output|blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up)))\.weight$=Q8_0"]
+    sens = dict(SENS, types=["aq-1x8-g8", "aq-2x8-g8", "aq-3x8-g8"], alpha_stride=1, aq_search="full")
+    q8 = qgguf.convert(src, tmp_path / "q8.gguf", type="Q8_0", pure=True, progress=False)
+    target = q8.file_bytes - 60_000
+    qgguf.convert(src, tmp_path / "mix.gguf", target_size=target, tensor_types=pin, type="Q8_0", pure=True,
+                  save_recipe=tmp_path / "r.json", sensitivity=sens, **CAL)
+    r = json.loads((tmp_path / "r.json").read_text())
+    free = {n: v for n, v in r["sensitivity"].items() if not n.startswith("_")}
+    assert sorted(free) == ["blk.0.ffn_down.weight", "blk.1.ffn_down.weight"]
+    for n, v in free.items():
+        assert v["ref"] and not v["ref"].startswith("aq-") and v["ref"] not in v["candidates"], v
+        assert v["alpha"] > 0 and v["ref_kld"] > 0 and v["ref_error"] > 0
+        kld = {q: c[2] for q, c in v["candidates"].items()}
+        assert kld["aq-1x8-g8"] > kld["aq-2x8-g8"] > kld["aq-3x8-g8"] > 0
+    assert r["predicted_kld"] > 0
+    assert all(t.startswith("aq-") for n, t in r["types"].items() if n in free)
+    assert all(t == "Q8_0" for n, t in r["types"].items() if n not in free)
+    assert (tmp_path / "mix.gguf").stat().st_size <= target

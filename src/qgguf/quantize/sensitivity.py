@@ -94,6 +94,7 @@ class TensorSensitivity:
     ref_kld: float = 0.0
     alpha: float = 0.0                     # KLD per unit of e
     predicted: dict[str, str] = field(default_factory=dict)   # AQ type -> the standard type its e is predicted from
+    ref_error: float = 0.0                 # e(t, ref); ref need not be a candidate (an AQ-only --mix-types)
 
     def kld(self, q: str) -> float:
         return float(self.alpha * self.error[q])
@@ -103,7 +104,7 @@ class TensorSensitivity:
                                          if allowed is None or q in allowed])
 
     def to_json(self) -> dict:
-        d = {"alpha": self.alpha, "ref": self.ref, "ref_kld": self.ref_kld,
+        d = {"alpha": self.alpha, "ref": self.ref, "ref_kld": self.ref_kld, "ref_error": self.ref_error,
              "candidates": {q: [self.nbytes[q], self.error[q], self.kld(q)] for q in self.error}}
         if self.predicted:
             d["aq_predicted_from"] = dict(self.predicted)
@@ -120,6 +121,21 @@ class Sensitivity:
     proxy_check: dict = field(default_factory=dict)
     aq_seconds: float = 0.0          # of ``seconds``: the AQ search of codebook candidates
     aq_search: str = ""              # "sampled" or "full" (measure's aq_search)
+
+
+def _is_standard_quant(q: str) -> bool:
+    qt = gguf_types.get(q)
+    return not qt.is_float and not is_codebook(qt)
+
+
+def reference_type(shape, types) -> str:
+    """The type of a tensor's real KL divergence measurement: of the standard quantized ``types``, the one nearest
+    :data:`REF_BPW` bits per weight (the larger at a tie); "" if there is none."""
+    if not types:
+        return ""
+    n = float(np.prod(shape))
+    nb = {q: file_bytes("", shape, gguf_types.get(q)) for q in types}
+    return min(types, key=lambda q: (abs(8.0 * nb[q] / n - REF_BPW), -nb[q]))
 
 
 def _err(w: torch.Tensor, wq: torch.Tensor, H: torch.Tensor, N: float) -> float:
@@ -264,6 +280,7 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
     aq_layers = set(range(hp.n_layer)) if aq_search == "full" else set(measured_layers)
     check_layers = _check_layers(measured_layers, AQ_CHECK_LAYERS) if check and aq_search == "sampled" else []
     held_out: dict[str, dict[str, float]] = {}   # searched AQ errors of the check layers (not used by the plan)
+    extra_ref: dict[str, tuple[str, float]] = {}  # tensors without a standard candidate: (reference type, its e)
 
     def candidates(name: str, w: torch.Tensor, H: torch.Tensor, n_tok: float, Hf: torch.Tensor | None = None,
                    il: int | None = None) -> None:
@@ -299,6 +316,12 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
             else:
                 wq = _quantized(qt, ws, imp)
             ts.error[q] = _err(wt, wq, Hf, n_tok) * step
+        if not any(_is_standard_quant(q) for q in types):
+            # no standard candidate (e.g. --mix-types with AQ configurations only): the propagation factor still
+            # needs a standard reference type, measured here (its layer error; not offered to the allocator)
+            ref = reference_type(shape, [q for q in candidate_types(shape) if _is_standard_quant(q)])
+            if ref:
+                extra_ref[name] = (ref, _err(wt, _quantized(gguf_types.get(ref), ws, imp), Hf, n_tok) * step)
         sens[name] = ts
 
     bar = None
@@ -393,12 +416,12 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
         from tqdm import tqdm
         it = tqdm(it, desc="single-tensor KLD", unit="t", leave=False)
     for ts in it:
-        quant = [q for q in ts.error if not gguf_types.get(q).is_float and not is_codebook(gguf_types.get(q))]
-        if not quant:
+        ref = reference_type(ts.shape, [q for q in ts.error if _is_standard_quant(q)])
+        ts.ref, ts.ref_error = (ref, ts.error[ref]) if ref else extra_ref.get(ts.name, ("", 0.0))
+        if not ts.ref:
             continue
-        ts.ref = min(quant, key=lambda q: (abs(8.0 * ts.nbytes[q] / np.prod(ts.shape) - REF_BPW), -ts.nbytes[q]))
         ts.ref_kld = max(0.0, real_kld(ts.name, ts.ref))
-        e = ts.error[ts.ref]
+        e = ts.ref_error
         ts.alpha = ts.ref_kld / e if e > 0 else 0.0
     _interpolate_alpha(sens, keys_of, measured_layers)
     say(f"sensitivity: {len(it)} single-tensor KLD measurements (layers {measured_layers}, the others' factors "
