@@ -169,3 +169,12 @@ def test_cli_aq_search_reaches_the_sensitivity_options(monkeypatch, tmp_path):
     assert seen[-1]["alpha_stride"] == 1 and "alpha_stride" not in seen[1]
     n = len(seen)
     assert cli.main(base + ["--kld-stride", "0"]) == 2 and len(seen) == n
+
+
+def test_measurement_search_damps_like_the_conversion():
+    """The measurement's short AQ search uses the conversion's damping of H (its other options are shorter): an
+    undamped measurement predicted other errors than the conversion makes (SmolLM2 blk.11.ffn_down)."""
+    from qgguf.quantize.aq import METHOD_DEFAULTS
+    from qgguf.quantize.sensitivity import AQ_MEASURE
+    assert AQ_MEASURE["damp"] == METHOD_DEFAULTS["damp"] > 0
+    assert AQ_MEASURE["max_rounds"] <= METHOD_DEFAULTS["max_rounds"]

@@ -69,9 +69,11 @@ STANDARD_CANDIDATES = ("F16", "Q8_0", "Q6_K", "Q5_1", "Q5_K", "Q5_0", "Q4_1", "Q
 #: 128 KiB per tensor)
 AQ_CANDIDATES = ("aq-4x8-g8", "aq-3x8-g8", "aq-2x8-g8", "aq-1x8-g8")
 #: the AQ search of the measurement: the conversion's algorithm with two rounds, fewer Adam steps and a smaller k-means
-#: (the conversion: quantize/aq.py METHOD_DEFAULTS, up to 4 rounds, then block fine-tuning)
+#: (the conversion: quantize/aq.py METHOD_DEFAULTS, up to 4 rounds, then block fine-tuning), with the conversion's
+#: damping of H (damp=1; undamped, the search on SmolLM2's blk.11.ffn_down, whose inputs have a few huge
+#: activations, measured aq-2x8-g8 worse than aq-1x8-g8 and 10^4 times Q4_K's layer error)
 AQ_MEASURE = dict(beam=1, max_rounds=2, tol=0.01, adam_steps=10, adam_later=5, lr=5e-3, kmeans_iters=8,
-                  kmeans_points=8192)
+                  kmeans_points=8192, damp=1.0)
 REF_BPW = 4.5
 AQ_SEARCH = ("sampled", "full")
 AQ_CHECK_LAYERS = 3      # with ``check``: unsearched layers also searched to check the sampled AQ prediction
