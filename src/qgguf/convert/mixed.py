@@ -62,8 +62,7 @@ def _header_bytes(source, plan, out: Path, recipe: Recipe, ftype, outliers: dict
     ``outliers``: the sparse-outlier counts of the AQ tensors (their keys and companion records)."""
     from gguf import GGUFValueType
 
-    from ..gguf_types.codebook import QGGUF_FORMAT_VERSION
-    from .writer import OutputFile, plan_outliers
+    from .writer import OutputFile, plan_outliers, set_outlier_keys
     probe = out.with_name(out.name + ".qgguf-probe")
     of = OutputFile(probe, source.arch)
     try:
@@ -72,10 +71,7 @@ def _header_bytes(source, plan, out: Path, recipe: Recipe, ftype, outliers: dict
             of.set("general.file_type", int(ftype), GGUFValueType.UINT32)
         of.set("general.quantization_version", 2, GGUFValueType.UINT32)
         of.update(recipe_metadata(recipe))
-        if outliers:
-            of.set("qgguf.version", QGGUF_FORMAT_VERSION, GGUFValueType.UINT32)
-            for name, k in outliers.items():
-                of.set(f"qgguf.tensor.{name}.outliers", int(k), GGUFValueType.UINT32)
+        set_outlier_keys(of, outliers or {})
         for c in plan.choices:
             of.plan_qtensor(c.name, c.shape, gguf_types.get(c.type))
             if outliers and c.name in outliers:

@@ -18,7 +18,6 @@ from .presets import TypePlan, plan_types
 from .sources import ModelSource, is_alias, open_source
 
 GGML_QNT_VERSION = 2
-QGGUF_FORMAT_VERSION = 1   # qgguf.version of files with qgguf extensions (docs/FORMAT.md)
 
 
 @dataclass
@@ -293,10 +292,8 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
                 of.update(recipe_metadata(recipe))
             outliers = blocks.outliers if blocks is not None else {}
             if outliers:
-                from .writer import plan_outliers
-                of.set("qgguf.version", QGGUF_FORMAT_VERSION, U32)
-                for name, k in outliers.items():
-                    of.set(f"qgguf.tensor.{name}.outliers", int(k), U32)
+                from .writer import plan_outliers, set_outlier_keys
+                set_outlier_keys(of, outliers)
             for c in plan.choices:
                 qt = qtypes[c.type]
                 of.plan_qtensor(c.name, c.shape, qt)

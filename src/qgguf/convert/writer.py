@@ -260,6 +260,17 @@ OUTLIER_VAL = ".outlier_val"    # F16 (ggml type 1), added to the dense weight a
 _I32, _F16 = 26, 1
 
 
+def set_outlier_keys(of: OutputFile, outliers: dict[str, int]) -> None:
+    """The header keys of a file whose tensors ``outliers`` (name -> count) have sparse parts: ``qgguf.version``
+    and ``qgguf.tensor.NAME.outliers`` (uint32)."""
+    from ..gguf_types.codebook import QGGUF_FORMAT_VERSION
+    if not outliers:
+        return
+    of.set("qgguf.version", QGGUF_FORMAT_VERSION, GGUFValueType.UINT32)
+    for name, k in outliers.items():
+        of.set(f"qgguf.tensor.{name}.outliers", int(k), GGUFValueType.UINT32)
+
+
 def plan_outliers(of: OutputFile, name: str, count: int) -> None:
     """Plan the companion tensors of ``name``'s sparse part (right after ``name``)."""
     of.plan_tensor(name + OUTLIER_IDX, (int(count),), _I32, 4 * int(count))

@@ -203,29 +203,27 @@ def _aq_quantized(qt, w: np.ndarray, H: torch.Tensor, name: str, seed: int, opti
                   outliers: float = 0.0) -> torch.Tensor:
     """``w`` through the layer-wise AQ search (:data:`AQ_MEASURE`, or ``options``) against ``H``, dequantized as
     stored (float16 codebooks); with ``outliers`` the conversion's sparse part as well (that share of the most
-    salient weights zeroed before the search and kept exactly, as float16: :func:`qgguf.quantize.aq.fit_matrix`)."""
+    salient weights left out of the search and added back as the float16 corrections the file stores:
+    :func:`qgguf.quantize.aq.fit_matrix`, :func:`qgguf.quantize.aq.outlier_values`)."""
     import zlib
 
-    from .aq import salient_positions
-    from .aq_core import AQOptions, dequantize, parse_config, quantize_matrix
+    from .aq import fit_matrix, outlier_values
+    from .aq_core import AQOptions, dequantize, parse_config
     cfg = parse_config(qt.name)
     opts = AQOptions(**{**AQ_MEASURE, **(options or {})})
     seed = (zlib.crc32(name.encode()) * 7919 + int(seed)) % (2 ** 63)
-    w = np.array(w, dtype=np.float32, copy=True)
-    idx = salient_positions(w, H.numpy(), outliers) if outliers > 0 else None
-    kept = None
-    if idx is not None:
-        kept = w.reshape(-1)[idx].astype(np.float16)
-        w.reshape(-1)[idx] = 0.0
+    w = np.ascontiguousarray(w, dtype=np.float32)
     old = torch.get_num_threads()
     torch.set_num_threads(1)   # small operations: one thread is faster on a busy machine (aq.py's linear_threads)
     try:
-        res = quantize_matrix(torch.from_numpy(w), H, cfg, opts, seed=seed)
+        res, idx = fit_matrix(w, H, cfg, opts, outliers, seed=seed)
     finally:
         torch.set_num_threads(old)
     deq = dequantize(res.codes, res.codebooks.half().float(), res.scales).to(torch.float32)
     if idx is not None:
-        deq.reshape(-1)[torch.from_numpy(idx)] = torch.from_numpy(kept.astype(np.float32))
+        pos = torch.from_numpy(idx)
+        _, vals = outlier_values((pos, torch.from_numpy(w.reshape(-1)[idx])), deq)
+        deq.view(-1).index_add_(0, pos, torch.from_numpy(vals.astype(np.float32)))
     return deq
 
 
