@@ -460,3 +460,46 @@ def test_stories_outliers_are_exact(tmp_path):
     assert _kld(out) < _kld(plain)
     with pytest.raises(OptionError):
         AQ(outliers=0.7)
+
+
+@needs_data
+@pytest.mark.parametrize("head", ["stored", "float"])
+def test_end_to_end_stage_tunes_the_model_as_stored(tmp_path, head):
+    """The end-to-end stage's student is the file: the token embedding and output matrix as stored (quantized
+    before the stage and written as they are) and the output norm it tuned. So the stage's own calibration KLD is
+    the written file's KLD on those sequences; with ``e2e_head=float`` (AQLM's float embedding and head) it is
+    not, when they are quantized coarsely."""
+    import torch.nn.functional as F
+    from qgguf.quantize import finetune
+    from qgguf.runtime.linear import load_llama
+    from qgguf.runtime.model import LlamaModel
+    seen = []
+    real = finetune.finetune_model
+
+    def spy(parts, tun, ids, teacher, ft, **k):
+        res = real(parts, tun, ids, teacher, ft, **k)
+        seen.append((ids.clone(), res))
+        return res
+    finetune.finetune_model = spy
+    out = tmp_path / "h.gguf"
+    try:
+        rep = _convert(out, nsamples=8, token_embedding_type="Q4_0", output_tensor_type="Q4_0",
+                       opts=dict(max_rounds=1, ft_epochs=1, e2e_epochs=2, e2e_nsamples=8, e2e_head=head))
+    finally:
+        finetune.finetune_model = real
+    (ids, res), = seen
+    assert res.best_epoch >= 1 and {t.name: t.type for t in rep.tensors}["output.weight"] == "Q4_0"
+    q, f = load_llama(out, threads=1), LlamaModel.from_gguf(STORIES, threads=1)
+    kl = 0.0
+    for s in ids.tolist():
+        lq, lf = F.log_softmax(q.logits(s).double(), -1), F.log_softmax(f.logits(s).double(), -1)
+        kl += float((lf.exp() * (lf - lq)).sum())
+    kl /= ids.numel()
+    stored, source = q.output_norm.detach().float().numpy(), f.output_norm.detach().float().numpy()
+    if head == "stored":
+        assert kl == pytest.approx(res.loss, rel=2e-3)
+        assert not np.array_equal(stored, source)        # the output norm was tuned
+    else:
+        assert abs(kl - res.loss) > 0.05 * res.loss
+    with pytest.raises(OptionError, match="e2e_head"):
+        AQ(e2e_head="fp")

@@ -322,6 +322,10 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
                         if blk != ck_block:
                             ck_block, ck_data = blk, blocks.checkpoint.load(blk)
                         raw = ck_data[0][c.name]
+                    elif blocks is not None and c.name in (blocks.head or {}):
+                        # made before the end-to-end stage, which tuned the blocks against them (or tuned them)
+                        _check_finite(c.name, source.load(c.name), source)
+                        raw = blocks.head[c.name]
                     elif (m.copy_same_type and spec.src_type == c.type and hasattr(source, "file")):
                         raw = source.file.raw(c.name)
                         if c.type in ("F32", "F16", "BF16"):

@@ -259,14 +259,25 @@ class AQ(BlockMethod):
         if done is not None:
             ctx.extra["e2e"] = done
             return
-        from .finetune import ModelParts, Tunables, finetune_model
+        from .finetune import OUT_NORM, ModelParts, Tunables, finetune_model
         t0 = time.perf_counter()
         src, hp = run.source, run.hp
         choices = {c.name: c for c in run.plan.choices}
         names = {t.name for t in src.tensors}
         f32 = lambda n: torch.from_numpy(np.array(src.load(n), np.float32))  # noqa: E731
-        tok = f32("token_embd.weight").reshape(-1, hp.n_embd)
-        out_w = f32("output.weight").reshape(-1, hp.n_embd) if "output.weight" in names else tok
+        head = run.head if run.head is not None else {}
+
+        def as_stored(n, w):   # the student's tensor: as the file stores it (e2e_head=stored), else float
+            if self.ft.e2e_head != "stored" or n not in head:
+                return w
+            c = choices[n]
+            return stored_weight(run.qtypes[c.type], head[n], c.shape).reshape(-1, hp.n_embd)
+
+        tok_f = f32("token_embd.weight").reshape(-1, hp.n_embd)
+        out_f = f32("output.weight").reshape(-1, hp.n_embd) if "output.weight" in names else tok_f
+        tok = as_stored("token_embd.weight", tok_f)
+        out_w = as_stored("output.weight", out_f) if "output.weight" in names else tok
+        out_norm = f32("output_norm.weight").reshape(-1)
         fixed, states, norms, exact, stored = [], {}, {}, {}, {}
         for il in range(hp.n_layer):
             tensors, outl, st = run.checkpoint.load(il)
@@ -288,10 +299,17 @@ class AQ(BlockMethod):
             return
         if self.ft.e2e_norms:
             norms = {(il, k): fixed[il][k] for il in stored for k in NORM_KEYS if k in fixed[il]}
-        parts = ModelParts(hp, run.rope, tok, f32("output_norm.weight").reshape(-1), out_w, fixed)
+        if self.ft.e2e_out_norm and "output_norm.weight" in choices and run.head is not None:
+            norms[OUT_NORM] = out_norm
+        parts = ModelParts(hp, run.rope, tok, out_norm, out_w, fixed, teacher_out_norm=out_norm, teacher_out_w=out_f)
         tun = Tunables(states, norms, exact)
         res = finetune_model(parts, tun, run.ids, run.teacher, self.ft, seed=run.seed, progress=run.progress)
-        del parts, tun, tok, out_w, fixed
+        del parts, tun, tok, out_w, fixed, tok_f, out_f
+        if res.best_epoch and OUT_NORM in res.norms:   # the tuned output norm: written by the pipeline from head
+            c = choices["output_norm.weight"]
+            v = np.asarray(res.norms.pop(OUT_NORM), np.float32).reshape(-1, c.shape[-1])
+            head["output_norm.weight"] = np.ascontiguousarray(run.qtypes[c.type].quantize(v)).view(np.uint8).reshape(-1)
+            run.checkpoint.save("head", head, {}, {})
         if res.best_epoch:   # write the tuned blocks back
             for (il, key), state in res.state.items():
                 tensors, outl, _st = stored[il]

@@ -21,7 +21,8 @@ Flow (:func:`run_blocks`, called by :func:`qgguf.convert.pipeline.convert` for b
    resumed run skips it;
 6. the tensors outside the blocks (``token_embd``, ``output``) are quantized by the type's own
    importance-weighted search, the output matrix with the importance of the quantized model's final hidden
-   states.
+   states. With a ``finish_model`` stage this happens before the stage (:func:`_head_tensors`, kept in the
+   checkpoint as ``head.npz``), so that the stage sees them as stored; the writer takes those bytes.
 
 The default :meth:`BlockMethod.quantize_block` is "true-sequential" (GPTQ's ``--true-sequential``): q, k, v
 are quantized against the Gram matrix ``H = X^T X`` of ``attn_norm(x_q)``; ``attn_output`` against the
@@ -456,8 +457,10 @@ def as_block_method(m: Method) -> BlockMethod:
 
 
 class Checkpoint:
-    """``OUT.qgguf-resume/``: ``run.json`` (the settings) and ``blk.N.npz`` per finished block (packed
-    tensors ``t/NAME``, outliers ``i/NAME`` and ``v/NAME``, and ``stats`` as JSON)."""
+    """``OUT.qgguf-resume/``: ``run.json`` (the settings), ``blk.N.npz`` per finished block (packed
+    tensors ``t/NAME``, outliers ``i/NAME`` and ``v/NAME``, and ``stats`` as JSON) and, for a method with a
+    ``finish_model`` stage, ``head.npz``: the tensors outside the blocks that the stage uses as stored
+    (``token_embd``, ``output``; ``output_norm`` once the stage tuned it), in the same layout."""
 
     def __init__(self, folder: Path, fingerprint: dict, resume: bool):
         self.folder = folder
@@ -482,7 +485,7 @@ class Checkpoint:
 
     def _clear(self) -> None:
         for p in self.folder.glob("*"):
-            if p.is_file() and (p.name == "run.json" or p.name.startswith(("blk.", ".blk.", "stage.", ".stage."))):
+            if p.is_file() and (p.name == "run.json" or p.name.startswith(("blk.", ".blk.", "stage.", ".stage.", "head.", ".head."))):
                 p.unlink()
 
     @staticmethod
@@ -501,13 +504,13 @@ class Checkpoint:
                 pass
             raise OutputError(f"cannot write the block checkpoint: {e.strerror or e}", path) from None
 
-    def path(self, index: int) -> Path:
-        return self.folder / f"blk.{index}.npz"
+    def path(self, index: int | str) -> Path:
+        return self.folder / (f"blk.{index}.npz" if not isinstance(index, str) else f"{index}.npz")
 
-    def has(self, index: int) -> bool:
+    def has(self, index: int | str) -> bool:
         return self.path(index).is_file()
 
-    def save(self, index: int, tensors: dict[str, np.ndarray], outliers: dict[str, tuple], stats: dict) -> None:
+    def save(self, index: int | str, tensors: dict[str, np.ndarray], outliers: dict[str, tuple], stats: dict) -> None:
         import io
         arrs = {f"t/{k}": np.ascontiguousarray(v).view(np.uint8) for k, v in tensors.items()}
         for k, (idx, vals) in outliers.items():
@@ -518,7 +521,7 @@ class Checkpoint:
         np.savez(buf, **arrs)
         self._atomic(self.path(index), buf.getvalue())
 
-    def load(self, index: int) -> tuple[dict[str, np.ndarray], dict[str, tuple], dict]:
+    def load(self, index: int | str) -> tuple[dict[str, np.ndarray], dict[str, tuple], dict]:
         try:
             with np.load(self.path(index)) as z:
                 tensors = {k[2:]: z[k] for k in z.files if k.startswith("t/")}
@@ -565,8 +568,8 @@ def fingerprint(source, plan, method, options: dict, calib, nsamples: int, seqle
 class ModelRun:
     """What :func:`run_blocks` hands to a method's ``finish_model`` hook once every block is in the checkpoint
     (AQ/VQ's end-to-end fine-tuning): the source, plan and types, the checkpoint, hyper-parameters, rope tables,
-    the calibration tokens ``ids`` (nsamples, seqlen) and the float model's final hidden states of them
-    ``teacher`` (nsamples, seqlen, n_embd; before the output norm)."""
+    the calibration tokens ``ids`` (nsamples, seqlen), the float model's final hidden states of them
+    ``teacher`` (nsamples, seqlen, n_embd; before the output norm) and ``head``."""
     source: Any
     plan: Any
     qtypes: dict
@@ -577,6 +580,8 @@ class ModelRun:
     teacher: torch.Tensor
     seed: int = 0
     progress: bool = True
+    head: dict = None          # GGUF name -> stored bytes of the tensors outside the blocks (_head_tensors); a
+                               # stage that tunes one of them (output_norm) puts its new bytes here
 
 
 @dataclass
@@ -588,6 +593,7 @@ class BlockResult:
     stats: dict[str, float]                    # GGUF name -> relative layer error
     resumed_blocks: int
     dataset: str
+    head: dict = None                          # GGUF name -> bytes the writer takes as they are (_head_tensors)
 
 
 def _tensor_bytes(choice, qt, source, method: Method, ctx: QuantContext, src_type: str) -> np.ndarray:
@@ -727,15 +733,44 @@ def run_blocks(source, plan, qtypes: dict, method: BlockMethod, ctx: QuantContex
         if bar is not None:
             bar.close()
 
-    if finish is not None and x_fp is not None:   # a stage over the whole model (AQ/VQ: end-to-end fine-tuning)
-        finish(ModelRun(source, plan, qtypes, ckpt, hp, rope, ids_fp, x_fp, seed, progress), ctx)
-    del x_fp
     # importance of the output matrix: the quantized model's final hidden states (before a finish_model stage)
     on = np.array(source.load("output_norm.weight"), np.float32).reshape(-1)
     h = rm.final_norm(hp, torch.from_numpy(on), x_q).reshape(-1, hp.n_embd).double()
     out_name = "output.weight" if "output.weight" in names else "token_embd.weight"
     imp = {out_name: (h.pow(2).sum(0) / h.shape[0]).float().numpy()}
-    return BlockResult(ckpt, imp, outlier_counts, stats_all, resumed, dataset)
+    del h
+    head: dict[str, np.ndarray] = {}
+    if finish is not None and x_fp is not None:   # a stage over the whole model (AQ/VQ: end-to-end fine-tuning)
+        head = _head_tensors(ckpt, choices, qtypes, source, method, ctx, specs, {**imp, **(imatrix or {})})
+        finish(ModelRun(source, plan, qtypes, ckpt, hp, rope, ids_fp, x_fp, seed, progress, head), ctx)
+    del x_fp
+    return BlockResult(ckpt, imp, outlier_counts, stats_all, resumed, dataset, head)
+
+
+#: the tensors outside the blocks that a ``finish_model`` stage sees as stored (:func:`_head_tensors`)
+HEAD_TENSORS = ("token_embd.weight", "output.weight")
+
+
+def _head_tensors(ckpt: Checkpoint, choices: dict, qtypes: dict, source, method: Method, ctx: QuantContext,
+                  specs: dict, importance: dict) -> dict[str, np.ndarray]:
+    """The bytes of the token embedding and output matrix exactly as the writer would make them (the output
+    matrix with the importance of the quantized model's final hidden states), made before a ``finish_model``
+    stage so that the stage tunes the blocks against the model as it will be stored; kept in the checkpoint
+    (``head.npz``, which a resumed run reuses) and written by the pipeline as they are."""
+    if ckpt.has("head"):
+        return ckpt.load("head")[0]
+    head = {}
+    saved, ctx.importance = ctx.importance, dict(importance)
+    try:
+        for n in HEAD_TENSORS:
+            c = choices.get(n)
+            if c is not None:
+                raw = _tensor_bytes(c, qtypes[c.type], source, method, ctx, specs[n].src_type)
+                head[n] = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+    finally:
+        ctx.importance = saved
+    ckpt.save("head", head, {}, {})
+    return head
 
 
 def _deq(qt, data: np.ndarray, shape) -> torch.Tensor:

@@ -14,8 +14,10 @@ Two stages, both Adam on the same relative parametrisation (:class:`Tunables`):
   rebuilt from the codebooks in the backward pass), and the logits are made a chunk of tokens at a time, so
   the memory is one block's activations plus one chunk of logits. The teacher is the float model's final hidden
   state of every calibration token (the block pipeline computes it as ``x_fp``); its logits are made per
-  batch from the float output matrix. The student uses the same float token embeddings and output matrix
-  (AQLM keeps them unquantized too): the stage tunes the blocks only.
+  batch from the float output matrix. AQLM keeps the token embeddings and output matrix unquantized; here they
+  are quantized too, so the student uses them as stored (``e2e_head=stored``, the default: the blocks learn to
+  make up for their error too; the pipeline quantizes them before the stage) and the output RMSNorm weight is
+  tuned with the blocks' (``e2e_out_norm``). ``e2e_head=float`` gives the student the float ones.
 
 Parameters are relative (codebooks in units of their RMS, scales and norms as factors of their start), so one
 learning rate suits every layer. What is tuned is what is stored: values stored as float16 are rounded to float16
@@ -60,6 +62,8 @@ class FinetuneOptions:
     e2e_norms: bool = True       # tune the RMSNorm weights of the blocks in the end-to-end stage too
     e2e_nsamples: int = 128      # calibration sequences of the end-to-end stage (at least the block pass's; more
                                  # are drawn from the same source after the block pass's, their teacher run in float)
+    e2e_head: str = "stored"     # the student's token embedding and output matrix: as stored, or float
+    e2e_out_norm: bool = True    # tune the output RMSNorm weight in the end-to-end stage
 
 
 FT_KEYS = {f.name for f in dc_fields(FinetuneOptions)}
@@ -70,6 +74,8 @@ def finetune_options(options: dict) -> FinetuneOptions:
     ft = _coerce(FinetuneOptions, {k: v for k, v in options.items() if k in FT_KEYS})
     if ft.ft_target not in ("xq", "fp"):
         raise OptionError(f"option ft_target={ft.ft_target!r}: expected xq or fp")
+    if ft.e2e_head not in ("stored", "float"):
+        raise OptionError(f"option e2e_head={ft.e2e_head!r}: expected stored or float")
     for k in ("ft_epochs", "ft_batch", "e2e_epochs", "e2e_batch", "e2e_nsamples"):
         if getattr(ft, k) < (1 if k.endswith("batch") else 0):
             raise OptionError(f"option {k}={getattr(ft, k)}: expected a {'positive' if k.endswith('batch') else 'non-negative'} integer")
@@ -81,7 +87,8 @@ def describe(ft: FinetuneOptions) -> str:
          if ft.finetune else "no finetune")
     if ft.e2e:
         s += (f", e2e={ft.e2e_epochs} epochs lr={ft.e2e_lr:g} batch={ft.e2e_batch} tol={ft.e2e_tol:g}"
-              + ("" if ft.e2e_norms else " no norms") + (f" nsamples={ft.e2e_nsamples}" if ft.e2e_nsamples else ""))
+              + ("" if ft.e2e_norms else " no norms") + (f" nsamples={ft.e2e_nsamples}" if ft.e2e_nsamples else "")
+              + (" float head" if ft.e2e_head == "float" else "") + ("" if ft.e2e_out_norm else " no output norm"))
     return s
 
 
@@ -309,28 +316,38 @@ def finetune_block(block, packed: dict, state: dict, ft: FinetuneOptions, ctx, e
 HEAD_CHUNK = 256
 
 
+#: the key of the output RMSNorm weight among a :class:`Tunables`' norms in :func:`finetune_model`
+OUT_NORM = "output_norm"
+
+
 @dataclass
 class ModelParts:
-    """What :func:`finetune_model` needs of the model: hyper-parameters, rope tables, the float token embedding
-    (n_vocab, n_embd), output norm and output matrix, and per block the weights that stay fixed (short key ->
-    float32 tensor: the other linears as stored, and the norms' start values)."""
+    """What :func:`finetune_model` needs of the model: hyper-parameters, rope tables, the student's token
+    embedding (n_vocab, n_embd), output norm (its start value) and output matrix, per block the weights that
+    stay fixed (short key -> float32 tensor: the other linears as stored, and the norms' start values), and the
+    teacher's (float) output norm and matrix (None: the student's)."""
     hp: Any
     rope: Any
     tok_embd: torch.Tensor
     out_norm: torch.Tensor
     out_w: torch.Tensor
     fixed: list[dict]
+    teacher_out_norm: torch.Tensor | None = None
+    teacher_out_w: torch.Tensor | None = None
 
 
-def _kl_chunks(parts: ModelParts, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def _kl_chunks(parts: ModelParts, h: torch.Tensor, t: torch.Tensor, out_norm: torch.Tensor) -> torch.Tensor:
     """Sum over tokens of KL(softmax(teacher logits) || softmax(student logits)) for student hidden states ``h``
-    and teacher hidden states ``t`` (both (N, n_embd), before the final norm), a chunk of tokens at a time."""
+    and teacher hidden states ``t`` (both (N, n_embd), before the final norm; the student's output norm
+    ``out_norm``), a chunk of tokens at a time."""
     tot = h.new_zeros(())
+    t_norm = parts.out_norm if parts.teacher_out_norm is None else parts.teacher_out_norm
+    t_w = parts.out_w if parts.teacher_out_w is None else parts.teacher_out_w
     for s in range(0, h.shape[0], HEAD_CHUNK):
         def chunk(hs, ts):
-            lp = F.log_softmax(rm.lm_head(parts.out_w, rm.final_norm(parts.hp, parts.out_norm, hs)), -1)
+            lp = F.log_softmax(rm.lm_head(parts.out_w, rm.final_norm(parts.hp, out_norm, hs)), -1)
             with torch.no_grad():
-                lt = F.log_softmax(rm.lm_head(parts.out_w, rm.final_norm(parts.hp, parts.out_norm, ts)), -1)
+                lt = F.log_softmax(rm.lm_head(t_w, rm.final_norm(parts.hp, t_norm, ts)), -1)
             return (lt.exp() * (lt - lp)).sum()
         hs, ts = h[s:s + HEAD_CHUNK], t[s:s + HEAD_CHUNK]
         tot = tot + (checkpoint(chunk, hs, ts, use_reentrant=False) if hs.requires_grad else chunk(hs, ts))
@@ -339,13 +356,14 @@ def _kl_chunks(parts: ModelParts, h: torch.Tensor, t: torch.Tensor) -> torch.Ten
 
 def finetune_model(parts: ModelParts, tun: Tunables, ids: torch.Tensor, teacher: torch.Tensor,
                    ft: FinetuneOptions, seed: int = 0, progress: bool = True) -> FinetuneResult:
-    """The end-to-end stage (module docstring). ``tun``: keyed by ``(block index, short key)``; ``ids``:
-    (nsamples, seqlen) calibration tokens; ``teacher``: the float model's final hidden states of them
+    """The end-to-end stage (module docstring). ``tun``: keyed by ``(block index, short key)`` (and
+    :data:`OUT_NORM`, the output norm); ``ids``: (nsamples, seqlen) calibration tokens; ``teacher``: the float model's final hidden states of them
     (nsamples, seqlen, n_embd). Returns the tuned states and norms under the same keys; the loss is the mean
     KL divergence per token."""
     hp = parts.hp
     n_layer = len(parts.fixed)
-    per_block = [[k for k in list(tun.lin) + list(tun.norms) if k[0] == il] for il in range(n_layer)]
+    per_block = [[k for k in list(tun.lin) + list(tun.norms) if isinstance(k, tuple) and k[0] == il]
+                 for il in range(n_layer)]
     ntok = float(ids.shape[1])
 
     def block_weights(il: int, grad: bool) -> dict:
@@ -364,18 +382,23 @@ def finetune_model(parts: ModelParts, tun: Tunables, ids: torch.Tensor, teacher:
                 x = rm.block_forward(hp, block_weights(il, False), x, parts.rope)
         return x
 
+    def out_norm() -> torch.Tensor:
+        return tun.norm(OUT_NORM) if OUT_NORM in tun.norms else parts.out_norm
+
     @torch.no_grad()
     def full_loss() -> float:
         tot = 0.0
         for s in range(0, ids.shape[0], max(1, ft.e2e_batch)):
             idx = torch.arange(s, min(s + max(1, ft.e2e_batch), ids.shape[0]))
             h = run(idx, False)
-            tot += float(_kl_chunks(parts, h.reshape(-1, h.shape[-1]), teacher[idx].reshape(-1, h.shape[-1])))
+            tot += float(_kl_chunks(parts, h.reshape(-1, h.shape[-1]), teacher[idx].reshape(-1, h.shape[-1]),
+                                    out_norm()))
         return tot / (ids.shape[0] * ntok)
 
     def batch_loss(idx):
         h = run(idx, True)
-        return _kl_chunks(parts, h.reshape(-1, h.shape[-1]), teacher[idx].reshape(-1, h.shape[-1])) / (len(idx) * ntok)
+        return _kl_chunks(parts, h.reshape(-1, h.shape[-1]), teacher[idx].reshape(-1, h.shape[-1]),
+                          out_norm()) / (len(idx) * ntok)
 
     bar = None
     if progress:
@@ -386,4 +409,4 @@ def finetune_model(parts: ModelParts, tun: Tunables, ids: torch.Tensor, teacher:
 
 
 __all__ = ["FinetuneOptions", "finetune_options", "AQState", "Tunables", "FinetuneResult", "finetune_block",
-           "ModelParts", "finetune_model", "FT_KEYS", "NORM_KEYS"]
+           "ModelParts", "finetune_model", "FT_KEYS", "NORM_KEYS", "OUT_NORM"]
