@@ -208,3 +208,39 @@ def test_aq_only_candidates_still_get_a_measured_propagation_factor(tmp_path):
     assert all(t.startswith("aq-") for n, t in r["types"].items() if n in free)
     assert all(t == "Q8_0" for n, t in r["types"].items() if n not in free)
     assert (tmp_path / "mix.gguf").stat().st_size <= target
+
+
+def test_bits_plan_tensor_spends_the_bits_budget_per_tensor(tmp_path):
+    """``--bits B --bits-plan tensor``: the allocator gets the file that ``--bits B`` makes with its block linears at
+    exactly B bits per weight (every byte counted) and fills it per tensor from measured KL divergences; the
+    file stays within it and is larger than the one-configuration-per-role file, which stays under B."""
+    from qgguf.convert.mixed import bits_budget
+    from qgguf.convert.sources import open_source
+    from qgguf.quantize.aq import plan_aq
+    src = _mid_model(tmp_path)
+    role = qgguf.convert(src, tmp_path / "role.gguf", bits=3, **CAL)
+    s = open_source(src)
+    try:
+        aqp = plan_aq([(t.name, t.shape) for t in s.tensors], bits=3, outliers=0.002)
+        budget = bits_budget(s, tmp_path / "role.gguf", aqp, 3, pure=False, has_imatrix=True, outliers=0.002)
+        n_lin = sum(int(np.prod(t.shape)) for t in s.tensors if t.name in set(aqp.tensors))
+    finally:
+        s.close()
+    # the --bits file with its AQ tensors' bytes (outliers included) replaced by 3 bits per weight
+    role_lin = sum(t.nbytes for t in role.tensors if t.name in set(aqp.tensors))
+    assert role_lin < 3 * n_lin / 8
+    assert abs(budget - (role.file_bytes - role_lin + 3 * n_lin / 8)) < 32 * (len(aqp.tensors) * 5 + 2)
+    rep = qgguf.convert(src, tmp_path / "tensor.gguf", bits=3, bits_plan="tensor", save_recipe=tmp_path / "r.json",
+                        sensitivity=SENS, **CAL)
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["mode"] == "target-size" and r["target"]["file_bytes"] == budget
+    assert role.file_bytes < rep.file_bytes <= budget
+    assert any(t.startswith("aq-") for t in r["types"].values())
+    got = _types(tmp_path / "tensor.gguf")
+    assert {n: got[n] for n in r["types"]} == {n: t.lower() for n, t in r["types"].items()}
+    for bad in (dict(aq_config="aq-2x8-g8"), dict(tensor_methods=["ffn_down=aq"]), dict(target_size=10**6)):
+        with pytest.raises(OptionError, match="bits-plan"):
+            qgguf.convert(src, tmp_path / "x.gguf", bits=3, bits_plan="tensor", **bad, **CAL)
+    with pytest.raises(OptionError, match="bits-plan"):
+        qgguf.convert(src, tmp_path / "x.gguf", bits=3, bits_plan="layer", **CAL)
+    assert not (tmp_path / "x.gguf").exists()

@@ -56,6 +56,11 @@ def add_parsers(sub) -> None:
     a.add_argument("--bits", type=float, metavar="B",
                    help="aq: the most accurate configuration whose bits per weight of the AQ tensors, every byte "
                         "counted (codes, codebooks, scales), is at most B")
+    a.add_argument("--bits-plan", choices=["role", "tensor"], default="role",
+                   help="how --bits B is spent with --method aq: one configuration per role (role, the default), or "
+                        "per tensor by the mixed-precision allocator from measured KL divergences (tensor: the "
+                        "block linears' bytes at B bits per weight plus the embedding/output as --bits gives them, "
+                        "spent on AQ configurations and standard types; slower, a measurement first)")
     a.add_argument("--vq-config", metavar="vq-vV-kK[-KR][-oP][-gG]",
                    help="VQ configuration (--method vq; VPTQ-style vectors of V rows, K centroids, KR residual "
                         "centroids, P%% outlier columns, G codebook groups; default vq-v8-k256-256); --bits B with "
@@ -181,7 +186,7 @@ def _convert(args: argparse.Namespace) -> int:
                   bits=args.bits, tensor_methods=args.tensor_method, target_size=args.target_size,
                   target_bpw=args.target_bpw, compat=args.compat, dynamic=args.dynamic,
                   dynamic_extra=args.dynamic_extra, recipe_file=recipe_file, save_recipe=args.save_recipe,
-                  sensitivity=sens, vq_config=args.vq_config, max_memory=args.max_memory)
+                  sensitivity=sens, vq_config=args.vq_config, max_memory=args.max_memory, bits_plan=args.bits_plan)
     if args.json:
         import json
         print(json.dumps(rep.to_dict(), indent=1))

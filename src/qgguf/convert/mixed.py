@@ -70,7 +70,8 @@ def _header_bytes(source, plan, out: Path, recipe: Recipe, ftype, outliers: dict
         if ftype is not None:
             of.set("general.file_type", int(ftype), GGUFValueType.UINT32)
         of.set("general.quantization_version", 2, GGUFValueType.UINT32)
-        of.update(recipe_metadata(recipe))
+        if recipe is not None:
+            of.update(recipe_metadata(recipe))
         set_outlier_keys(of, outliers or {})
         for c in plan.choices:
             of.plan_qtensor(c.name, c.shape, gguf_types.get(c.type))
@@ -285,6 +286,27 @@ def plan_mixed(source, out: Path, *, type: str, method: str, pure: bool = False,
     return recipe_obj
 
 
+def bits_budget(source, out: Path, aqp, bits: float, *, pure: bool, has_imatrix: bool, outliers: float) -> int:
+    """The file bytes that ``--bits B --bits-plan tensor`` gives the allocator: the file that ``--bits B`` writes
+    (``aqp``, :func:`qgguf.quantize.aq.plan_aq`; its header, the embedding/output and float tensors exactly),
+    with its AQ tensors at exactly ``B`` bits per weight, every byte counted (codes, codebooks, scales and
+    ``outliers``' share of sparse values), instead of the bits of the configuration ``--bits`` chose."""
+    plan = _base_plan(source, type=aqp.type, pure=pure, token_embedding_type=aqp.token_embedding_type,
+                      output_tensor_type=aqp.output_tensor_type, tensor_types=aqp.tensor_types,
+                      has_imatrix=has_imatrix)
+    aq = set(aqp.tensors)
+    outl = {c.name: outlier_count(int(np.prod(c.shape)), outliers) for c in plan.choices
+            if c.name in aq and outliers and is_codebook(gguf_types.get(c.type))}
+    outl = {n: k for n, k in outl.items() if k > 0}
+    total = _header_bytes(source, plan, out, None, plan.ftype, outl)
+    for c in plan.choices:
+        if c.name in aq:
+            total += int(float(bits) * int(np.prod(c.shape)) / 8)
+        else:
+            total += sum(padded(s) for s in _data_sizes(c))
+    return int(total)
+
+
 def _data_sizes(c) -> list[int]:
     """Bytes of each tensor the writer stores for plan choice ``c`` (a codebook type: its companions)."""
     from ..gguf_types.codebook import is_codebook
@@ -294,4 +316,4 @@ def _data_sizes(c) -> list[int]:
     return [qt.nbytes(c.shape)]
 
 
-__all__ = ["plan_mixed", "check_recipe", "is_block_linear", "COMPAT"]
+__all__ = ["plan_mixed", "check_recipe", "is_block_linear", "bits_budget", "COMPAT"]

@@ -128,8 +128,12 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
             resume: bool = False, aq_config: str | None = None, bits: float | None = None,
             tensor_methods=(), target_size=None, target_bpw: float | None = None, compat: str | None = None,
             dynamic: bool = False, dynamic_extra: float = 0.10, recipe_file=None, save_recipe=None,
-            sensitivity: dict | None = None, vq_config: str | None = None, max_memory=None) -> ConvertReport:
+            sensitivity: dict | None = None, vq_config: str | None = None, max_memory=None,
+            bits_plan: str = "role") -> ConvertReport:
     """Convert ``src`` (GGUF file, Hugging Face folder or alias) to a GGUF at ``out``.
+
+    ``bits_plan="tensor"`` (with ``method="aq"`` and ``bits``): the mixed-precision allocator spends the bytes of
+    ``bits`` per weight on each block linear's type (:func:`qgguf.convert.mixed.bits_budget`) instead of one configuration per role.
 
     ``method_options``: options of the method (``damp``, ``actorder``, ``passes``, ``init``, ``outliers``,
     ``iters``, ``lr``, ``recipe``, ``batch_size``, ...), passed to its constructor and kept in
@@ -188,11 +192,19 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
     if resume and not blockwise:
         raise OptionError(f"--resume applies to block methods (gptq, quantease, autoround), not {method}")
 
+    if bits_plan not in ("role", "tensor"):
+        raise OptionError(f"--bits-plan {bits_plan!r}: expected role or tensor")
+    per_tensor = bits_plan == "tensor"
+    if per_tensor and (bits is None or method != "aq" or vq_wanted or aq_config is not None or tensor_methods
+                       or mixed_wanted):
+        raise OptionError("--bits-plan tensor takes --method aq --bits B for the whole model (no --aq-config, "
+                          "--tensor-method, VQ or other mixed-precision option)")
     if mixed_wanted and (vq_wanted or aq_config is not None or bits is not None or tensor_methods):
         raise OptionError("mixed precision (--target-size/--target-bpw/--dynamic/--recipe) takes --method aq alone "
                           "(the recipe gives each block linear its AQ configuration or a standard type), not "
                           "--aq-config, --bits, --tensor-method or VQ")
     source = open_source(src)
+    user_types = (list(tensor_types), token_embedding_type, output_tensor_type)
     try:
         if (aq_wanted or vq_wanted) and not mixed_wanted:   # the AQ/VQ configuration and its tensors -> overrides
             if vq_wanted:
@@ -217,6 +229,16 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
                       f"(embedding/output {aqp.output_tensor_type or aqp.token_embedding_type}), {aqp.bpw:.3f} bits "
                       "per weight counting every byte" + (f" ({len(aqp.fallback)} in their fallback type)"
                                                           if aqp.fallback else ""), file=sys.stderr)
+        if per_tensor:   # --bits B over the whole model, spent per tensor by the mixed-precision allocator
+            from .mixed import bits_budget
+            target_size = bits_budget(source, Path(out) if out is not None else default_output(src, type), aqp, bits,
+                                      pure=pure, has_imatrix=m.needs_calibration,
+                                      outliers=float(getattr(m, "outliers", 0.0) or 0.0))
+            print(f"qgguf: --bits {bits:g} --bits-plan tensor: the allocator spends {target_size:,} bytes (the block "
+                  f"linears at {bits:g} bits per weight, every byte counted, and the rest as --bits gives it) on "
+                  "measured AQ configurations and standard types per tensor", file=sys.stderr)
+            tensor_types, token_embedding_type, output_tensor_type = user_types
+            mixed_wanted, bits = True, None
         recipe = None
         if mixed_wanted:
             from .mixed import plan_mixed
