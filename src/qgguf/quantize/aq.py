@@ -73,6 +73,7 @@ from .base import QuantContext
 from .blockwise import BlockMethod, sequential_quantize, short_key, stored_weight
 from .finetune import FT_KEYS as _FT_KEYS, NORM_KEYS, AQState, finetune_block, finetune_options  # noqa: F401
 from .finetune import describe as _describe_ft
+from ..runtime.threads import set_torch_threads
 
 LINEAR_KEYS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 DEFAULT_CONFIG = "aq-2x8-g8"
@@ -221,11 +222,11 @@ class AQ(BlockMethod):
                     bar.set_postfix_str(f"{stage}: rel err {err:.4g}", refresh=False)
                     bar.update(1)
 
-            torch.set_num_threads(nt)
+            set_torch_threads(nt)
             try:
                 res, idx = fit_matrix(w, H, cfg, self.aq, self.outliers, seed=seed, progress=progress)
             finally:
-                torch.set_num_threads(old_threads)
+                set_torch_threads(old_threads)
                 if bar is not None:
                     bar.close()
             state[key] = AQState(cfg, res.codes, res.codebooks, res.scales)
@@ -342,11 +343,11 @@ class AQ(BlockMethod):
         nt = int((ctx.options or {}).get("linear_threads") or 1)
         old_threads = torch.get_num_threads()
         t0 = time.perf_counter()
-        torch.set_num_threads(nt)
+        set_torch_threads(nt)
         try:
             res = finetune_block(block, packed, state, self.ft, ctx, exact=exact)
         finally:
-            torch.set_num_threads(old_threads)
+            set_torch_threads(old_threads)
         for key, st in res.state.items():
             packed[key] = st.pack(block.qtypes[key])
             if key in exact:      # the outliers stay exact: their values against the tuned codebooks

@@ -90,6 +90,7 @@ from ..errors import OptionError, QggufError
 from ..gguf_types.legacy import KVALUES_IQ4NL
 from .base import Method, QuantContext
 from .grid import SPECS, affine
+from ..runtime.threads import set_torch_threads
 
 try:  # the block-streaming interface (quantize/blockwise.py)
     from .blockwise import BlockMethod
@@ -648,14 +649,14 @@ class AutoRound(BlockMethod):
         weights = block.current() if hasattr(block, "current") else block.weights
         weights = {k: (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in weights.items()}
         old = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
+        set_torch_threads(self.threads)
         try:
             res = autoround_block(block.hp, weights, block.qtypes, block.x_q, x_fp,
                                   importance=getattr(block, "importance", None), recipe=r, log=log,
                                   rope=getattr(block, "rope", None), eval_chunk=getattr(block, "chunk", None),
                                   start=start)
         finally:
-            torch.set_num_threads(old)
+            set_torch_threads(old)
         if hasattr(block, "x_out") and res.chosen != "none":
             block.x_out = res.y
         stats = getattr(block, "stats", None)

@@ -55,6 +55,7 @@ from ..errors import OptionError, OutputError, QggufError
 from ..gguf_types import is_codebook
 from ..runtime import model as rm
 from .base import Method, QuantContext
+from ..runtime.threads import set_torch_threads
 
 #: tokens per chunk of the block passes (samples per chunk = max(1, CHUNK_TOKENS // seqlen))
 CHUNK_TOKENS = 16384
@@ -435,13 +436,13 @@ class GramAdapter(BlockMethod):
         ctx.importance[name] = importance
         nt = int((ctx.options or {}).get("linear_threads") or 1)
         old = torch.get_num_threads()
-        torch.set_num_threads(nt)
+        set_torch_threads(nt)
         saved_threads, ctx.threads = ctx.threads, None
         try:
             return self.inner.quantize_tensor(name, w, qtype, ctx)
         finally:
             ctx.threads = saved_threads
-            torch.set_num_threads(old)
+            set_torch_threads(old)
             ctx.grams.pop(name, None)
             ctx.importance.pop(name, None)
 
@@ -615,7 +616,7 @@ def run_blocks(source, plan, qtypes: dict, method: BlockMethod, ctx: QuantContex
     from ..runtime.model import hparams_from_metadata
 
     if ctx.threads:
-        torch.set_num_threads(int(ctx.threads))
+        set_torch_threads(int(ctx.threads))
     ckpt = Checkpoint(out.with_name(out.name + RESUME_SUFFIX),
                       fingerprint(source, plan, method, options or {}, calib, nsamples, seqlen, seed), resume)
     specs = {t.name: t for t in source.tensors}

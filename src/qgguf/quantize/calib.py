@@ -14,6 +14,7 @@ from pathlib import Path
 
 
 from ..errors import InputFileError, OptionError
+from ..runtime.threads import set_torch_threads
 
 
 def load_texts(path: str | Path) -> list[str]:
@@ -94,11 +95,11 @@ def self_sequences(model, nsamples: int, seqlen: int, seed: int, bos_id: int | N
                    leave=False)
     scale = 1.0 / math.sqrt(hp.head_dim_k)
     old_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(threads)))
+    set_torch_threads(max(1, int(threads)))
     try:
         return _sample(model, ws, w_tok, w_out, cos_t, sin_t, g, start, nsamples, seqlen, batch, bar, scale)
     finally:
-        torch.set_num_threads(old_threads)
+        set_torch_threads(old_threads)
         if bar is not None:
             bar.close()
 

@@ -41,6 +41,7 @@ import torch
 from ..errors import OptionError, QggufError
 from .base import Method, QuantContext
 from .grid import LayerGrid, layer_loss, spec_of, supports
+from ..runtime.threads import set_torch_threads
 
 
 def prepare_hessian(H: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
@@ -98,11 +99,11 @@ def torch_threads(n: int | None):
         yield
         return
     old = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(n)))
+    set_torch_threads(max(1, int(n)))
     try:
         yield
     finally:
-        torch.set_num_threads(old)
+        set_torch_threads(old)
 
 
 def _importance(H: np.ndarray, importance: np.ndarray | None) -> np.ndarray:

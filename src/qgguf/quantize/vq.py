@@ -40,6 +40,7 @@ from .finetune import FT_KEYS as _FT_KEYS
 from .base import QuantContext
 from .blockwise import sequential_quantize
 from .vq_core import VQOptions, VQResult, dequantize, from_fields, quantize_matrix, to_fields
+from ..runtime.threads import set_torch_threads
 
 DEFAULT_CONFIG = "vq-v8-k256-256"
 _VQ_KEYS = {f.name for f in dc_fields(VQOptions)}
@@ -158,11 +159,11 @@ class VQ(AQ):
                     bar.set_postfix_str(f"{stage}: rel err {err:.4g}", refresh=False)
                     bar.update(1)
 
-            torch.set_num_threads(nt)
+            set_torch_threads(nt)
             try:
                 res = quantize_matrix(w, H, qt, self.vq, seed=seed, progress=progress)
             finally:
-                torch.set_num_threads(old_threads)
+                set_torch_threads(old_threads)
                 if bar is not None:
                     bar.close()
             st = VQState(qt, res, int(w.shape[0]), int(w.shape[1]))

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputFileError, OptionError
+from .threads import set_torch_threads
 
 
 def _threads(args) -> int | None:
@@ -27,9 +28,7 @@ def _load(args):
         raise InputFileError("no such model file", path)
     threads = _threads(args)
     if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+        set_torch_threads(threads)
     model = load_llama(path, threads=threads)   # plain files: LlamaModel.from_gguf; also qgguf AQ tensors
     tok = Tokenizer.from_gguf(path)
     return model, tok

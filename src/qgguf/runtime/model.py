@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..errors import InputFileError, QggufError, UnsupportedModelError
 from .actquant import round_f16
 from .linear import LinearBase, dequantize_tensor, make_linear
+from .threads import set_torch_threads
 
 CaptureCallback = Callable[[str, torch.Tensor], None]
 
@@ -512,7 +513,7 @@ class LlamaModel(torch.nn.Module):
 
         path = Path(path)
         if threads:
-            torch.set_num_threads(int(threads))
+            set_torch_threads(int(threads))
         if not path.is_file():
             raise InputFileError("no such model file", path)
         from ..convert.ggufread import GGUFFile
@@ -548,7 +549,7 @@ class LlamaModel(torch.nn.Module):
         """A model from plain metadata values and ``tensor_fn(name)`` -> float32 numpy array (numpy
         orientation; ``None`` for an absent tensor), e.g. a conversion source's dequantized weights."""
         if threads:
-            torch.set_num_threads(int(threads))
+            set_torch_threads(int(threads))
         src = _ArraySource(tensor_fn, path)
         md = dict(metadata)
         emb = tensor_fn("token_embd.weight")
