@@ -57,7 +57,7 @@ def _base_plan(source, **kw):
                       float_source_types={t.name: t.src_type for t in source.tensors}, **kw)
 
 
-def _header_bytes(source, plan, out: Path, recipe: Recipe, ftype, outliers: dict[str, int] | None = None) -> int:
+def _header_bytes(source, plan, out: Path, recipe: Recipe | None, ftype, outliers: dict[str, int] | None = None) -> int:
     """Bytes before the tensor data of the file the pipeline will write (metadata and tensor infos, padded);
     ``outliers``: the sparse-outlier counts of the AQ tensors (their keys and companion records)."""
     from gguf import GGUFValueType
@@ -273,9 +273,7 @@ def plan_mixed(source, out: Path, *, type: str, method: str, pure: bool = False,
         final = _base_plan(source, type=type, pure=pure, token_embedding_type=token_embedding_type,
                            output_tensor_type=output_tensor_type, tensor_types=[*recipe_obj.overrides(), *tensor_types],
                            has_imatrix=has_imatrix)
-        outl = {c.name: outlier_count(int(np.prod(c.shape)), aq_outliers) for c in final.choices
-                if aq_outliers and is_codebook(gguf_types.get(c.type))}
-        outl = {n: k for n, k in outl.items() if k > 0}
+        outl = _planned_outliers(final, aq_outliers)
         planned = _header_bytes(source, final, out, recipe_obj, final.ftype, outl) + sum(
             padded(s) for c in final.choices for s in _data_sizes(c)) + sum(
             padded(4 * k) + padded(2 * k) for k in outl.values())
@@ -295,16 +293,23 @@ def bits_budget(source, out: Path, aqp, bits: float, *, pure: bool, has_imatrix:
                       output_tensor_type=aqp.output_tensor_type, tensor_types=aqp.tensor_types,
                       has_imatrix=has_imatrix)
     aq = set(aqp.tensors)
-    outl = {c.name: outlier_count(int(np.prod(c.shape)), outliers) for c in plan.choices
-            if c.name in aq and outliers and is_codebook(gguf_types.get(c.type))}
-    outl = {n: k for n, k in outl.items() if k > 0}
-    total = _header_bytes(source, plan, out, None, plan.ftype, outl)
+    total = _header_bytes(source, plan, out, None, plan.ftype, _planned_outliers(plan, outliers))
     for c in plan.choices:
         if c.name in aq:
             total += int(float(bits) * int(np.prod(c.shape)) / 8)
         else:
             total += sum(padded(s) for s in _data_sizes(c))
     return int(total)
+
+
+def _planned_outliers(plan, share: float) -> dict[str, int]:
+    """Name -> sparse-outlier count of the codebook tensors of ``plan`` (AQ's ``share`` of each one's weights;
+    the tensors that get none left out), as the conversion will write them."""
+    if not share:
+        return {}
+    outl = {c.name: outlier_count(int(np.prod(c.shape)), share) for c in plan.choices
+            if is_codebook(gguf_types.get(c.type))}
+    return {n: k for n, k in outl.items() if k > 0}
 
 
 def _data_sizes(c) -> list[int]:

@@ -133,7 +133,8 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
     """Convert ``src`` (GGUF file, Hugging Face folder or alias) to a GGUF at ``out``.
 
     ``bits_plan="tensor"`` (with ``method="aq"`` and ``bits``): the mixed-precision allocator spends the bytes of
-    ``bits`` per weight on each block linear's type (:func:`qgguf.convert.mixed.bits_budget`) instead of one configuration per role.
+    ``bits`` per weight on each block linear's type (:func:`qgguf.convert.mixed.bits_budget`) instead of one
+    configuration per role.
 
     ``method_options``: options of the method (``damp``, ``actorder``, ``passes``, ``init``, ``outliers``,
     ``iters``, ``lr``, ``recipe``, ``batch_size``, ...), passed to its constructor and kept in

@@ -68,12 +68,12 @@ import numpy as np
 import torch
 
 from ..errors import OptionError, QggufError
+from ..runtime.threads import torch_threads
 from .aq_core import CONFIGS, AQConfig, AQOptions, parse_config, quantize_matrix, to_fields
 from .base import QuantContext
 from .blockwise import BlockMethod, sequential_quantize, short_key, stored_weight
 from .finetune import FT_KEYS as _FT_KEYS, NORM_KEYS, AQState, finetune_block, finetune_options  # noqa: F401
 from .finetune import describe as _describe_ft
-from ..runtime.threads import set_torch_threads
 
 LINEAR_KEYS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 DEFAULT_CONFIG = "aq-2x8-g8"
@@ -204,7 +204,6 @@ class AQ(BlockMethod):
     # -- one block ------------------------------------------------------------------------------------
     def quantize_block(self, block, ctx: QuantContext) -> dict[str, np.ndarray]:
         nt = int((ctx.options or {}).get("linear_threads") or 1)
-        old_threads = torch.get_num_threads()
         state: dict[str, AQState] = {}
         exact: dict[str, tuple] = {}          # key -> (flat positions, original values) of the sparse outliers
         keys = {v: k for k, v in block.names.items()}
@@ -222,11 +221,10 @@ class AQ(BlockMethod):
                     bar.set_postfix_str(f"{stage}: rel err {err:.4g}", refresh=False)
                     bar.update(1)
 
-            set_torch_threads(nt)
             try:
-                res, idx = fit_matrix(w, H, cfg, self.aq, self.outliers, seed=seed, progress=progress)
+                with torch_threads(nt):
+                    res, idx = fit_matrix(w, H, cfg, self.aq, self.outliers, seed=seed, progress=progress)
             finally:
-                set_torch_threads(old_threads)
                 if bar is not None:
                     bar.close()
             state[key] = AQState(cfg, res.codes, res.codebooks, res.scales)
@@ -341,13 +339,9 @@ class AQ(BlockMethod):
         if not (self.ft.finetune and state):
             return
         nt = int((ctx.options or {}).get("linear_threads") or 1)
-        old_threads = torch.get_num_threads()
         t0 = time.perf_counter()
-        set_torch_threads(nt)
-        try:
+        with torch_threads(nt):
             res = finetune_block(block, packed, state, self.ft, ctx, exact=exact)
-        finally:
-            set_torch_threads(old_threads)
         for key, st in res.state.items():
             packed[key] = st.pack(block.qtypes[key])
             if key in exact:      # the outliers stay exact: their values against the tuned codebooks

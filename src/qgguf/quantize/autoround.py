@@ -88,9 +88,9 @@ import torch
 
 from ..errors import OptionError, QggufError
 from ..gguf_types.legacy import KVALUES_IQ4NL
+from ..runtime.threads import torch_threads
 from .base import Method, QuantContext
 from .grid import SPECS, affine
-from ..runtime.threads import set_torch_threads
 
 try:  # the block-streaming interface (quantize/blockwise.py)
     from .blockwise import BlockMethod
@@ -648,15 +648,11 @@ class AutoRound(BlockMethod):
         start = self._start_codes(block, ctx, r) if r.init in START_METHODS and hasattr(block, "chunks") else None
         weights = block.current() if hasattr(block, "current") else block.weights
         weights = {k: (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in weights.items()}
-        old = torch.get_num_threads()
-        set_torch_threads(self.threads)
-        try:
+        with torch_threads(self.threads):
             res = autoround_block(block.hp, weights, block.qtypes, block.x_q, x_fp,
                                   importance=getattr(block, "importance", None), recipe=r, log=log,
                                   rope=getattr(block, "rope", None), eval_chunk=getattr(block, "chunk", None),
                                   start=start)
-        finally:
-            set_torch_threads(old)
         if hasattr(block, "x_out") and res.chosen != "none":
             block.x_out = res.y
         stats = getattr(block, "stats", None)

@@ -54,8 +54,8 @@ import torch
 from ..errors import OptionError, OutputError, QggufError
 from ..gguf_types import is_codebook
 from ..runtime import model as rm
+from ..runtime.threads import set_torch_threads, torch_threads
 from .base import Method, QuantContext
-from ..runtime.threads import set_torch_threads
 
 #: tokens per chunk of the block passes (samples per chunk = max(1, CHUNK_TOKENS // seqlen))
 CHUNK_TOKENS = 16384
@@ -435,14 +435,12 @@ class GramAdapter(BlockMethod):
         ctx.grams[name] = H
         ctx.importance[name] = importance
         nt = int((ctx.options or {}).get("linear_threads") or 1)
-        old = torch.get_num_threads()
-        set_torch_threads(nt)
         saved_threads, ctx.threads = ctx.threads, None
         try:
-            return self.inner.quantize_tensor(name, w, qtype, ctx)
+            with torch_threads(nt):
+                return self.inner.quantize_tensor(name, w, qtype, ctx)
         finally:
             ctx.threads = saved_threads
-            set_torch_threads(old)
             ctx.grams.pop(name, None)
             ctx.importance.pop(name, None)
 
@@ -486,7 +484,8 @@ class Checkpoint:
 
     def _clear(self) -> None:
         for p in self.folder.glob("*"):
-            if p.is_file() and (p.name == "run.json" or p.name.startswith(("blk.", ".blk.", "stage.", ".stage.", "head.", ".head."))):
+            if p.is_file() and (p.name == "run.json"
+                                or p.name.startswith(("blk.", ".blk.", "stage.", ".stage.", "head.", ".head."))):
                 p.unlink()
 
     @staticmethod

@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 from ..errors import InputFileError, OptionError
-from ..runtime.threads import set_torch_threads
+from ..runtime.threads import torch_threads
 
 
 def load_texts(path: str | Path) -> list[str]:
@@ -94,12 +94,10 @@ def self_sequences(model, nsamples: int, seqlen: int, seed: int, bos_id: int | N
         bar = tqdm(total=nsamples * (seqlen - 1), desc="sampling calibration", unit="tok", unit_scale=True,
                    leave=False)
     scale = 1.0 / math.sqrt(hp.head_dim_k)
-    old_threads = torch.get_num_threads()
-    set_torch_threads(max(1, int(threads)))
     try:
-        return _sample(model, ws, w_tok, w_out, cos_t, sin_t, g, start, nsamples, seqlen, batch, bar, scale)
+        with torch_threads(max(1, int(threads))):
+            return _sample(model, ws, w_tok, w_out, cos_t, sin_t, g, start, nsamples, seqlen, batch, bar, scale)
     finally:
-        set_torch_threads(old_threads)
         if bar is not None:
             bar.close()
 

@@ -33,15 +33,13 @@ computed in float64.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 import torch
 
 from ..errors import OptionError, QggufError
+from ..runtime.threads import torch_threads
 from .base import Method, QuantContext
 from .grid import LayerGrid, layer_loss, spec_of, supports
-from ..runtime.threads import set_torch_threads
 
 
 def prepare_hessian(H: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
@@ -90,20 +88,6 @@ def inverse_cholesky(H: np.ndarray, damp: float = 0.01) -> np.ndarray:
             del L
         d = max(d * 10, 1e-6)
     raise QggufError("Gram matrix is not positive definite even with heavy damping")
-
-
-@contextmanager
-def torch_threads(n: int | None):
-    """Run torch with ``n`` intra-op threads inside the block (None: leave as is)."""
-    if not n:
-        yield
-        return
-    old = torch.get_num_threads()
-    set_torch_threads(max(1, int(n)))
-    try:
-        yield
-    finally:
-        set_torch_threads(old)
 
 
 def _importance(H: np.ndarray, importance: np.ndarray | None) -> np.ndarray:

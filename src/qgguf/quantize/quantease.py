@@ -54,9 +54,9 @@ import torch
 
 from ..errors import OptionError, QggufError
 from ..gguf_types.search import fp16_round
+from ..runtime.threads import torch_threads
 from .base import Method, QuantContext
-from .gptq import (_importance, as_bool, error_feedback_inputs, gptq_quantize, option, prepare_hessian,
-                   torch_threads)
+from .gptq import _importance, as_bool, error_feedback_inputs, gptq_quantize, option, prepare_hessian
 from .grid import LayerGrid, _nearest, choose_scales, layer_loss, project_values
 
 _F16_MAX = 65504.0

@@ -58,7 +58,7 @@ from .. import gguf_types
 from ..convert.budget import Option, TensorOptions, file_bytes
 from ..gguf_types.codebook import is_codebook
 from ..runtime import model as rm
-from ..runtime.threads import set_torch_threads
+from ..runtime.threads import torch_threads
 
 #: llama.cpp-loadable candidates, most bytes first (BF16: same size as F16 and less precise, left out)
 STANDARD_CANDIDATES = ("F16", "Q8_0", "Q6_K", "Q5_1", "Q5_K", "Q5_0", "Q4_1", "Q4_K", "IQ4_NL", "Q4_0", "Q3_K", "Q2_K")
@@ -214,12 +214,8 @@ def _aq_quantized(qt, w: np.ndarray, H: torch.Tensor, name: str, seed: int, opti
     opts = AQOptions(**{**AQ_MEASURE, **(options or {})})
     seed = (zlib.crc32(name.encode()) * 7919 + int(seed)) % (2 ** 63)
     w = np.ascontiguousarray(w, dtype=np.float32)
-    old = torch.get_num_threads()
-    set_torch_threads(1)   # small operations: one thread is faster on a busy machine (aq.py's linear_threads)
-    try:
+    with torch_threads(1):   # small operations: one thread is faster on a busy machine (aq.py's linear_threads)
         res, idx = fit_matrix(w, H, cfg, opts, outliers, seed=seed)
-    finally:
-        set_torch_threads(old)
     deq = dequantize(res.codes, res.codebooks.half().float(), res.scales).to(torch.float32)
     if idx is not None:
         pos = torch.from_numpy(idx)

@@ -35,12 +35,12 @@ import numpy as np
 import torch
 
 from ..errors import OptionError, QggufError
+from ..runtime.threads import torch_threads
 from .aq import AQ, LINEAR_KEYS, AQPlan, _as_bool, _bar, _coerce, _fallback_bytes, _write, head_types, parse_tensor_methods
 from .finetune import FT_KEYS as _FT_KEYS
 from .base import QuantContext
 from .blockwise import sequential_quantize
 from .vq_core import VQOptions, VQResult, dequantize, from_fields, quantize_matrix, to_fields
-from ..runtime.threads import set_torch_threads
 
 DEFAULT_CONFIG = "vq-v8-k256-256"
 _VQ_KEYS = {f.name for f in dc_fields(VQOptions)}
@@ -142,7 +142,6 @@ class VQ(AQ):
 
     def quantize_block(self, block, ctx: QuantContext) -> dict[str, np.ndarray]:
         nt = int((ctx.options or {}).get("linear_threads") or 1)
-        old_threads = torch.get_num_threads()
         state: dict[str, VQState] = {}
         keys = {v: k for k, v in block.names.items()}
 
@@ -159,11 +158,10 @@ class VQ(AQ):
                     bar.set_postfix_str(f"{stage}: rel err {err:.4g}", refresh=False)
                     bar.update(1)
 
-            set_torch_threads(nt)
             try:
-                res = quantize_matrix(w, H, qt, self.vq, seed=seed, progress=progress)
+                with torch_threads(nt):
+                    res = quantize_matrix(w, H, qt, self.vq, seed=seed, progress=progress)
             finally:
-                set_torch_threads(old_threads)
                 if bar is not None:
                     bar.close()
             st = VQState(qt, res, int(w.shape[0]), int(w.shape[1]))
