@@ -159,11 +159,14 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
 
     t0 = time.perf_counter()
     if threads:
+        import torch  # noqa: F401  before numba's OpenMP pool: torch then keeps its own OpenMP runtime
+        from ..runtime.threads import no_nested_openmp
         try:
             import numba
             numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
         except ImportError:
             pass
+        no_nested_openmp()   # numba's pool allows nested regions on this thread (runtime/threads.py)
     opts = {k: v for k, v in (method_options or {}).items() if v is not None}
     mixed_wanted = recipe_file is not None or target_size is not None or target_bpw is not None or dynamic
     if imatrix and method == "rtn":

@@ -360,8 +360,8 @@ def finetune_model(parts: ModelParts, tun: Tunables, ids: torch.Tensor, teacher:
     :data:`OUT_NORM`, the output norm); ``ids``: (nsamples, seqlen) calibration tokens; ``teacher``: the float
     model's final hidden states of them (nsamples, seqlen, n_embd). Returns the tuned states and norms under the
     same keys; the loss is the mean KL divergence per token."""
-    from ..runtime.threads import serial_blas_in_parallel_regions
-    serial_blas_in_parallel_regions()   # no nested BLAS teams inside torch's parallel regions (runtime/threads.py)
+    from ..runtime.threads import no_nested_openmp
+    no_nested_openmp()   # MKL inside torch's parallel regions must not start nested teams (runtime/threads.py)
     hp = parts.hp
     n_layer = len(parts.fixed)
     per_block = [[k for k in list(tun.lin) + list(tun.norms) if isinstance(k, tuple) and k[0] == il]

@@ -1,55 +1,65 @@
-"""torch's thread count, and the threading setting of its bundled MKL that goes with it."""
+"""torch's thread count, and no nested OpenMP teams under it.
+
+Why the second part: numba's OpenMP threading layer (``numba.set_num_threads``, any ``prange``) sets the calling
+thread's ``max-active-levels`` to the runtime's maximum, i.e. allows nested parallel regions. When numba has loaded
+the system ``libgomp.so.1`` before torch is imported, torch binds to that same runtime, and then every MKL call
+made inside one of torch's own ``parallel_for`` regions (``sgemm`` in CPU flash attention, ``vmsExp`` under
+``exp``; torch's ``set_num_threads`` turns MKL's dynamic adjustment off) starts a nested team, for which libgomp
+creates new threads each time. In whole mixed SmolLM2 conversions that made the end-to-end stage about 3x slower
+(more than 2,000 thread creations per second, 62 % of the samples in libgomp). ``tools/omp_nesting_probe.py``
+reproduces it in a few seconds; docs/BENCHMARKS.md (session 10) has the figures."""
 from __future__ import annotations
 
 import ctypes
+import sys
 from contextlib import contextmanager
-from functools import lru_cache
-from pathlib import Path
+
+_RUNTIMES = ("libgomp", "libiomp", "libomp")
+_handles: dict[str, object] = {}
 
 
-@lru_cache(maxsize=1)
-def _mkl_set_dynamic():
-    """MKL's ``MKL_Set_Dynamic`` in torch's library (None without MKL), looked up once: it is called at every
-    thread setting, per quantized linear in the block methods."""
-    import torch
-    if not torch.backends.mkl.is_available():
-        return None
-    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll"):
-        p = Path(torch.__file__).parent / "lib" / name
-        if p.is_file():
+def _loaded_openmp_runtimes() -> list[str]:
+    """Paths of the OpenMP runtimes mapped into this process (Linux: /proc/self/maps; elsewhere none found)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    paths = set()
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                p = line.rsplit(None, 1)[-1] if "/" in line else ""
+                if any(r in p.rsplit("/", 1)[-1] for r in _RUNTIMES):
+                    paths.add(p)
+    except OSError:
+        return []
+    return sorted(paths)
+
+
+def no_nested_openmp() -> int:
+    """``omp_set_max_active_levels(1)`` for the calling thread in every OpenMP runtime loaded in the process, so
+    a parallel region inside another runs on one thread (module docstring). torch's worker threads take the
+    setting from the thread that starts each of its parallel regions. Returns how many runtimes were set."""
+    n = 0
+    for p in _loaded_openmp_runtimes():
+        fn = _handles.get(p)
+        if fn is None:
             try:
-                fn = ctypes.CDLL(str(p)).MKL_Set_Dynamic   # C interface (int); mkl_set_dynamic is Fortran's (int *)
+                fn = ctypes.CDLL(p).omp_set_max_active_levels
             except (OSError, AttributeError):
-                return None
-            fn.argtypes = [ctypes.c_int]
-            return fn
-    return None
-
-
-def serial_blas_in_parallel_regions() -> bool:
-    """Turn MKL's dynamic thread adjustment back on, which ``torch.set_num_threads`` turns off
-    (``mkl_set_dynamic(0)``), so that MKL called inside one of torch's own OpenMP parallel regions may run on one
-    thread instead of starting a nested team.
-
-    Why: in whole mixed SmolLM2 AQ conversions the end-to-end stage created more than 2,000 threads per second
-    (py-spy: 62 % of the samples in libgomp). gdb showed MKL (``vmsExp`` under ``exp``, ``sgemm`` under CPU flash
-    attention) starting nested OpenMP teams inside torch's ``parallel_for``; libgomp creates new threads for every
-    nested team. A fresh process with the same settings does not nest; the trigger was not found. With this
-    setting the worker threads' nested teams stopped but the main thread's under flash attention did not, and the
-    stage was not measurably faster (docs/BENCHMARKS.md, session 9). Returns whether MKL was found."""
-    fn = _mkl_set_dynamic()
-    if fn is None:
-        return False
-    fn(1)
-    return True
+                fn = False
+            else:
+                fn.argtypes = [ctypes.c_int]
+            _handles[p] = fn
+        if fn:
+            fn(1)
+            n += 1
+    return n
 
 
 def set_torch_threads(n: int) -> None:
-    """``torch.set_num_threads(n)`` (at least 1), then :func:`serial_blas_in_parallel_regions`, which that call
-    undoes."""
+    """``torch.set_num_threads(n)`` (at least 1), then :func:`no_nested_openmp`."""
     import torch
     torch.set_num_threads(max(1, int(n)))
-    serial_blas_in_parallel_regions()
+    no_nested_openmp()
 
 
 @contextmanager
@@ -67,4 +77,4 @@ def torch_threads(n: int | None):
         set_torch_threads(old)
 
 
-__all__ = ["serial_blas_in_parallel_regions", "set_torch_threads", "torch_threads"]
+__all__ = ["no_nested_openmp", "set_torch_threads", "torch_threads"]
