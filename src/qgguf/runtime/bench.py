@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import InputFileError, OptionError
+from .threads import torch_threads
 
 
 def rss_bytes() -> int:
@@ -266,18 +267,6 @@ class LeanDecoder:
         return self.logits
 
 
-class _TorchThreads:
-    def __init__(self, n: int):
-        self.n = n
-
-    def __enter__(self):
-        self.prev = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.prev)
-
-
 def profile_decode(dec: LeanDecoder, tokens, reps: int = 1) -> dict:
     """Decode ``tokens`` from an empty cache ``reps`` times with a timer around every weight call of ``dec``;
     the fastest run's ms per token: ``total``, per group (``qkv``, ``o``, ``gateup``, ``down``, ``output``),
@@ -357,7 +346,7 @@ def bench(path, n_prompt: int = 128, n_gen: int = 64, threads: int | None = None
         with torch.inference_mode():
             model.cache._grow(n_prompt + n_gen + 1)
             if n_prompt:
-                with _TorchThreads(threads):
+                with torch_threads(threads):
                     model.reset()
                     model.forward(prompt[: min(8, n_prompt)], 0, logits_from=-1)   # warm-up
                     for _ in range(reps):
@@ -366,7 +355,7 @@ def bench(path, n_prompt: int = 128, n_gen: int = 64, threads: int | None = None
                         model.forward(prompt, 0, logits_from=-1)
                         pp.append(time.perf_counter() - t1)
             if n_gen:
-                with _TorchThreads(max(1, int(torch_threads_decode))):
+                with torch_threads(max(1, int(torch_threads_decode))):
                     dec = LeanDecoder(model, threads)
                     model.reset()
                     for i in range(min(4, n_gen)):                                 # warm-up
