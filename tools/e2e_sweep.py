@@ -12,7 +12,9 @@ WikiText-2) and one JSON line is printed::
     python tools/e2e_sweep.py --kind bits2 --tag lr1e-3 -O e2e_lr=1e-3   # then: the stage from those blocks
 
 Kinds: ``ffn_down`` (``--type Q8_0 --pure --tensor-method ffn_down=aq --bits 2.2``), ``bits2``, ``bits3``
-(``--method aq --bits 2|3``); ``--bits``/``--aq-config`` replace the kind's budget, and ``--once`` makes a whole
+(``--method aq --bits 2|3``), ``recipe`` (``--method aq --recipe FILE``: a mixed plan saved by ``--save-recipe``;
+its shared blocks may also be a copy of a whole conversion's checkpoint taken before its stage ended, put at
+``OUT/pristine-recipe``); ``--bits``/``--aq-config`` replace the kind's budget, and ``--once`` makes a whole
 conversion with the given options (no shared blocks). The conversion's wall time of a resumed run is the stage's
 and the writing's only.
 """
@@ -33,7 +35,8 @@ SHARED = ROOT.parent / "shared"
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--kind", choices=("ffn_down", "bits2", "bits3"), required=True)
+    ap.add_argument("--kind", choices=("ffn_down", "bits2", "bits3", "recipe"), required=True)
+    ap.add_argument("--recipe", default=None, help="the recipe of --kind recipe (qgguf convert --save-recipe)")
     ap.add_argument("--tag", required=True)
     ap.add_argument("-O", dest="opts", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--model", default=str(ROOT / "out" / "smollm2-f32.gguf"))
@@ -69,8 +72,14 @@ def main(argv=None) -> int:
         (ck / "run.json").write_text(json.dumps(blockwise.fingerprint(), indent=1, sort_keys=True))
     elif not args.once and opts.get("e2e", "yes").lower() not in ("no", "0", "false", "off"):
         raise SystemExit("the first run of a kind makes the shared block checkpoint: give it -O e2e=no")
-    kw = (dict(type="Q8_0", pure=True, tensor_methods=["ffn_down=aq"], bits=2.2) if args.kind == "ffn_down"
-          else dict(bits=3.0 if args.kind == "bits3" else 2.0))
+    if args.kind == "recipe":
+        if not args.recipe or args.bits is not None or args.aq_config:
+            raise SystemExit("--kind recipe takes --recipe FILE (and no --bits or --aq-config)")
+        kw = dict(recipe_file=args.recipe)
+    elif args.kind == "ffn_down":
+        kw = dict(type="Q8_0", pure=True, tensor_methods=["ffn_down=aq"], bits=2.2)
+    else:
+        kw = dict(bits=3.0 if args.kind == "bits3" else 2.0)
     kw["tensor_types"] = list(args.tensor_type)
     if args.bits is not None or args.aq_config:
         kw.pop("bits")

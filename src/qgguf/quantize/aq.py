@@ -258,7 +258,7 @@ class AQ(BlockMethod):
         if done is not None:
             ctx.extra["e2e"] = done
             return
-        from .finetune import OUT_NORM, ModelParts, Tunables, finetune_model
+        from .finetune import OUT_NORM, OUTPUT, TOK_EMBD, GridState, ModelParts, Tunables, finetune_model
         t0 = time.perf_counter()
         src, hp = run.source, run.hp
         choices = {c.name: c for c in run.plan.choices}
@@ -285,6 +285,8 @@ class AQ(BlockMethod):
                 key, c = short_key(n, il), choices[n]
                 qt = run.qtypes[c.type]
                 state = self._state_from_packed(qt, data, c.shape)
+                if state is None and self.ft.std_scales and n not in outl:
+                    state = GridState.from_packed(qt, data, c.shape)
                 if state is None:
                     w[key] = stored_weight(qt, data, c.shape, outl.get(n))
                     continue
@@ -296,18 +298,29 @@ class AQ(BlockMethod):
             fixed.append(w)
         if not states:
             return
+        if self.ft.e2e_head == "tuned":   # the stored embedding / output matrix with their block scales tuned
+            for n in (TOK_EMBD, OUTPUT):
+                if n in head and n in choices:
+                    st = GridState.from_packed(run.qtypes[choices[n].type], head[n], choices[n].shape)
+                    if st is not None:
+                        states[n] = st
         if self.ft.e2e_norms:
             norms = {(il, k): fixed[il][k] for il in stored for k in NORM_KEYS if k in fixed[il]}
         if self.ft.e2e_out_norm and "output_norm.weight" in choices and run.head is not None:
             norms[OUT_NORM] = out_norm
-        parts = ModelParts(hp, run.rope, tok, out_norm, out_w, fixed, teacher_out_norm=out_norm, teacher_out_w=out_f)
+        parts = ModelParts(hp, run.rope, tok, out_norm, out_w, fixed, teacher_out_norm=out_norm, teacher_out_w=out_f,
+                           tied="output.weight" not in names)
         tun = Tunables(states, norms, exact)
         res = finetune_model(parts, tun, run.ids, run.teacher, self.ft, seed=run.seed, progress=run.progress)
         del parts, tun, tok, out_w, fixed, tok_f, out_f
-        if res.best_epoch and OUT_NORM in res.norms:   # the tuned output norm: written by the pipeline from head
-            c = choices["output_norm.weight"]
-            v = np.asarray(res.norms.pop(OUT_NORM), np.float32).reshape(-1, c.shape[-1])
-            head["output_norm.weight"] = np.ascontiguousarray(run.qtypes[c.type].quantize(v)).view(np.uint8).reshape(-1)
+        tuned_head = {n: res.state.pop(n) for n in (TOK_EMBD, OUTPUT) if n in res.state}
+        if res.best_epoch and (OUT_NORM in res.norms or tuned_head):   # written by the pipeline from head
+            if OUT_NORM in res.norms:
+                c = choices["output_norm.weight"]
+                v = np.asarray(res.norms.pop(OUT_NORM), np.float32).reshape(-1, c.shape[-1])
+                head["output_norm.weight"] = np.ascontiguousarray(run.qtypes[c.type].quantize(v)).view(np.uint8).reshape(-1)
+            for n, st in tuned_head.items():
+                head[n] = np.ascontiguousarray(st.pack(run.qtypes[choices[n].type])).view(np.uint8).reshape(-1)
             run.checkpoint.save("head", head, {}, {})
         if res.best_epoch:   # write the tuned blocks back
             for (il, key), state in res.state.items():
@@ -338,6 +351,15 @@ class AQ(BlockMethod):
         block.x_out = None      # recomputed by the pipeline from the final (fine-tuned) tensors
         if not (self.ft.finetune and state):
             return
+        if self.ft.std_scales:    # the block's linears in standard types: their block scales are tuned with it
+            from .finetune import GridState
+            outl = ctx.extra.get("outliers", {})
+            state = dict(state)
+            for key, qt in block.qtypes.items():
+                if key not in state and key in packed and block.names.get(key) not in outl:
+                    st = GridState.from_packed(qt, packed[key], tuple(block.weights[key].shape))
+                    if st is not None:
+                        state[key] = st
         nt = int((ctx.options or {}).get("linear_threads") or 1)
         t0 = time.perf_counter()
         with torch_threads(nt):

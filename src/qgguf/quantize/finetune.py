@@ -62,8 +62,10 @@ class FinetuneOptions:
     e2e_norms: bool = True       # tune the RMSNorm weights of the blocks in the end-to-end stage too
     e2e_nsamples: int = 128      # calibration sequences of the end-to-end stage (at least the block pass's; more
                                  # are drawn from the same source after the block pass's, their teacher run in float)
-    e2e_head: str = "stored"     # the student's token embedding and output matrix: as stored, or float
+    e2e_head: str = "stored"     # the student's token embedding and output matrix: as stored, as stored with their
+                                 # float16 block scales tuned (tuned), or float
     e2e_out_norm: bool = True    # tune the output RMSNorm weight in the end-to-end stage
+    std_scales: bool = True      # tune the float16 block scales of the linears in standard types too (GridState)
 
 
 FT_KEYS = {f.name for f in dc_fields(FinetuneOptions)}
@@ -74,8 +76,8 @@ def finetune_options(options: dict) -> FinetuneOptions:
     ft = _coerce(FinetuneOptions, {k: v for k, v in options.items() if k in FT_KEYS})
     if ft.ft_target not in ("xq", "fp"):
         raise OptionError(f"option ft_target={ft.ft_target!r}: expected xq or fp")
-    if ft.e2e_head not in ("stored", "float"):
-        raise OptionError(f"option e2e_head={ft.e2e_head!r}: expected stored or float")
+    if ft.e2e_head not in ("stored", "tuned", "float"):
+        raise OptionError(f"option e2e_head={ft.e2e_head!r}: expected stored, tuned or float")
     for k in ("ft_epochs", "ft_batch", "e2e_epochs", "e2e_batch", "e2e_nsamples"):
         if getattr(ft, k) < (1 if k.endswith("batch") else 0):
             raise OptionError(f"option {k}={getattr(ft, k)}: expected a {'positive' if k.endswith('batch') else 'non-negative'} integer")
@@ -88,7 +90,10 @@ def describe(ft: FinetuneOptions) -> str:
     if ft.e2e:
         s += (f", e2e={ft.e2e_epochs} epochs lr={ft.e2e_lr:g} batch={ft.e2e_batch} tol={ft.e2e_tol:g}"
               + ("" if ft.e2e_norms else " no norms") + (f" nsamples={ft.e2e_nsamples}" if ft.e2e_nsamples else "")
-              + (" float head" if ft.e2e_head == "float" else "") + ("" if ft.e2e_out_norm else " no output norm"))
+              + (" float head" if ft.e2e_head == "float" else " tuned head" if ft.e2e_head == "tuned" else "")
+              + ("" if ft.e2e_out_norm else " no output norm"))
+    if not ft.std_scales:
+        s += ", standard types' scales fixed"
     return s
 
 
@@ -129,6 +134,70 @@ class AQState:
         codes = torch.from_numpy(np.ascontiguousarray(np.asarray(f["codes"]).astype(np.int64).transpose(2, 0, 1)))
         return cls(config_of(qtype), codes, torch.from_numpy(np.asarray(f["codebooks"], np.float32)),
                    torch.from_numpy(np.asarray(f["scales"], np.float32).reshape(-1)))
+
+
+@dataclass
+class GridState:
+    """A linear in a standard ggml type (the types of :mod:`qgguf.quantize.grid`): its codes and integer
+    sub-block scales frozen, its float16 (super-)block scale ``d`` and, where the type has one, its float16
+    offset scale (``m`` of Q4_1/Q5_1, ``dmin`` of Q2_K/Q4_K/Q5_K) tuned. Every block's weights are
+    ``d * U + o * V``: ``U`` the code's level times the integer sub-block scale (``grid.affine`` at ``d = 1``),
+    ``V`` the offset's multiplier (1, or minus the integer sub-block min), both fixed. Tuning these scales with
+    the codes frozen is what AutoRound's min/max tuning and the AQ/VQ stages' scale tuning do; the bytes keep
+    the type, so a file of standard types still loads in llama.cpp."""
+    qtype: object
+    fields: dict
+    U: torch.Tensor                 # (R, nb, block) float32
+    V: torch.Tensor | None          # (R, nb, block) float32, or None for types without an offset
+    d: torch.Tensor                 # (R, nb) float32 (float16 values)
+    o: torch.Tensor | None          # (R, nb) float32 (float16 values)
+    off: str | None                 # the offset field's name: "m", "dmin" or None
+
+    def tunables(self) -> dict:
+        t = {"d": (self.d, "factor", True)}
+        if self.off is not None:
+            t[self.off] = (self.o, "factor", True)
+        return t
+
+    def weight(self, values: dict) -> torch.Tensor:
+        w = values["d"][..., None] * self.U
+        if self.off is not None:
+            w = w + values[self.off][..., None] * self.V
+        return w.reshape(self.U.shape[0], -1)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight({"d": self.d, **({self.off: self.o} if self.off else {})})
+
+    def with_values(self, values: dict) -> "GridState":
+        return GridState(self.qtype, self.fields, self.U, self.V, values["d"].detach(),
+                         values[self.off].detach() if self.off else None, self.off)
+
+    def pack(self, qtype) -> np.ndarray:
+        f = dict(self.fields)
+        f["d"] = self.d.numpy().astype(np.float16)
+        if self.off is not None:
+            f[self.off] = self.o.numpy().astype(np.float16)
+        return np.asarray(qtype.pack(f))
+
+    @classmethod
+    def from_packed(cls, qtype, data: np.ndarray, shape) -> "GridState | None":
+        """The state of a standard-type tensor's bytes; None for a type without a grid (F16, F32, AQ, ...)."""
+        from . import grid
+        if not grid.supports(qtype):
+            return None
+        sp = grid.spec_of(qtype)
+        R, C = int(np.prod(shape[:-1])), int(shape[-1])
+        f = qtype.unpack(np.asarray(data).view(np.uint8).reshape(R, -1))
+        off = next((k for k in ("m", "dmin") if k in sp.scale_fields), None)
+        unit = {k: np.ones_like(np.asarray(f[k])) for k in ("d", off) if k is not None}
+        A1, B1 = grid.affine(sp.name, {**f, **unit})
+        k = np.asarray(f["q"]).reshape(R, C).astype(np.int64) - sp.field_offset
+        nb = C // sp.block_size
+        U = torch.from_numpy((A1 * sp.levels[k]).reshape(R, nb, sp.block_size))
+        V = torch.from_numpy(np.ascontiguousarray(B1.reshape(R, nb, sp.block_size))) if off else None
+        d = torch.from_numpy(np.asarray(f["d"], np.float32).reshape(R, nb))
+        o = torch.from_numpy(np.asarray(f[off], np.float32).reshape(R, nb)) if off else None
+        return cls(qtype, f, U, V, d, o, off)
 
 
 class _F16STE(torch.autograd.Function):
@@ -318,6 +387,8 @@ HEAD_CHUNK = 256
 
 #: the key of the output RMSNorm weight among a :class:`Tunables`' norms in :func:`finetune_model`
 OUT_NORM = "output_norm"
+#: the keys of the token embedding and the output matrix among a :class:`Tunables`' linears (``e2e_head=tuned``)
+TOK_EMBD, OUTPUT = "token_embd.weight", "output.weight"
 
 
 @dataclass
@@ -334,23 +405,37 @@ class ModelParts:
     fixed: list[dict]
     teacher_out_norm: torch.Tensor | None = None
     teacher_out_w: torch.Tensor | None = None
+    tied: bool = False              # the output matrix is the token embedding
+
+    def head(self, tun: "Tunables", grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's (token embedding, output matrix): tuned ones where ``tun`` holds them (keys
+        :data:`TOK_EMBD`, :data:`OUTPUT`), else the fixed ones."""
+        n = self.hp.n_embd
+        tok = tun.weight(TOK_EMBD, grad).reshape(-1, n) if TOK_EMBD in tun.lin else self.tok_embd
+        if OUTPUT in tun.lin:
+            out = tun.weight(OUTPUT, grad).reshape(-1, n)
+        else:
+            out = tok if self.tied else self.out_w
+        return tok, out
 
 
-def _kl_chunks(parts: ModelParts, h: torch.Tensor, t: torch.Tensor, out_norm: torch.Tensor) -> torch.Tensor:
+def _kl_chunks(parts: ModelParts, h: torch.Tensor, t: torch.Tensor, out_norm: torch.Tensor,
+               out_w: torch.Tensor) -> torch.Tensor:
     """Sum over tokens of KL(softmax(teacher logits) || softmax(student logits)) for student hidden states ``h``
     and teacher hidden states ``t`` (both (N, n_embd), before the final norm; the student's output norm
-    ``out_norm``), a chunk of tokens at a time."""
+    ``out_norm`` and output matrix ``out_w``), a chunk of tokens at a time."""
     tot = h.new_zeros(())
     t_norm = parts.out_norm if parts.teacher_out_norm is None else parts.teacher_out_norm
-    t_w = parts.out_w if parts.teacher_out_w is None else parts.teacher_out_w
+    t_w = out_w.detach() if parts.teacher_out_w is None else parts.teacher_out_w
     for s in range(0, h.shape[0], HEAD_CHUNK):
-        def chunk(hs, ts):
-            lp = F.log_softmax(rm.lm_head(parts.out_w, rm.final_norm(parts.hp, out_norm, hs)), -1)
+        def chunk(hs, ts, ow, on):
+            lp = F.log_softmax(rm.lm_head(ow, rm.final_norm(parts.hp, on, hs)), -1)
             with torch.no_grad():
                 lt = F.log_softmax(rm.lm_head(t_w, rm.final_norm(parts.hp, t_norm, ts)), -1)
             return (lt.exp() * (lt - lp)).sum()
         hs, ts = h[s:s + HEAD_CHUNK], t[s:s + HEAD_CHUNK]
-        tot = tot + (checkpoint(chunk, hs, ts, use_reentrant=False) if hs.requires_grad else chunk(hs, ts))
+        tot = tot + (checkpoint(chunk, hs, ts, out_w, out_norm, use_reentrant=False) if hs.requires_grad
+                     else chunk(hs, ts, out_w, out_norm))
     return tot
 
 
@@ -373,8 +458,8 @@ def finetune_model(parts: ModelParts, tun: Tunables, ids: torch.Tensor, teacher:
         w.update({k[1]: v for k, v in tun.weights(grad, set(per_block[il])).items()})
         return w
 
-    def run(idx, grad: bool) -> torch.Tensor:
-        x = rm.embed(parts.tok_embd, ids[idx])
+    def run(idx, grad: bool, tok: torch.Tensor) -> torch.Tensor:
+        x = rm.embed(tok, ids[idx])
         for il in range(n_layer):
             if grad and per_block[il]:
                 def blk(a, il=il):
@@ -390,17 +475,19 @@ def finetune_model(parts: ModelParts, tun: Tunables, ids: torch.Tensor, teacher:
     @torch.no_grad()
     def full_loss() -> float:
         tot = 0.0
+        tok, out_w = parts.head(tun, False)
         for s in range(0, ids.shape[0], max(1, ft.e2e_batch)):
             idx = torch.arange(s, min(s + max(1, ft.e2e_batch), ids.shape[0]))
-            h = run(idx, False)
+            h = run(idx, False, tok)
             tot += float(_kl_chunks(parts, h.reshape(-1, h.shape[-1]), teacher[idx].reshape(-1, h.shape[-1]),
-                                    out_norm()))
+                                    out_norm(), out_w))
         return tot / (ids.shape[0] * ntok)
 
     def batch_loss(idx):
-        h = run(idx, True)
+        tok, out_w = parts.head(tun, True)
+        h = run(idx, True, tok)
         return _kl_chunks(parts, h.reshape(-1, h.shape[-1]), teacher[idx].reshape(-1, h.shape[-1]),
-                          out_norm()) / (len(idx) * ntok)
+                          out_norm(), out_w) / (len(idx) * ntok)
 
     bar = None
     if progress:
@@ -410,5 +497,6 @@ def finetune_model(parts: ModelParts, tun: Tunables, ids: torch.Tensor, teacher:
                   ft.e2e_tol, seed, bar, "KLD")
 
 
-__all__ = ["FinetuneOptions", "finetune_options", "AQState", "Tunables", "FinetuneResult", "finetune_block",
-           "ModelParts", "finetune_model", "FT_KEYS", "NORM_KEYS", "OUT_NORM"]
+__all__ = ["FinetuneOptions", "finetune_options", "AQState", "GridState", "Tunables", "FinetuneResult", "finetune_block",
+           "ModelParts", "finetune_model", "FT_KEYS", "NORM_KEYS", "OUT_NORM",
+           "TOK_EMBD", "OUTPUT"]
