@@ -529,7 +529,7 @@ def test_grid_state_round_trips_every_standard_type():
 
 @needs_data
 def test_end_to_end_stage_tunes_standard_scales_and_the_head(tmp_path, monkeypatch):
-    """``std_scales`` (default) and ``e2e_head=tuned``: the linears left in a standard type and the stored token
+    """``std_scales=yes`` and ``e2e_head=tuned``: the linears left in a standard type and the stored token
     embedding / output matrix have their float16 block scales tuned in the end-to-end stage, and the file holds
     what the stage tuned: its KLD on the calibration sequences is the stage's own loss. The standard tensors keep
     their type and codes."""
@@ -552,8 +552,8 @@ def test_end_to_end_stage_tunes_standard_scales_and_the_head(tmp_path, monkeypat
     kw = dict(nsamples=8, type="Q4_0", tensor_methods=["attn_(q|v)=aq"], token_embedding_type="Q4_0",
               output_tensor_type="Q4_0")
     try:
-        rep = _convert(out, opts=dict(max_rounds=1, ft_epochs=1, e2e_epochs=2, e2e_nsamples=8, e2e_head="tuned"),
-                       **kw)
+        rep = _convert(out, opts=dict(max_rounds=1, ft_epochs=1, e2e_epochs=2, e2e_nsamples=8, e2e_head="tuned",
+                                      std_scales=True), **kw)
         _convert(fixed, opts=dict(max_rounds=1, ft_epochs=1, e2e=False, std_scales=False), **kw)
     finally:
         finetune.finetune_model = real
