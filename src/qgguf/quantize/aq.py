@@ -253,6 +253,16 @@ class AQ(BlockMethod):
         """The tunable state of a tensor of this method's types (None: a standard type)."""
         return AQState.from_packed(qtype, data, shape) if config_of(qtype) is not None else None
 
+    def _tunable_state(self, qtype, data: np.ndarray, shape, has_outliers: bool):
+        """What the fine-tuning stages tune of a stored tensor: the method's own state, else with ``std_scales``
+        the block scales of a standard type (:class:`qgguf.quantize.finetune.GridState`; not for a tensor with
+        sparse outliers), else None (it stays fixed)."""
+        state = self._state_from_packed(qtype, data, shape)
+        if state is None and self.ft.std_scales and not has_outliers:
+            from .finetune import GridState
+            state = GridState.from_packed(qtype, data, shape)
+        return state
+
     def finish_samples(self, nsamples: int) -> int:
         return max(nsamples, self.ft.e2e_nsamples) if self.ft.e2e and self.ft.e2e_epochs > 0 else nsamples
 
@@ -292,9 +302,7 @@ class AQ(BlockMethod):
             for n, data in tensors.items():
                 key, c = short_key(n, il), choices[n]
                 qt = run.qtypes[c.type]
-                state = self._state_from_packed(qt, data, c.shape)
-                if state is None and self.ft.std_scales and n not in outl:
-                    state = GridState.from_packed(qt, data, c.shape)
+                state = self._tunable_state(qt, data, c.shape, n in outl)
                 if state is None:
                     w[key] = stored_weight(qt, data, c.shape, outl.get(n))
                     continue
@@ -359,15 +367,13 @@ class AQ(BlockMethod):
         block.x_out = None      # recomputed by the pipeline from the final (fine-tuned) tensors
         if not (self.ft.finetune and state):
             return
-        if self.ft.std_scales:    # the block's linears in standard types: their block scales are tuned with it
-            from .finetune import GridState
-            outl = ctx.extra.get("outliers", {})
-            state = dict(state)
-            for key, qt in block.qtypes.items():
-                if key not in state and key in packed and block.names.get(key) not in outl:
-                    st = GridState.from_packed(qt, packed[key], tuple(block.weights[key].shape))
-                    if st is not None:
-                        state[key] = st
+        outl = ctx.extra.get("outliers", {})
+        state = dict(state)
+        for key, qt in block.qtypes.items():    # the block's linears in standard types (std_scales)
+            if key not in state and key in packed:
+                st = self._tunable_state(qt, packed[key], tuple(block.weights[key].shape), block.names.get(key) in outl)
+                if st is not None:
+                    state[key] = st
         nt = int((ctx.options or {}).get("linear_threads") or 1)
         t0 = time.perf_counter()
         with torch_threads(nt):

@@ -146,8 +146,7 @@ class GridState:
     ``V`` the offset's multiplier (1, or minus the integer sub-block min), both fixed. Tuning these scales with
     the codes frozen is what AutoRound's min/max tuning and the AQ/VQ stages' scale tuning do; the bytes keep
     the type, so a file of standard types still loads in llama.cpp."""
-    qtype: object
-    fields: dict
+    fields: dict                    # the unpacked fields (codes and integer sub-block scales as stored)
     U: torch.Tensor                 # (R, nb, block) float32
     V: torch.Tensor | None          # (R, nb, block) float32, or None for types without an offset
     d: torch.Tensor                 # (R, nb) float32 (float16 values)
@@ -170,7 +169,7 @@ class GridState:
         return self.weight({"d": self.d, **({self.off: self.o} if self.off else {})})
 
     def with_values(self, values: dict) -> "GridState":
-        return GridState(self.qtype, self.fields, self.U, self.V, values["d"].detach(),
+        return GridState(self.fields, self.U, self.V, values["d"].detach(),
                          values[self.off].detach() if self.off else None, self.off)
 
     def pack(self, qtype) -> np.ndarray:
@@ -198,7 +197,7 @@ class GridState:
         V = torch.from_numpy(np.ascontiguousarray(B1.reshape(R, nb, sp.block_size))) if off else None
         d = torch.from_numpy(np.asarray(f["d"], np.float32).reshape(R, nb))
         o = torch.from_numpy(np.asarray(f[off], np.float32).reshape(R, nb)) if off else None
-        return cls(qtype, f, U, V, d, o, off)
+        return cls(f, U, V, d, o, off)
 
 
 class _F16STE(torch.autograd.Function):
