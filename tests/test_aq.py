@@ -580,3 +580,87 @@ def test_end_to_end_stage_tunes_standard_scales_and_the_head(tmp_path, monkeypat
     assert np.array_equal(fa["q"], fb["q"]) and not np.array_equal(fa["d"], fb["d"])
     with pytest.raises(OptionError, match="e2e_head"):
         AQ(e2e_head="scales")
+
+
+@needs_data
+def test_stories_aq_token_embedding_and_output(tmp_path):
+    """The token embedding and the output matrix in AQ configurations (``--tensor-type``): fitted against the Gram
+    matrix of the final hidden states, no sparse outliers, their codebooks and scales tuned in the end-to-end
+    stage (``e2e_head=tuned``) and written as tuned: the file's KLD on the calibration sequences is the stage's
+    loss. The runner reads them (embedding rows and the output product from the codes)."""
+    import torch.nn.functional as F
+    from qgguf.quantize import finetune
+    from qgguf.runtime.linear import AQLinear, load_llama
+    from qgguf.runtime.model import LlamaModel
+    seen = []
+    real = finetune.finetune_model
+
+    def spy(parts, tun, ids, teacher, ft, **k):
+        res = real(parts, tun, ids, teacher, ft, **k)
+        seen.append((ids.clone(), res, {key: type(st).__name__ for key, st in tun.states.items()}))
+        return res
+    finetune.finetune_model = spy
+    out = tmp_path / "head.gguf"
+    try:
+        rep = _convert(out, nsamples=8, tensor_types=["token_embd.weight=aq-2x8-g8", "output.weight=aq-4x8-g8"],
+                       opts=dict(max_rounds=1, ft_epochs=1, e2e_epochs=2, e2e_nsamples=8, e2e_head="tuned",
+                                 outliers=0.01))
+    finally:
+        finetune.finetune_model = real
+    (ids, res, kinds), = seen
+    types = {t.name: t.type.lower() for t in rep.tensors}
+    assert types["token_embd.weight"] == "aq-2x8-g8" and types["output.weight"] == "aq-4x8-g8"
+    assert kinds[finetune.TOK_EMBD] == "AQState" and kinds[finetune.OUTPUT] == "AQState"
+    assert "blk.0.attn_q.weight" in rep.outliers and not {"token_embd.weight", "output.weight"} & set(rep.outliers)
+    assert res.best_epoch >= 1
+    q, f = load_llama(out, threads=1), LlamaModel.from_gguf(STORIES, threads=1)
+    assert isinstance(q.tok_embd, AQLinear) and isinstance(q.output, AQLinear)
+    import os
+    old = {k: os.environ.get(k) for k in ("QGGUF_EXACT_ACTIVATIONS", "QGGUF_KV_F32")}
+    os.environ.update(QGGUF_EXACT_ACTIVATIONS="1", QGGUF_KV_F32="1")
+    from contextlib import nullcontext
+    from qgguf import native
+    # float32 throughout, as the stage: the native scalar path (the SIMD paths' 16-bit lookup tables round the
+    # output matrix's products by ~1e-4 relative, which the logits see directly)
+    exact = native.use_isa("scalar") if native.available() else nullcontext()
+    try:
+        with exact:
+            q = load_llama(out, threads=1)
+            kl = 0.0
+            for s in ids.tolist():
+                lq, lf = F.log_softmax(q.logits(s).double(), -1), F.log_softmax(f.logits(s).double(), -1)
+                kl += float((lf.exp() * (lf - lq)).sum())
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    assert kl / ids.numel() == pytest.approx(res.loss, rel=2e-4)
+
+
+def test_tensor_type_pattern_wins_over_the_head_default():
+    """``--tensor-type`` naming the embedding/output matrix gives it that type under --method aq (the head
+    default of --bits / --aq-config used to override it silently); --token-embedding-type still wins."""
+    shapes = {"token_embd.weight": (512, 64), "output.weight": (512, 64), "blk.0.attn_q.weight": (64, 64)}
+    default = head_types(shapes, None, None, 2.0)
+    assert default[0] == default[1] == "IQ4_NL"
+    assert head_types(shapes, None, None, 2.0, ["token_embd.weight=aq-2x8-g8"]) == (None, "IQ4_NL")
+    tte, ote = head_types(shapes, "Q8_0", None, 2.0, ["token_embd.weight=aq-2x8-g8"])
+    assert tte == "Q8_0"
+    tied = {"token_embd.weight": (512, 64), "blk.0.attn_q.weight": (64, 64)}
+    assert head_types(tied, None, None, 2.0, ["token_embd=aq-4x8-g8"]) == (None, None)
+
+
+@needs_data
+def test_recipe_codebook_types_outside_the_blocks(tmp_path):
+    from qgguf.convert.budget import Recipe
+    from qgguf.convert.mixed import check_recipe
+    from qgguf.convert.sources import open_source
+    from qgguf.errors import InputFileError
+    src = open_source(STORIES)
+    try:
+        check_recipe(Recipe({"token_embd.weight": "aq-2x8-g8"}), src, "r.json", codebook=True)
+        with pytest.raises(InputFileError, match="token_embd.weight"):
+            check_recipe(Recipe({"token_embd.weight": "vq-v4-k256"}), src, "r.json", codebook=True)
+        with pytest.raises(InputFileError, match="output_norm"):
+            check_recipe(Recipe({"output_norm.weight": "aq-2x8-g8"}), src, "r.json", codebook=True)
+    finally:
+        src.close()

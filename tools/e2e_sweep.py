@@ -81,12 +81,16 @@ def main(argv=None) -> int:
     else:
         kw = dict(bits=3.0 if args.kind == "bits3" else 2.0)
     kw["tensor_types"] = list(args.tensor_type)
+    for k in ("nsamples", "seqlen"):   # -O nsamples=/seqlen= are the pipeline's --nsamples/--seqlen
+        if k in opts:
+            kw[k] = int(opts[k])
+    mopts = {k: v for k, v in opts.items() if k not in ("nsamples", "seqlen")}
     if args.bits is not None or args.aq_config:
         kw.pop("bits")
         kw.update({"bits": args.bits} if args.bits is not None else {"aq_config": args.aq_config})
     t0 = time.time()
     rep = convert(args.model, out, method="aq", calib=args.calib, seed=0, threads=args.threads, progress=False,
-                  method_options=opts, resume=resume, **kw)
+                  method_options=mopts, resume=resume, **kw)
     conv = time.time() - t0
     if not resume and not args.once:
         shutil.copytree(ck, pristine)

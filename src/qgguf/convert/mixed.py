@@ -7,7 +7,8 @@ Three ways in:
   (``compat="llama.cpp"``: the llama.cpp-loadable types of :data:`~qgguf.quantize.sensitivity.STANDARD_CANDIDATES`
   whose block divides the row; ``"any"`` with a codebook method (``--method aq``, ``codebook=True``): also
   qgguf's AQ configurations :data:`~qgguf.quantize.sensitivity.AQ_CANDIDATES` for the block linears, whose
-  files need the qgguf runner; the embedding/output matrix always takes a standard type);
+  files need the qgguf runner; the embedding/output matrix takes a standard type unless ``--tensor-type``
+  pins it to an AQ configuration, e.g. ``token_embd.weight=aq-4x8-g8``);
 * ``dynamic``: the plan of ``--type`` (presets' mixing rules included) is the floor; tensors are upgraded to
   larger types, the most damaging first (the allocator's optimum), until ``1 + dynamic_extra`` times the
   quantized tensors' bytes;
@@ -44,6 +45,10 @@ from .presets import normalize_type, parse_tensor_types, plan_types
 
 COMPAT = ("llama.cpp", "any")
 _LINEAR_RX = re.compile(r"^blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight$")
+
+
+#: the tensors outside the blocks that may take an AQ configuration (quantize/aq.py: ``AQ.quantize_tensor``)
+HEAD_NAMES = ("token_embd.weight", "output.weight")
 
 
 def is_block_linear(name: str) -> bool:
@@ -99,9 +104,9 @@ def check_recipe(recipe: Recipe, source, path, codebook: bool = False) -> None:
         if is_codebook(qt):
             if not codebook:
                 raise OptionError(f"recipe {path} gives {name} qgguf's codebook type {typ}: convert with --method aq")
-            if not is_block_linear(name):
-                raise InputFileError(f"recipe gives {name} the codebook type {typ}, which only block linears take",
-                                     path)
+            if not is_block_linear(name) and not (name in HEAD_NAMES and str(qt.name).startswith("aq-")):
+                raise InputFileError(f"recipe gives {name} the codebook type {typ}, which only block linears (and "
+                                     "AQ configurations the embedding/output matrix) take", path)
         if not qt.fits(shapes[name][-1]):
             raise InputFileError(f"recipe gives {name} type {typ}, whose blocks do not divide rows of "
                                  f"{shapes[name][-1]}", path)
@@ -308,7 +313,7 @@ def _planned_outliers(plan, share: float) -> dict[str, int]:
     if not share:
         return {}
     outl = {c.name: outlier_count(int(np.prod(c.shape)), share) for c in plan.choices
-            if is_codebook(gguf_types.get(c.type))}
+            if is_codebook(gguf_types.get(c.type)) and is_block_linear(c.name)}   # an AQ head keeps none
     return {n: k for n, k in outl.items() if k > 0}
 
 

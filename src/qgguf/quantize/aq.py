@@ -23,6 +23,14 @@ Block by block, in the calibration pipeline (:mod:`.blockwise`):
    minimise the KL divergence from the float model's next-token distribution on the calibration sequences,
    and rewrites the checkpointed blocks (a resumed run that finds the stage done skips it).
 
+The token embedding / output matrix take a standard type by default; ``--tensor-type
+'token_embd.weight=aq-4x8-g8'`` (or ``output.weight=...``) puts them in an AQ configuration too
+(:meth:`AQ.quantize_tensor`): fitted after the blocks against the Gram matrix of the quantized model's final normed
+hidden states (their role as the output head; an untied embedding takes the same as its proxy), without sparse
+outliers, then seen as stored by the end-to-end stage and, with ``e2e_head=tuned``, their codebooks and scales tuned
+with the blocks'. (SmolLM2-135M's tied 49152 x 576 matrix: layer error 4,611 in aq-4x8-g8, 14.3 MB, against 8,371
+in IQ4_NL, 15.9 MB; docs/BENCHMARKS.md.)
+
 What is tuned is what is stored: codebooks are float16 in the file, so the fine-tuning forward pass rounds
 them to float16 (straight-through gradient), and scales are float32.
 
@@ -209,6 +217,43 @@ class AQ(BlockMethod):
             ctx.grams.pop(name, None)
             ctx.importance.pop(name, None)
 
+    # -- the token embedding / output matrix in an AQ type ---------------------------------------------------
+    def quantize_tensor(self, name: str, w: np.ndarray, qtype, ctx: QuantContext) -> np.ndarray:
+        """A tensor outside the blocks: a standard type by the base class's importance-weighted search; an AQ
+        configuration (the token embedding / output matrix, ``--tensor-type token_embd.weight=aq-4x8-g8``) by the
+        layer-wise search against ``ctx.grams[name]``, the Gram matrix of the final normed hidden states of the
+        quantized model (:func:`qgguf.quantize.blockwise.run_blocks`), without sparse outliers; the end-to-end
+        stage then tunes its codebooks and scales with the blocks' (``e2e_head``)."""
+        cfg = config_of(qtype)
+        if cfg is not None and self.name != "aq":
+            raise OptionError(f"{name}: the AQ configuration {qtype.name} takes --method aq, not {self.name}")
+        if cfg is None:
+            from ..gguf_types.codebook import is_codebook
+            if is_codebook(qtype):
+                raise OptionError(f"{name}: {qtype.name} is not an AQ configuration; outside the blocks "
+                                  "the codebook methods take AQ configurations or standard types")
+            return super().quantize_tensor(name, w, qtype, ctx)
+        H = ctx.grams.get(name)
+        if H is None:
+            raise QggufError(f"{name}: no Gram matrix for its AQ fit (the block pass makes it)")
+        import zlib
+        seed = zlib.crc32(name.encode()) ^ (int((ctx.options or {}).get("seed") or 0) & 0x7FFFFFFF)
+        bar = _bar(ctx, f"{name} {cfg.name}", self.aq.max_rounds * 2 + 2)
+
+        def progress(stage, err):
+            if bar is not None:
+                bar.set_postfix_str(f"{stage}: rel err {err:.4g}", refresh=False)
+                bar.update(1)
+
+        try:
+            with torch_threads(int(ctx.threads or 1)):
+                res, _ = fit_matrix(np.asarray(w, np.float32), H, cfg, self.aq, 0.0, seed=seed, progress=progress)
+        finally:
+            if bar is not None:
+                bar.close()
+        ctx.extra.setdefault("head_rel_err", {})[name] = float(res.rel_err)
+        return pack(qtype, cfg, res.codes, res.codebooks, res.scales)
+
     # -- one block ------------------------------------------------------------------------------------
     def quantize_block(self, block, ctx: QuantContext) -> dict[str, np.ndarray]:
         nt = int((ctx.options or {}).get("linear_threads") or 1)
@@ -317,7 +362,9 @@ class AQ(BlockMethod):
         if self.ft.e2e_head == "tuned":   # the stored embedding / output matrix with their block scales tuned
             for n in (TOK_EMBD, OUTPUT):
                 if n in head and n in choices:
-                    st = GridState.from_packed(run.qtypes[choices[n].type], head[n], choices[n].shape)
+                    qt = run.qtypes[choices[n].type]
+                    st = (self._state_from_packed(qt, head[n], choices[n].shape)   # an AQ head: codebooks, scales
+                          or GridState.from_packed(qt, head[n], choices[n].shape))
                     if st is not None:
                         states[n] = st
         if self.ft.e2e_norms:
@@ -591,7 +638,7 @@ HEAD_EXTRA_BITS = 2.5
 
 
 def head_types(shapes: dict, token_embedding_type: str | None, output_tensor_type: str | None,
-               bits: float | None = None):
+               bits: float | None = None, tensor_types=()):
     """(token embedding type, output type) for a codebook-method file: the given ones; else, when the whole model
     has a bit budget (``bits`` per linear weight), the smallest standard type of at least ``bits`` +
     :data:`HEAD_EXTRA_BITS` bits per weight (``--bits 2``: IQ4_NL or Q4_K, ``--bits 3``: Q5_0 or Q5_K, ``--bits 4``:
@@ -601,7 +648,16 @@ def head_types(shapes: dict, token_embedding_type: str | None, output_tensor_typ
     Why bits + 2.5: the embedding/output matrix holds a fifth of a small model's weights, every token reads it, and
     a tied one is also the output layer, so it carries more bits than the linears; the mixed-precision search
     (convert/mixed.py, with measured KLD per tensor and type) gave SmolLM2-135M's tied embedding IQ4_NL at the
-    size of the AQ 2-bit file. Q8_0 at every budget would make the head most of a 2-3 bit file."""
+    size of the AQ 2-bit file. Q8_0 at every budget would make the head most of a 2-3 bit file.
+
+    A ``tensor_types`` pattern (``--tensor-type``) that matches the embedding or output matrix gives it its type
+    instead of this default (the explicit ``--token-embedding-type`` / ``--output-tensor-type`` win over both)."""
+    from ..convert.presets import parse_tensor_types
+    user = parse_tensor_types(tensor_types)
+
+    def pinned(name: str) -> bool:
+        return name in shapes and any(rx.search(name) for _p, rx, _t in user)
+
     def head_type(name: str) -> str:
         row = shapes[name][-1]
         if bits is None:
@@ -614,9 +670,9 @@ def head_types(shapes: dict, token_embedding_type: str | None, output_tensor_typ
     ote = output_tensor_type
     if ote is None:
         n = "output.weight" if not tied else "token_embd.weight"
-        ote = head_type(n) if n in shapes else None
+        ote = head_type(n) if n in shapes and not pinned(n) else None
     tte = token_embedding_type
-    if tte is None and not tied and "token_embd.weight" in shapes:
+    if tte is None and not tied and "token_embd.weight" in shapes and not pinned("token_embd.weight"):
         tte = head_type("token_embd.weight")
     return tte, ote
 
@@ -690,7 +746,7 @@ def plan_aq(tensors, *, type: str = "Q8_0", aq_config: str | None = None, bits: 
     n_aq = sum(int(np.prod(shapes[n])) for n in aq_names)
     bpw = (8.0 * nbytes + OUTLIER_BITS * float(outliers) * n_aq) / max(1, sum(int(np.prod(shapes[n])) for n in want))
     tt = [(re.escape(n), per[n].name.upper()) for n in aq_names] + [(p, t) for p, _rx, t in user_tt]
-    tte, ote = head_types(shapes, token_embedding_type, output_tensor_type, head_bits)
+    tte, ote = head_types(shapes, token_embedding_type, output_tensor_type, head_bits, tensor_types)
     return AQPlan(cfg, std_type, aq_names, fallback, bpw, tt, tte, ote, other)
 
 

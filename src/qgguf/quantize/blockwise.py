@@ -738,6 +738,10 @@ def run_blocks(source, plan, qtypes: dict, method: BlockMethod, ctx: QuantContex
     h = rm.final_norm(hp, torch.from_numpy(on), x_q).reshape(-1, hp.n_embd).double()
     out_name = "output.weight" if "output.weight" in names else "token_embd.weight"
     imp = {out_name: (h.pow(2).sum(0) / h.shape[0]).float().numpy()}
+    for n in HEAD_TENSORS:   # a head tensor in a codebook type (AQ) is fitted against the whole Gram matrix of
+        c = choices.get(n)   # those states (an untied embedding too: the head's inputs as its proxy, as in
+        if c is not None and is_codebook(qtypes[c.type]):   # quantize/sensitivity.py)
+            ctx.grams[n] = (h.T @ h).float().numpy()
     del h
     head: dict[str, np.ndarray] = {}
     if finish is not None and x_fp is not None:   # a stage over the whole model (AQ/VQ: end-to-end fine-tuning)

@@ -277,7 +277,7 @@ def plan_vq(tensors, *, type: str = "Q8_0", vq_config: str | None = None, bits: 
         raise OptionError(f"{qt.name}: no tensor has rows that divide into vectors of {qt.v}")
     bpw = config_bpw(qt, [shapes[n] for n in want], fb_type)
     tt = [(re.escape(n), qt.name.upper()) for n in names] + [(p, t) for p, _rx, t in user_tt]
-    tte, ote = head_types(shapes, token_embedding_type, output_tensor_type, None if tms else bits)
+    tte, ote = head_types(shapes, token_embedding_type, output_tensor_type, None if tms else bits, tensor_types)
     return AQPlan(qt, std_type, names, fallback, bpw, tt, tte, ote, other)
 
 
