@@ -172,8 +172,9 @@ def test_recipe_with_several_aq_configs_in_a_block(tmp_path):
     from qgguf.runtime.evaluate import evaluate
     res = evaluate(tmp_path / "m.gguf", WIKI, ctx=64, chunks=2, base=STORIES, progress=False)
     assert np.isfinite(res["kld"]) and 0 <= res["kld"] < 1.0
-    # a codebook type on a tensor that is not a block linear, or without --method aq: one-line errors
-    bad = dict(types, **{"token_embd.weight": "aq-2x8-g8"})
+    # a codebook type on a tensor that is neither a block linear nor the embedding/output matrix, or without
+    # --method aq: one-line errors
+    bad = dict(types, **{"output_norm.weight": "aq-2x8-g8"})
     (tmp_path / "bad.json").write_text(json.dumps({"types": bad}))
     with pytest.raises(qgguf.errors.QggufError, match="only block linears"):
         qgguf.convert(STORIES, tmp_path / "x.gguf", recipe_file=tmp_path / "bad.json", **CAL)

@@ -179,7 +179,7 @@ def plan_mixed(source, out: Path, *, type: str, method: str, pure: bool = False,
             continue
         if any(rx.search(c.name) for _, rx, _ in pins) or (token_embedding_type and c.name == "token_embd.weight") \
                 or (output_tensor_type and c.name == "output.weight"):
-            pinned[c.name] = c.type
+            pinned[c.name] = gguf_types.get(c.type).name   # its canonical spelling (aq-4x8-g8, Q8_0)
     free = {c.name: c for c in base.choices if c.quantize and c.name not in pinned}
     so = dict(sensitivity or {})
     if not free:
