@@ -29,7 +29,7 @@ The token embedding / output matrix take a standard type by default; ``--tensor-
 hidden states (their role as the output head; an untied embedding takes the same as its proxy), without sparse
 outliers, then seen as stored by the end-to-end stage and, with ``e2e_head=tuned``, their codebooks and scales tuned
 with the blocks'. Measured on SmolLM2-135M's tied 49152 x 576 matrix (docs/BENCHMARKS.md, session 12): layer error
-4,611 in aq-4x8-g8 (14.3 MB) against 8,371 in IQ4_NL (15.9 MB), but the KL divergence on WikiText-2 with only that
+4,611 in aq-4x8-g8 (14.4 MB) against 8,371 in IQ4_NL (15.9 MB), but the KL divergence on WikiText-2 with only that
 matrix quantized 0.077 against 0.044 (0.069 with its rows weighted by their tokens' mean probability): the layer
 error through ``H`` weighs every vocabulary row alike, the KL divergence weighs the likely tokens' rows, and AQ's
 shared codebooks serve the many rare rows. Hence a standard type stays the default there.

@@ -1,0 +1,161 @@
+"""The tied token embedding / output matrix of a llama model in AQ against standard types (session 12, AQ issue).
+
+Three measurements, each on the F32 model (run from the repository root):
+
+  errors     layer error tr(dW H dW^T)/N of the matrix in standard types and AQ configurations, H the Gram matrix
+             of the float model's final normed hidden states on --nsamples x 256 calibration tokens (what
+             quantize/sensitivity.py measures for the head)
+             python tools/head_probe.py errors --types Q5_0,IQ4_NL,Q4_0,aq-4x8-g8,aq-3x8-g8
+  roles      WikiText-2 KL divergence (--chunks x 512 tokens, second halves) with only that matrix replaced by a
+             stored one (a conversion checkpoint's head.npz), in both roles, as the output matrix only and as the
+             embedding only
+             python tools/head_probe.py roles --head IQ4_NL=bench-out/b-qe/pristine-recipe/head.npz \
+                 --head aq-4x8-g8=bench-out/b-emb/pristine-recipe/head.npz
+  rowweight  the AQ fit with rows weighted by their tokens' mean predicted probability plus a floor (rows scaled
+             by sqrt(w) before the fit and the scales divided after: exactly sum_t w_t ||dW_t||_H^2), then the
+             both-roles KL divergence
+             python tools/head_probe.py rowweight --floors 1,100
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+F32 = "out/smollm2-f32.gguf"
+CALIB = "../shared/data/c4-sample-1000.jsonl"
+WIKI = "../shared/data/wikitext-2-raw-test.txt"
+
+
+def _model(path, threads):
+    from qgguf.runtime.model import LlamaModel
+    return LlamaModel.from_gguf(path, threads=threads)
+
+
+def _final_states(m, nsamples: int):
+    """(final normed hidden states (N, n_embd), the matrix W (V, n_embd)) of the calibration text."""
+    from qgguf.quantize.calib import calibration_sequences
+    from qgguf.runtime import model as rm
+    from qgguf.runtime.tokenizer import Tokenizer
+    tok = Tokenizer.from_metadata(m.metadata)
+    seqs, _ = calibration_sequences(CALIB, None, tok, m.metadata, nsamples, 256, 0)
+    ids = torch.tensor(seqs)
+    W = m.tok_embd.dense_weight().float().clone()
+    with torch.no_grad():
+        x = rm.embed(W, ids)
+        rope = rm.rope_tables(m.hp, ids.shape[1])
+        for il in range(m.hp.n_layer):
+            x = rm.block_forward(m.hp, m.block_weights(il), x, rope)
+        h = rm.final_norm(m.hp, m.output_norm, x).reshape(-1, m.hp.n_embd)
+    return h, W
+
+
+def _aq_options():
+    from qgguf.quantize.aq_core import AQOptions   # the conversion's defaults (quantize/aq.py)
+    return AQOptions(beam=1, adam_steps=20, adam_later=5, lr=0.005, kmeans_iters=15, kmeans_points=16384, damp=1.0)
+
+
+def _kld_both(m, base, Wq, chunks):
+    from qgguf.runtime.evaluate import evaluate_loaded, load_tokenizer
+    from qgguf.runtime.linear import DenseLinear
+    m.tok_embd = DenseLinear("token_embd.weight", Wq)
+    m.output = m.tok_embd
+    r = evaluate_loaded(m, load_tokenizer(F32), WIKI, ctx=512, chunks=chunks, base_model=base, progress=False)
+    return r["kld"], r["kld_err"]
+
+
+def errors(a):
+    from qgguf import gguf_types
+    from qgguf.quantize.aq_core import dequantize, parse_config, quantize_matrix
+    h, W = _final_states(_model(F32, a.threads), a.nsamples)
+    H = h.double().T @ h.double()
+    N = h.shape[0]
+    imp = torch.diagonal(H).float().numpy() / N
+    res = {}
+    for q in a.types.split(","):
+        t0 = time.time()
+        if q.startswith("aq-"):
+            r = quantize_matrix(W, H.float(), parse_config(q), _aq_options(), seed=0)
+            Wq = dequantize(r.codes, r.codebooks.half().float(), r.scales)
+        else:
+            qt = gguf_types.get(q)
+            Wq = torch.from_numpy(np.array(qt.dequantize(qt.quantize(W.numpy(), imp), tuple(W.shape)), np.float32))
+        D = Wq.double() - W.double()
+        res[q] = float(((D @ H) * D).sum()) / N
+        print(q, f"layer error {res[q]:.1f}", f"({time.time() - t0:.0f} s)", flush=True)
+    print(json.dumps(res))
+
+
+def roles(a):
+    from qgguf import gguf_types
+    from qgguf.runtime.evaluate import evaluate_loaded, load_tokenizer
+    from qgguf.runtime.linear import DenseLinear
+    base, m = _model(F32, a.threads), _model(F32, a.threads)
+    Wf = base.tok_embd.dense_weight().float().clone()
+    res = {}
+    for spec in a.head:
+        typ, path = spec.split("=", 1)
+        with np.load(path) as z:
+            b = z["t/token_embd.weight"]
+        Wq = torch.from_numpy(np.array(gguf_types.get(typ).dequantize(b.view(np.uint8), tuple(Wf.shape)),
+                                       np.float32).reshape(Wf.shape))
+        print(typ, "relative squared error", float((Wq - Wf).pow(2).sum() / Wf.pow(2).sum()), flush=True)
+        for role, (we, wo) in {"both": (Wq, Wq), "output": (Wf, Wq), "embedding": (Wq, Wf)}.items():
+            m.tok_embd = DenseLinear("token_embd.weight", we)
+            m.output = DenseLinear("output.weight", wo)
+            r = evaluate_loaded(m, load_tokenizer(F32), WIKI, ctx=512, chunks=a.chunks, base_model=base, progress=False)
+            res[f"{typ}/{role}"] = (r["kld"], r["kld_err"])
+            print(typ, role, r["kld"], r["kld_err"], flush=True)
+    print(json.dumps(res))
+
+
+def rowweight(a):
+    from qgguf.quantize.aq_core import dequantize, parse_config, quantize_matrix
+    m = _model(F32, a.threads)
+    h, W = _final_states(m, a.nsamples)
+    with torch.no_grad():
+        pbar = torch.zeros(W.shape[0], dtype=torch.float64)
+        for s in range(0, h.shape[0], 512):
+            pbar += torch.softmax(h[s:s + 512] @ W.T, -1).double().sum(0)
+        pbar /= h.shape[0]
+        H = (h.double().T @ h.double()).float()
+    V = W.shape[0]
+    base = _model(F32, a.threads)
+    res = {}
+    for f in a.floors.split(","):
+        w = (pbar + float(f) / V).float()
+        sw = (w / w.mean()).sqrt()
+        r = quantize_matrix(W * sw[:, None], H, parse_config(a.config), _aq_options(), seed=0)
+        Wq = dequantize(r.codes, r.codebooks.half().float(), r.scales / sw)
+        res[f"p+{f}/V"] = _kld_both(m, base, Wq, a.chunks)
+        print(f"p+{f}/V", "relative squared error", float((Wq - W).pow(2).sum() / W.pow(2).sum()),
+              "KLD", res[f"p+{f}/V"], flush=True)
+    print(json.dumps(res))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("errors", "roles", "rowweight"):
+        p = sub.add_parser(name)
+        p.add_argument("-t", "--threads", type=int, default=2)
+        p.add_argument("--nsamples", type=int, default=32)
+        p.add_argument("--chunks", type=int, default=8)
+        if name == "errors":
+            p.add_argument("--types", default="Q5_0,IQ4_NL,Q4_0,aq-4x8-g8,aq-3x8-g8")
+        if name == "roles":
+            p.add_argument("--head", action="append", required=True, metavar="TYPE=HEAD.npz")
+        if name == "rowweight":
+            p.add_argument("--floors", default="1,100", help="w_t = mean p_t + FLOOR / n_vocab")
+            p.add_argument("--config", default="aq-4x8-g8")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    {"errors": errors, "roles": roles, "rowweight": rowweight}[a.cmd](a)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
