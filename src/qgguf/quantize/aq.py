@@ -240,8 +240,13 @@ class AQ(BlockMethod):
         if H is None:
             raise QggufError(f"{name}: no Gram matrix for its AQ fit (the block pass makes it)")
         import zlib
-        seed = zlib.crc32(name.encode()) ^ (int((ctx.options or {}).get("seed") or 0) & 0x7FFFFFFF)
-        bar = _bar(ctx, f"{name} {cfg.name}", self.aq.max_rounds * 2 + 2)
+        seed = (int(ctx.seed) * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
+        res, _ = self._fit(ctx, name, np.array(w, np.float32), H, cfg, 0.0, seed, int(ctx.threads or 1))
+        return pack(qtype, cfg, res.codes, res.codebooks, res.scales)
+
+    def _fit(self, ctx: QuantContext, desc: str, w, H, cfg, outliers: float, seed: int, threads: int):
+        """:func:`fit_matrix` on ``threads`` torch threads, with a progress bar (``desc``) of its rounds."""
+        bar = _bar(ctx, f"{desc} {cfg.name}", self.aq.max_rounds * 2 + 2)
 
         def progress(stage, err):
             if bar is not None:
@@ -249,13 +254,11 @@ class AQ(BlockMethod):
                 bar.update(1)
 
         try:
-            with torch_threads(int(ctx.threads or 1)):
-                res, _ = fit_matrix(np.array(w, np.float32), H, cfg, self.aq, 0.0, seed=seed, progress=progress)
+            with torch_threads(threads):
+                return fit_matrix(w, H, cfg, self.aq, outliers, seed=seed, progress=progress)
         finally:
             if bar is not None:
                 bar.close()
-        ctx.extra.setdefault("head_rel_err", {})[name] = float(res.rel_err)
-        return pack(qtype, cfg, res.codes, res.codebooks, res.scales)
 
     # -- one block ------------------------------------------------------------------------------------
     def quantize_block(self, block, ctx: QuantContext) -> dict[str, np.ndarray]:
@@ -270,19 +273,7 @@ class AQ(BlockMethod):
                 return self._quantize_other(name, w, qtype, H, importance, ctx)
             key = keys[name]
             seed = (int(block.seed) * 31 + 1009 * (LINEAR_KEYS.index(key) + 1 if key in LINEAR_KEYS else 99)) % (2**63)
-            bar = _bar(ctx, f"blk.{block.index} {key} {cfg.name}", self.aq.max_rounds * 2 + 2)
-
-            def progress(stage, err):
-                if bar is not None:
-                    bar.set_postfix_str(f"{stage}: rel err {err:.4g}", refresh=False)
-                    bar.update(1)
-
-            try:
-                with torch_threads(nt):
-                    res, idx = fit_matrix(w, H, cfg, self.aq, self.outliers, seed=seed, progress=progress)
-            finally:
-                if bar is not None:
-                    bar.close()
+            res, idx = self._fit(ctx, f"blk.{block.index} {key}", w, H, cfg, self.outliers, seed, nt)
             state[key] = AQState(cfg, res.codes, res.codebooks, res.scales)
             if idx is not None:
                 exact[key] = (torch.from_numpy(idx), torch.from_numpy(np.asarray(w, np.float32).reshape(-1)[idx]))
