@@ -636,6 +636,18 @@ def test_stories_aq_token_embedding_and_output(tmp_path):
     assert kl / ids.numel() == pytest.approx(res.loss, rel=2e-4)
 
 
+@needs_data
+def test_codebook_head_needs_method_aq(tmp_path):
+    """An embedding/output matrix in a codebook type without --method aq, or in a VQ type: a one-line error before
+    any work, and no output file."""
+    import qgguf
+    for kw in (dict(method="vq", vq_config="vq-v4-k256", tensor_types=["output.weight=aq-2x8-g8"]),
+               dict(method="aq", aq_config="aq-2x8-g8", tensor_types=["output.weight=vq-v4-k256"])):
+        with pytest.raises(OptionError, match="output.weight"):
+            qgguf.convert(STORIES, tmp_path / "x.gguf", calib=str(C4), nsamples=4, seqlen=64, progress=False, **kw)
+        assert not (tmp_path / "x.gguf").exists()
+
+
 def test_tensor_type_pattern_wins_over_the_head_default():
     """``--tensor-type`` naming the embedding/output matrix gives it that type under --method aq (the head
     default of --bits / --aq-config used to override it silently); --token-embedding-type still wins."""

@@ -267,6 +267,12 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
             tensor_types=tensor_types, has_imatrix=m.needs_calibration,
             float_source_types={t.name: t.src_type for t in source.tensors})
         qtypes = {c.type: _qtype(c.type) for c in plan.choices}
+        from ..gguf_types.codebook import is_codebook
+        for c in plan.choices:   # outside the blocks only --method aq's own configurations (AQ.quantize_tensor)
+            if is_codebook(qtypes[c.type]) and c.name in ("token_embd.weight", "output.weight") and (
+                    getattr(m, "name", "") != "aq" or not str(qtypes[c.type].name).startswith("aq-")):
+                raise OptionError(f"{c.name} in {qtypes[c.type].name}: the embedding/output matrix takes a codebook "
+                                  "type only as an AQ configuration with --method aq")
         if not m.needs_calibration:
             need = [c.name for c in plan.choices if c.requires_imatrix]
             if need:
