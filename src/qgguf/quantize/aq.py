@@ -55,12 +55,13 @@ took about 26 minutes on 2 CPU cores, the end-to-end stage 14 of them; docs/BENC
                     w^2 H_cc, the "super weights" and the inputs with massive activations), exact in the file,
                     counted in --bits (48 bits each); 0 turns it off (same probe, damp=1: 0.802 without them)
     finetune=yes    ft_epochs=3  ft_lr=0.0005  ft_batch=4  ft_tol=0.001  ft_target=fp|xq   (block stage)
-    e2e=yes         e2e_epochs=2  e2e_lr=0.001  e2e_batch=4  e2e_tol=0.001  e2e_norms=yes   (end-to-end stage, step 3)
-    e2e_nsamples=128  sequences of the end-to-end stage (at least the block pass's): the block pass's and more
+    e2e=yes         e2e_epochs=1  e2e_lr=0.001  e2e_batch=4  e2e_tol=0.001  e2e_norms=yes   (end-to-end stage, step 3)
+    e2e_nsamples=256  sequences of the end-to-end stage (at least the block pass's): the block pass's and more
                     from the same calibration source, only run through the float model (their teacher). On the
                     block pass's 32 x 256 tokens the stage overfits (SmolLM2 ffn_down: calibration KLD -36 %,
                     WikiText-2 -6 %); 128 sequences for 2 epochs (twice the time of 32 for 4) gave -9 %, and
-                    -7 % on --bits 3 against the old default (docs/BENCHMARKS.md)
+                    -7 % on --bits 3; 256 for 1 epoch (the same time as 128 for 2) -2.3 % more on the mixed file
+                    at 0.8x llama.cpp Q2_K's size (WikiText-2 KLD 0.1822 -> 0.1780; docs/BENCHMARKS.md, session 12)
     other=imatrix   method of linears with a standard type
     std_scales=no   ``yes``: both fine-tuning stages also tune the float16 block scales (``d``, and ``m``/``dmin``
                     where the type has them) of the block linears in standard types, their codes and integer

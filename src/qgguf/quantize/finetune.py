@@ -55,12 +55,12 @@ class FinetuneOptions:
     ft_tol: float = 1e-3
     ft_target: str = "fp"
     e2e: bool = True             # end-to-end stage
-    e2e_epochs: int = 2
+    e2e_epochs: int = 1          # with e2e_nsamples=256: the cost of 128 for 2 epochs, less overfitting (aq.py)
     e2e_lr: float = 1e-3
     e2e_batch: int = 4
     e2e_tol: float = 1e-3
     e2e_norms: bool = True       # tune the RMSNorm weights of the blocks in the end-to-end stage too
-    e2e_nsamples: int = 128      # calibration sequences of the end-to-end stage (at least the block pass's; more
+    e2e_nsamples: int = 256      # calibration sequences of the end-to-end stage (at least the block pass's; more
                                  # are drawn from the same source after the block pass's, their teacher run in float)
     e2e_head: str = "stored"     # the student's token embedding and output matrix: as stored, as stored with their
                                  # float16 block scales tuned (tuned), or float
