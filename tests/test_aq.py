@@ -216,7 +216,7 @@ def test_method_options():
         AQ(bogus=1)
     with pytest.raises(OptionError, match="e2e_batch"):
         AQ(e2e_batch=0)
-    assert "e2e=2 epochs lr=0.001" in AQ().describe() and "nsamples=128" in AQ().describe() and "e2e" not in AQ(e2e="no").describe()
+    assert "e2e=1 epochs lr=0.001" in AQ().describe() and "nsamples=256" in AQ().describe() and "e2e" not in AQ(e2e="no").describe()
 
 
 # ------------------------------------------------------------------------------------------------ end to end
