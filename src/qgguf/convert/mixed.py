@@ -47,10 +47,6 @@ COMPAT = ("llama.cpp", "any")
 _LINEAR_RX = re.compile(r"^blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight$")
 
 
-#: the tensors outside the blocks that may take an AQ configuration (quantize/aq.py: ``AQ.quantize_tensor``)
-HEAD_NAMES = ("token_embd.weight", "output.weight")
-
-
 def is_block_linear(name: str) -> bool:
     """The tensors a codebook method (AQ) can store in its own types."""
     return bool(_LINEAR_RX.match(name))
@@ -104,7 +100,8 @@ def check_recipe(recipe: Recipe, source, path, codebook: bool = False) -> None:
         if is_codebook(qt):
             if not codebook:
                 raise OptionError(f"recipe {path} gives {name} qgguf's codebook type {typ}: convert with --method aq")
-            if not is_block_linear(name) and not (name in HEAD_NAMES and str(qt.name).startswith("aq-")):
+            from ..quantize.blockwise import HEAD_TENSORS   # AQ may take these too (AQ.quantize_tensor)
+            if not is_block_linear(name) and not (name in HEAD_TENSORS and str(qt.name).startswith("aq-")):
                 raise InputFileError(f"recipe gives {name} the codebook type {typ}, which only block linears (and "
                                      "AQ configurations the embedding/output matrix) take", path)
         if not qt.fits(shapes[name][-1]):

@@ -92,6 +92,12 @@ class ConvertReport:
         return asdict(self)
 
 
+def _head_tensors() -> tuple[str, ...]:
+    """The tensors outside the blocks (quantize/blockwise.py's HEAD_TENSORS; imported late: torch)."""
+    from ..quantize.blockwise import HEAD_TENSORS
+    return HEAD_TENSORS
+
+
 def peak_rss_bytes() -> int:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r if sys.platform == "darwin" else r * 1024)
@@ -269,7 +275,7 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
         qtypes = {c.type: _qtype(c.type) for c in plan.choices}
         from ..gguf_types.codebook import is_codebook
         for c in plan.choices:   # outside the blocks only --method aq's own configurations (AQ.quantize_tensor)
-            if is_codebook(qtypes[c.type]) and c.name in ("token_embd.weight", "output.weight") and (
+            if is_codebook(qtypes[c.type]) and c.name in _head_tensors() and (
                     getattr(m, "name", "") != "aq" or not str(qtypes[c.type].name).startswith("aq-")):
                 raise OptionError(f"{c.name} in {qtypes[c.type].name}: the embedding/output matrix takes a codebook "
                                   "type only as an AQ configuration with --method aq")
