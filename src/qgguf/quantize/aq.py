@@ -247,19 +247,8 @@ class AQ(BlockMethod):
 
     def _fit(self, ctx: QuantContext, desc: str, w, H, cfg, outliers: float, seed: int, threads: int):
         """:func:`fit_matrix` on ``threads`` torch threads, with a progress bar (``desc``) of its rounds."""
-        bar = _bar(ctx, f"{desc} {cfg.name}", self.aq.max_rounds * 2 + 2)
-
-        def progress(stage, err):
-            if bar is not None:
-                bar.set_postfix_str(f"{stage}: rel err {err:.4g}", refresh=False)
-                bar.update(1)
-
-        try:
-            with torch_threads(threads):
-                return fit_matrix(w, H, cfg, self.aq, outliers, seed=seed, progress=progress)
-        finally:
-            if bar is not None:
-                bar.close()
+        return _with_bar(ctx, f"{desc} {cfg.name}", self.aq.max_rounds * 2 + 2, threads,
+                         lambda progress: fit_matrix(w, H, cfg, self.aq, outliers, seed=seed, progress=progress))
 
     # -- one block ------------------------------------------------------------------------------------
     def quantize_block(self, block, ctx: QuantContext) -> dict[str, np.ndarray]:
@@ -757,6 +746,24 @@ def _bar(ctx: QuantContext, desc: str, total: int):
     except ImportError:  # pragma: no cover
         return None
     return tqdm(total=total, desc=desc, leave=False, unit="step")
+
+
+def _with_bar(ctx: QuantContext, desc: str, total: int, threads: int, fit):
+    """``fit(progress)`` (a layer-wise search: AQ's, VQ's) on ``threads`` torch threads, its ``progress(stage,
+    rel err)`` calls shown on a progress bar of ``total`` steps."""
+    bar = _bar(ctx, desc, total)
+
+    def progress(stage, err):
+        if bar is not None:
+            bar.set_postfix_str(f"{stage}: rel err {err:.4g}", refresh=False)
+            bar.update(1)
+
+    try:
+        with torch_threads(threads):
+            return fit(progress)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _write(msg: str) -> None:

@@ -35,8 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import OptionError, QggufError
-from ..runtime.threads import torch_threads
-from .aq import AQ, LINEAR_KEYS, AQPlan, _as_bool, _bar, _coerce, _fallback_bytes, _write, head_types, parse_tensor_methods
+from .aq import AQ, LINEAR_KEYS, AQPlan, _as_bool, _coerce, _with_bar, _fallback_bytes, _write, head_types, parse_tensor_methods
 from .finetune import FT_KEYS as _FT_KEYS
 from .base import QuantContext
 from .blockwise import sequential_quantize
@@ -151,19 +150,8 @@ class VQ(AQ):
                 return self._quantize_other(name, w, qtype, H, importance, ctx)
             key = keys[name]
             seed = (int(block.seed) * 31 + 1013 * (LINEAR_KEYS.index(key) + 1 if key in LINEAR_KEYS else 99)) % (2**63)
-            bar = _bar(ctx, f"blk.{block.index} {key} {qt.name}", 2)
-
-            def progress(stage, err):
-                if bar is not None:
-                    bar.set_postfix_str(f"{stage}: rel err {err:.4g}", refresh=False)
-                    bar.update(1)
-
-            try:
-                with torch_threads(nt):
-                    res = quantize_matrix(w, H, qt, self.vq, seed=seed, progress=progress)
-            finally:
-                if bar is not None:
-                    bar.close()
+            res = _with_bar(ctx, f"blk.{block.index} {key} {qt.name}", 2, nt,
+                            lambda progress: quantize_matrix(w, H, qt, self.vq, seed=seed, progress=progress))
             st = VQState(qt, res, int(w.shape[0]), int(w.shape[1]))
             state[key] = st
             if ctx.progress and _as_bool(ctx.options.get("verbose", False)):
