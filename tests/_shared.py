@@ -46,3 +46,10 @@ def synthetic_tool():
     sys.modules["synthetic_model"] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def aq_tol(n: int = 1, B: int = 8) -> float:
+    """Relative-error bound of a native AQ product of n tokens on the current ISA path: 8-bit tables (AVX-512
+    decoding, ~7e-3) or finer (16-bit tables ~5e-5, float tables ~1e-6); see qgguf.native.table_bits."""
+    from qgguf import native
+    return 1.5e-2 if native.table_bits(n, B) == 8 else 2e-4

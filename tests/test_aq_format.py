@@ -191,11 +191,22 @@ def test_runner_logits_equal_dequantized(tiny_files, t):
     lp = m.logits(toks)            # prompt: matmul
     lr = ref.logits(toks)
     torch.testing.assert_close(lp, lr, rtol=1e-3, atol=2e-3)
-    # decode one token at a time: matvec
+    # decode one token at a time: matvec (8-bit tables on the AVX-512 path: 2.2 % of the logits' spread on this
+    # tiny random-code model; on SmolLM2's 3-bit file they add 0.001 to a KLD of 0.175, docs/BENCHMARKS.md)
     m.reset()
     m.forward(toks[:5], 0)
-    outs = [m.forward([tok], 5 + i) for i, tok in enumerate(toks[5:])]
-    torch.testing.assert_close(torch.cat(outs), lr[5:], rtol=1e-3, atol=2e-3)
+    outs = torch.cat([m.forward([tok], 5 + i) for i, tok in enumerate(toks[5:])])
+    if _one_token_tables_8bit(t):
+        err = float((outs - lr[5:]).norm() / (lr[5:] - lr[5:].mean()).norm())
+        assert err < 4e-2, err
+        assert (outs.argmax(-1) == lr[5:].argmax(-1)).all()
+    else:
+        torch.testing.assert_close(outs, lr[5:], rtol=1e-3, atol=2e-3)
+
+
+def _one_token_tables_8bit(t: str) -> bool:
+    from qgguf import native
+    return native.available() and native.table_bits(1, 16 if "x16" in t else 8) == 8
 
 
 def test_runner_fallback_equals_native(tiny_files):
@@ -211,7 +222,10 @@ def test_runner_fallback_equals_native(tiny_files):
                                "codebooks": _cb16(lin), "scales": lin.native._scales}), native_ok=False)
     x = torch.randn(3, lin.in_features)
     torch.testing.assert_close(fb(x), lin(x), rtol=2e-3, atol=1e-3)  # the AVX-512 LUT is 16-bit
-    torch.testing.assert_close(fb(x[:1]), lin(x[:1]), rtol=2e-3, atol=1e-3)  # the AVX-512 LUT is 16-bit
+    if _one_token_tables_8bit("aq-2x8-g8"):  # one token: 8-bit tables
+        assert float((fb(x[:1]) - lin(x[:1])).norm() / fb(x[:1]).norm()) < 1.5e-2
+    else:
+        torch.testing.assert_close(fb(x[:1]), lin(x[:1]), rtol=2e-3, atol=1e-3)
     torch.testing.assert_close(fb.dense_weight(), lin.dense_weight())
     torch.testing.assert_close(fb.embed(torch.tensor([3, 0])), lin.dense_weight()[[3, 0]])
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _shared import aq_tol
 from qgguf import native
 from qgguf.errors import QggufError
 
@@ -76,29 +77,65 @@ def test_paths_against_reference(cfg, shape):
                                               Wref[R // 3:R // 2 + 1])
                 y = t.matvec(x, threads=threads)
                 assert y.dtype == np.float32 and y.shape == (R,)
-                assert relerr(y, y64) < 2e-4, (isa, threads, relerr(y, y64))
+                assert relerr(y, y64) < aq_tol(1, B), (isa, threads, relerr(y, y64))
                 for n in (1, 3, 9):  # the per-token LUT path (n <= matmul_lut_max) and tiles
                     Y = t.matmul(X[:n], threads=threads)
                     assert Y.shape == (n, R)
-                    assert relerr(Y, Y64[:n]) < 2e-4, (isa, threads, n, relerr(Y, Y64[:n]))
-    if B == 8:  # without the tiled copy of the codes (the strided layout)
+                    assert relerr(Y, Y64[:n]) < aq_tol(n, B), (isa, threads, n, relerr(Y, Y64[:n]))
+                np.testing.assert_array_equal(t.matmul(x[None], threads=threads)[0], y)  # one token: one kernel
+    if B == 8:  # without the block-major copy of the codes (the stored [J][M][R] layout): the same sums
         tp = native.AQTensor(codes, cb, s, M, B, g, R, C, tiled=False)
         for isa in native.isas():
             with native.use_isa(isa):
-                assert relerr(tp.matvec(x, threads=2), y64) < 2e-4, isa
+                np.testing.assert_array_equal(tp.matvec(x, threads=2), t.matvec(x, threads=2), err_msg=isa)
+                np.testing.assert_array_equal(tp.matmul(X[:3], threads=2), t.matmul(X[:3], threads=2))
 
 
 @pytestmark_native
 def test_matvec_error_well_below_quantization_error():
-    """The default path's error on y is tiny next to a 2-bit quantization error (~1e-1)."""
+    """The default path's error on y is small next to a 2-bit quantization error (~1e-1), for inputs with uneven
+    channel scales too: the 8-bit tables of the AVX-512 decoding path take a step per table (an integer
+    multiple of the tile's), so a large channel coarsens its own group's tables only.  With one step per tile
+    of 16 groups these inputs gave 1.6e-2 .. 2.3e-2."""
     R, C = 512, 2048
     codes, cb, s = make(2, 8, 8, R, C, seed=5)
     t = native.AQTensor(codes, cb, s, 2, 8, 8, R, C)
     W64 = ref_dequant(codes, cb, s).astype(np.float64)
     rng = np.random.default_rng(2)
+    bound = 1e-2 if native.table_bits(1) == 8 else 2e-4
     for _ in range(5):
         x = rng.standard_normal(C).astype(np.float32) * rng.lognormal(0, 1.5, C).astype(np.float32)
-        assert relerr(t.matvec(x, threads=2), W64 @ x) < 2e-4
+        assert relerr(t.matvec(x, threads=2), W64 @ x) < bound
+        x = rng.standard_normal(C).astype(np.float32)
+        x[rng.integers(0, C, 3)] *= 30.0
+        assert relerr(t.matvec(x, threads=2), W64 @ x) < bound
+
+
+@pytestmark_native
+@pytest.mark.skipif(not native.available() or "avx512" not in native.isas(), reason="needs the AVX-512 path")
+@pytest.mark.parametrize("bits", ["8", "16", "12"])
+def test_table_bits_override(bits):
+    """QGGUF_NATIVE_TABLE_BITS picks the AVX-512 tables' precision for every number of tokens (12: ignored)."""
+    code = (
+        "import sys, numpy as np; sys.path.insert(0, 'tests')\n"
+        "from test_native_aq import make, ref_dequant, relerr\n"
+        "from qgguf import native\n"
+        "native.set_isa('avx512')\n"
+        "codes, cb, s = make(2, 8, 8, 300, 512, seed=7)\n"
+        "t = native.AQTensor(codes, cb, s, 2, 8, 8, 300, 512)\n"
+        "W = ref_dequant(codes, cb, s).astype(np.float64)\n"
+        "X = np.random.default_rng(0).standard_normal((4, 512)).astype(np.float32)\n"
+        "print(native.table_bits(1), native.table_bits(4), relerr(t.matvec(X[0]), W @ X[0]),"
+        " relerr(t.matmul(X), X @ W.T))\n")
+    env = {**os.environ, "QGGUF_NATIVE_TABLE_BITS": bits}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    b1, b4, e1, e4 = out.stdout.split()
+    want = {"8": (8, 8), "16": (16, 16), "12": (8, 16)}[bits]
+    assert (int(b1), int(b4)) == want
+    for b, e in ((want[0], float(e1)), (want[1], float(e4))):
+        assert (3e-3 < e < 1e-2) if b == 8 else e < 2e-4, (bits, b, e)
 
 
 @pytestmark_native
@@ -110,7 +147,7 @@ def test_input_variants():
     np.testing.assert_array_equal(t.dequantize(), ref)
     x = np.random.default_rng(0).standard_normal(C)                                   # float64 x
     y = t.matvec(x)
-    assert relerr(y, ref.astype(np.float64) @ x) < 2e-4
+    assert relerr(y, ref.astype(np.float64) @ x) < aq_tol()
     out = np.empty(R, np.float32)
     assert t.matvec(x.astype(np.float32), out=out) is out
     assert t.matmul(np.zeros((0, C), np.float32)).shape == (0, R)

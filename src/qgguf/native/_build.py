@@ -60,7 +60,7 @@ int qg_decode_attn(float *qk, const float *v, const float *cosv, const float *si
                    float *a, int H, int Hkv, int dk, int dv, int64_t pos, int64_t cap, float scale, int round16,
                    int nthreads);
 int qg_matmul_lut_max(void);
-int qg_tile_groups(void);
+int qg_table_bits(void);
 const char *qg_last_error(void);
 """
 

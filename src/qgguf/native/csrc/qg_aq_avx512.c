@@ -5,6 +5,8 @@
 #include "qg_target_begin.h"
 #include <immintrin.h>
 #include <string.h>
+#include <stdlib.h>
+#include <math.h>
 
 #define AI static inline __attribute__((always_inline))
 
@@ -219,15 +221,13 @@ static void vec_rows_k8_vbmi(const qg_tensor *t, const float *prep, float *y, in
     float *yp = aligned_alloc(64, (size_t)nblk * 64 * sizeof(float));
     if (!yp) { qg_aq_vec_rows_scalar(t, NULL, NULL, y, r0, r1); return; } /* unreachable */
     memset(yp, 0, (size_t)nblk * 64 * sizeof(float));
-    /* tiled codes (t->codes_tiled, see qg_native.h): [tile][64-row block][jm in tile][64] */
+    /* block-major codes (t->codes_tiled, see qg_native.h) or the stored [J][M][R] ones */
     const uint8_t *tiled = r0 % 64 ? NULL : (const uint8_t *)t->codes_tiled;
-    const int64_t Rp = (R + 63) / 64 * 64;
+    const int64_t js = tiled ? 64 : R, bs = tiled ? J * M * 64 : 64;
     for (int64_t jt = 0; jt < J; jt += QG_JTILE) {
         const int64_t je = jt + QG_JTILE < J ? jt + QG_JTILE : J;
         const float S = bscale[jt / QG_JTILE];
-        const int64_t njm = (je - jt) * M;
-        const uint8_t *c0 = tiled ? tiled + jt * M * Rp + (r0 / 64) * njm * 64 : codes + jt * M * R + r0;
-        const int64_t js = tiled ? 64 : R, bs = tiled ? njm * 64 : 64;
+        const uint8_t *c0 = tiled ? tiled + (r0 / 64) * bs + jt * M * 64 : codes + jt * M * R + r0;
         int64_t b = 0;
         for (; b + 2 <= nblk; b += 2)
             vbmi_block(c0 + b * bs, js, bs, tab, n - 64 * b, jt * M, je * M, S, yp + 64 * b, 2);
@@ -294,6 +294,145 @@ static void vec_rows_avx512(const qg_tensor *t, const float *x, const float *lut
     else vec_rows_k16_avx512(t, x, y, r0, r1);
 }
 
+/* ---- Kx8 rows, one-token variant (qg_type_traits.vec_rows1): 8-bit tables ----
+ * Decoding streams every weight once per token, so the row kernel must keep up with memory.  Here the float
+ * tables are rounded to 8 bits (as llama.cpp rounds activations to 8 bits before its dot products), which halves
+ * the byte lookups (two vpermi2b + a blend per 64 codes) and drops the unpacks of the 16-bit path:
+ *   per tile of QG_JTILE groups a step S = amax / 127^2, and per table (j, m) an integer multiplier
+ *   mu = ceil(127 amax_jm / amax) in [1, 127]: the table is stored as u = round(v / (S mu)) + 128 (a byte), so
+ *   each table gets a step close to its own amax / 127 (an outlier channel coarsens one group's tables, not the
+ *   tile's); the kernel adds mu * u per row with vpdpbusd (u: the unsigned bytes; mu: the signed selector byte
+ *   at the row's position in the dword), its int32 accumulators start at -128 * sum(mu) (the offset), and
+ *   y += S * acc after each tile.
+ * Relative error of y ~7e-3, outlier channels or not (tests/test_native_aq.py).  Rows run block-major: a pair of
+ * 64-row blocks goes through all tiles (the tables, J*M/4 KiB, stay in L2) while its codes, contiguous in
+ * codes_tiled, stream with a software prefetch QG_PREFETCH_BYTES ahead: each thread reads one sequential run.
+ * prep: [J*M][256] bytes u, [J*M][4] int32 selectors (mu << 8k, k = 0..3), [tiles] float S, [tiles] int32 offsets. */
+#ifndef QG_PREFETCH_BYTES
+#define QG_PREFETCH_BYTES 1024
+#endif
+static int64_t prep_size_vbmi8(const qg_tensor *t) {
+    if (t->B != 8) return 0;
+    const int64_t JM = t->C / t->g * t->M, nb = (t->C / t->g + QG_JTILE - 1) / QG_JTILE;
+    return JM * 256 / 4 + JM * 4 + 2 * nb + 16;
+}
+
+static void prepare_vbmi8(const qg_tensor *t, const float *x, float *prep, int64_t j0, int64_t j1) {
+    const int64_t M = t->M, J = t->C / t->g, JM = J * M, nb = (J + QG_JTILE - 1) / QG_JTILE;
+    uint8_t *tab = (uint8_t *)prep;
+    int32_t *sel = (int32_t *)(prep + JM * 256 / 4);
+    float *tscale = prep + JM * 256 / 4 + JM * 4;
+    int32_t *toff = (int32_t *)(tscale + nb);
+    float stackbuf[QG_JTILE * 4 * 256] __attribute__((aligned(64)));
+    float *buf = M <= 4 ? stackbuf : aligned_alloc(64, (size_t)QG_JTILE * M * 256 * sizeof(float));
+    if (!buf) { /* cannot happen in practice; keep a defined result (y = 0) */
+        memset(tab + j0 * M * 256, 128, (size_t)((j1 - j0) * M * 256));
+        for (int64_t jm = j0 * M; jm < j1 * M; jm++) sel[4 * jm] = 1, sel[4 * jm + 1] = 1 << 8,
+                                                     sel[4 * jm + 2] = 1 << 16, sel[4 * jm + 3] = 1 << 24;
+        for (int64_t b = j0 / QG_JTILE; b * QG_JTILE < j1; b++) tscale[b] = 0.f, toff[b] = 0;
+        return;
+    }
+    for (int64_t jb = j0; jb < j1; jb += QG_JTILE) { /* j0 is a multiple of QG_JTILE */
+        const int64_t je = jb + QG_JTILE < J ? jb + QG_JTILE : J;
+        const float amax = lut_tile_max(t, x, buf, jb, je);
+        tscale[jb / QG_JTILE] = amax > 0.f ? amax / (127.f * 127.f) : 0.f;
+        int32_t musum = 0;
+        for (int64_t jm = 0; jm < (je - jb) * M; jm++) {
+            const float *src = buf + jm * 256;
+            __m512 mx = _mm512_setzero_ps();
+            for (int k = 0; k < 256; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_load_ps(src + k)));
+            const float a = _mm512_reduce_max_ps(mx);
+            float muf = amax > 0.f ? ceilf(127.f * a / amax) : 1.f;
+            muf = muf < 1.f ? 1.f : muf > 127.f ? 127.f : muf;
+            const int32_t mu = (int32_t)muf;
+            musum += mu;
+            int32_t *sj = sel + 4 * (jb * M + jm);
+            sj[0] = mu, sj[1] = mu << 8, sj[2] = mu << 16, sj[3] = mu << 24;
+            const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f * 127.f / (amax * muf) : 0.f);
+            uint8_t *o = tab + (jb * M + jm) * 256;
+            const __m128i off = _mm_set1_epi8((char)0x80);
+            for (int k = 0; k < 256; k += 16) /* round to nearest, saturate to [-128, 127], + 128 */
+                _mm_storeu_si128((__m128i *)(o + k), _mm_xor_si128(off, _mm512_cvtsepi32_epi8(
+                                     _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(src + k), inv)))));
+        }
+        toff[jb / QG_JTILE] = -128 * musum;
+    }
+    if (buf != stackbuf) free(buf);
+}
+
+/* NB (1 or 2) 64-row blocks: yp[64 b + 16 k + d] = row 4 d + k of block b, unscaled by the row scales.  c: the
+ * first block's codes of jm = 0; jstride: bytes from one jm to the next; bstride: from one block to the next;
+ * tiled: block-major codes (jstride 64), where a prefetch past a block's end continues in the block NB further */
+AI void vbmi8_rows(const uint8_t *c, int64_t jstride, int64_t bstride, int tiled, const uint8_t *tab,
+                   const int32_t *sel, const float *tscale, const int32_t *toff, int64_t JM, int64_t tjm,
+                   int64_t nrows, float *yp, const int NB) {
+    const int64_t pfj = QG_PREFETCH_BYTES / 64; /* jm steps ahead */
+    __m512 facc[2][4];
+    __mmask64 lm[2];
+    for (int b = 0; b < NB; b++) {
+        const int64_t n = nrows - 64 * b;
+        lm[b] = n >= 64 ? ~(__mmask64)0 : n <= 0 ? 0 : (((__mmask64)1 << n) - 1);
+        for (int k = 0; k < 4; k++) facc[b][k] = _mm512_setzero_ps();
+    }
+    for (int64_t jm0 = 0; jm0 < JM; jm0 += tjm) {
+        const int64_t jm1 = jm0 + tjm < JM ? jm0 + tjm : JM;
+        __m512i acc[2][4];
+        const __m512i a0 = _mm512_set1_epi32(toff[jm0 / tjm]);
+        for (int b = 0; b < NB; b++)
+            for (int k = 0; k < 4; k++) acc[b][k] = a0;
+        const uint8_t *tb = tab + jm0 * 256;
+        for (int64_t jm = jm0; jm < jm1; jm++, tb += 256) {
+            const int64_t ja = jm + pfj;
+            if (tiled || ja < JM)
+                for (int b = 0; b < NB; b++)
+                    _mm_prefetch((const char *)(c + b * bstride + ja * jstride + (ja < JM ? 0 : (NB - 1) * bstride)),
+                                 _MM_HINT_T0);
+            const int32_t *sj = sel + 4 * jm;
+            for (int b = 0; b < NB; b++) {
+                const uint8_t *cp = c + b * bstride + jm * jstride;
+                const __m512i idx = lm[b] == ~(__mmask64)0 ? _mm512_loadu_si512(cp) : _mm512_maskz_loadu_epi8(lm[b], cp);
+                const __m512i u = lookup256(tb, idx, _mm512_movepi8_mask(idx));
+                for (int k = 0; k < 4; k++) acc[b][k] = _mm512_dpbusd_epi32(acc[b][k], u, _mm512_set1_epi32(sj[k]));
+            }
+        }
+        const __m512 vs = _mm512_set1_ps(tscale[jm0 / tjm]);
+        for (int b = 0; b < NB; b++)
+            for (int k = 0; k < 4; k++) facc[b][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[b][k]), vs, facc[b][k]);
+    }
+    for (int b = 0; b < NB; b++)
+        for (int k = 0; k < 4; k++) _mm512_store_ps(yp + 64 * b + 16 * k, facc[b][k]);
+}
+
+static void vec_rows_k8_vbmi8(const qg_tensor *t, const float *prep, float *y, int64_t r0, int64_t r1) {
+    const int64_t R = t->R, M = t->M, J = t->C / t->g, JM = J * M, nb = (J + QG_JTILE - 1) / QG_JTILE;
+    const uint8_t *tab = (const uint8_t *)prep;
+    const int32_t *sel = (const int32_t *)(prep + JM * 256 / 4);
+    const float *tscale = prep + JM * 256 / 4 + JM * 4;
+    const int32_t *toff = (const int32_t *)(tscale + nb);
+    const uint8_t *tiled = r0 % 64 ? NULL : (const uint8_t *)t->codes_tiled;
+    const int64_t js = tiled ? 64 : R, bs = tiled ? JM * 64 : 64;
+    const uint8_t *c0 = tiled ? tiled + (r0 / 64) * bs : (const uint8_t *)t->codes + r0;
+    const int64_t n = r1 - r0;
+    float yp[128] __attribute__((aligned(64)));
+    for (int64_t b = 0; b * 64 < n; b += 2) {
+        const int64_t left = n - 64 * b;
+        if (left > 64)
+            vbmi8_rows(c0 + b * bs, js, bs, tiled != NULL, tab, sel, tscale, toff, JM, QG_JTILE * M, left, yp, 2);
+        else
+            vbmi8_rows(c0 + b * bs, js, bs, tiled != NULL, tab, sel, tscale, toff, JM, QG_JTILE * M, left, yp, 1);
+        for (int64_t w = 0; w < (left < 128 ? left : 128); w++) { /* un-permute (see vbmi8_rows) */
+            const int64_t r = r0 + 64 * b + w;
+            y[r] = yp[(w & 64) + 16 * (w & 3) + ((w & 63) >> 2)] * t->scales[r];
+        }
+    }
+}
+
+static void vec_rows1_avx512(const qg_tensor *t, const float *x, const float *prep, float *y,
+                             int64_t r0, int64_t r1) {
+    if (t->B == 8) vec_rows_k8_vbmi8(t, prep, y, r0, r1);
+    else vec_rows_k16_avx512(t, x, y, r0, r1);
+}
+
 /* ---- blocked float dot on a dequantized tile: 4 tokens x 4 rows per micro-kernel ---- */
 AI void mk_4x4(const float *X, int64_t C, const float *W, float *Y, int64_t ldy, int nn, int nr) {
     __m512 a[4][4];
@@ -333,7 +472,7 @@ static void gemm_tile_avx512(const float *X, int64_t N, int64_t C, const float *
 
 const qg_type_traits qg_traits_avx512[QG_TYPE_COUNT] = {
     [QG_TYPE_AQ] = {"aq", dequantize_rows_avx512, prep_size_avx512, prepare_vbmi,
-                    vec_rows_avx512, gemm_tile_avx512},
+                    vec_rows_avx512, gemm_tile_avx512, prep_size_vbmi8, prepare_vbmi8, vec_rows1_avx512},
     [QG_TYPE_VQ] = {"vq", qg_vq_dequantize_rows_avx512, qg_vq_prep_size_avx512, qg_vq_prepare_avx512,
                     qg_vq_vec_rows_avx512, gemm_tile_avx512}, /* qg_vq_avx512.c */
 };

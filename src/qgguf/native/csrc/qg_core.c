@@ -254,6 +254,7 @@ static const qg_type_traits *check(const qg_tensor *t) {
         if (t->B != 8 && t->B != 16) return fail("AQ: B must be 8 or 16"), NULL;
         if (t->g < 1 || t->M < 1 || t->R < 1 || t->C < 1 || t->C % t->g)
             return fail("AQ: bad shape"), NULL;
+        if (t->g != 8 && t->g != 16) return fail("AQ: g must be 8 or 16"), NULL;
         if (t->B == 8 && !t->cbT) return fail("AQ: B=8 needs the transposed codebooks"), NULL;
     } else if (t->type == QG_TYPE_VQ) {
         const qg_vq_side *sd = (const qg_vq_side *)t->aux1;
@@ -392,8 +393,32 @@ static void mv_task(void *p, int ith, int nth) {
                         c->Y + n * t->R, a, b);
     }
 }
-static int matvec_n(const qg_tensor *t, const qg_type_traits *tr, const float *X, int64_t N,
+/* QGGUF_NATIVE_TABLE_BITS: 8 or 16 forces that table precision for every N; unset (or any other value): 8 for
+ * one token where a path has a one-token variant, else 16 */
+static int g_table_bits = -1;
+int qg_table_bits(void) {
+    if (g_table_bits == -1) {
+        const char *s = getenv("QGGUF_NATIVE_TABLE_BITS");
+        const int v = s ? atoi(s) : 0;
+        g_table_bits = v == 8 || v == 16 ? v : 0;
+    }
+    return g_table_bits;
+}
+/* the kernels a product of N tokens runs: the one-token variant (qg_type_traits.vec_rows1) where there is one */
+static qg_type_traits traits_n(const qg_type_traits *tr, int64_t N) {
+    qg_type_traits r = *tr;
+    const int bits = qg_table_bits();
+    if (tr->vec_rows1 && (bits == 8 || (bits == 0 && N == 1))) {
+        r.prep_size = tr->prep_size1;
+        r.prepare = tr->prepare1;
+        r.vec_rows = tr->vec_rows1;
+    }
+    return r;
+}
+
+static int matvec_n(const qg_tensor *t, const qg_type_traits *tr0, const float *X, int64_t N,
                     float *Y, int nthreads) {
+    const qg_type_traits trn = traits_n(tr0, N), *tr = &trn;
     mv_ctx c;
     memset(&c, 0, sizeof c);
     c.t = t; c.tr = tr; c.X = X; c.Y = Y; c.N = N;
@@ -430,6 +455,7 @@ typedef struct {
     const float *x;
     const qg_tensor *t[QG_MULTI_MAX];
     const qg_type_traits *tr[QG_MULTI_MAX];
+    qg_type_traits trv[QG_MULTI_MAX]; /* the one-token kernels of each tensor (traits_n); tr[i] = &trv[i] */
     float *y[QG_MULTI_MAX];
     float *prep[QG_MULTI_MAX];     /* NULL: the row kernel reads x */
     int64_t tile_end[QG_MULTI_MAX]; /* cumulative prepare tiles */
@@ -479,8 +505,9 @@ int qg_matvec_multi(const qg_tensor **ts, int n, const float *x, float **ys, int
         if (!tr) return -1;
         if (!ys[i]) return fail("null vector");
         if (ts[i]->C != ts[0]->C) return fail("matvec_multi: the tensors differ in C");
-        c.t[i] = ts[i]; c.tr[i] = tr; c.y[i] = ys[i];
-        psz[i] = tr->prep_size ? tr->prep_size(ts[i]) : 0;
+        c.trv[i] = traits_n(tr, 1);
+        c.t[i] = ts[i]; c.tr[i] = &c.trv[i]; c.y[i] = ys[i];
+        psz[i] = c.tr[i]->prep_size ? c.tr[i]->prep_size(ts[i]) : 0;
         ptotal += (psz[i] + 15) / 16 * 16;    /* each table 64-byte aligned */
         if (psz[i] > 0) tiles += (ts[i]->C / ts[i]->g + QG_JTILE - 1) / QG_JTILE;
         c.tile_end[i] = tiles;
@@ -511,7 +538,6 @@ int qg_matvec_multi(const qg_tensor **ts, int n, const float *x, float **ys, int
 
 /* ---------------------------------------------------------------- large-N matmul: tiles */
 static int g_lut_max = -1;
-int qg_tile_groups(void) { return QG_JTILE; }
 
 /* Largest N for which matmul runs the matvec kernel per token.  Default: no limit on the
  * AVX-512 Kx8 path (its per-token cost, ~0.2 ms for 2048x8192, stays below a float GEMM's even at

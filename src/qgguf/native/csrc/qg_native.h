@@ -34,10 +34,10 @@ typedef struct qg_tensor {
     const float *cbT;   /* [M][g][2^B] (B=8), else NULL */
     const float *scales;/* [R] */
     const void *codes_tiled; /* optional (B=8, read by the AVX-512 path): the codes re-laid out
-                                for sequential streaming, [J/16 tiles][Rp/64][nj*M][64] where
-                                Rp = R rounded up to 64 (padding codes are 0) and nj = the
-                                tile's groups (16, fewer in the last tile); tile jt starts at
-                                byte jt*M*Rp.  NULL: the kernels read codes. */
+                                block-major for sequential streaming, [Rp/64][J*M][64] where
+                                Rp = R rounded up to 64 (padding codes are 0): 64-row block b
+                                holds its codes of (j, m) at byte (b*J*M + j*M + m)*64, one byte
+                                per row.  NULL: the kernels read codes. */
     const void *aux0;   /* reserved for VQ (outliers, residual codebooks, ...) */
     const void *aux1;
     int64_t iparam[8];  /* reserved for VQ (index bit width, ...) */
@@ -65,6 +65,14 @@ typedef struct qg_type_traits {
        Wt is a dequantized tile; ldy = row stride of Y. Shared by all types. */
     void (*gemm_tile)(const float *X, int64_t N, int64_t C, const float *Wt, int64_t nr,
                       float *Y, int64_t ldy);
+    /* optional: the one-token variant of prep_size/prepare/vec_rows (qg_matvec, qg_matvec_multi, qg_matmul with
+       N = 1: decoding), where an ISA trades precision for speed as llama.cpp does when it rounds activations to
+       8 bits (the AVX-512 Kx8 path: 8-bit instead of 16-bit tables).  NULL: the above serve every N.
+       QGGUF_NATIVE_TABLE_BITS=16 (or 8) makes every N use the above (or this) variant. */
+    int64_t (*prep_size1)(const qg_tensor *t);
+    void (*prepare1)(const qg_tensor *t, const float *x, float *prep, int64_t j0, int64_t j1);
+    void (*vec_rows1)(const qg_tensor *t, const float *x, const float *prep, float *y,
+                      int64_t r0, int64_t r1);
 } qg_type_traits;
 
 /* per-ISA tables, NULL entries where a type has no kernel on that ISA */
@@ -156,7 +164,7 @@ static inline float qg_dot_f32(const float *a, const float *b, int64_t n) {
 
 /* row-block size the kernels like their ranges aligned to */
 #define QG_ROW_ALIGN 64
-/* input groups per LUT tile in the Kx8 row kernels (LUT tile = QG_JTILE * M KiB) */
+/* input groups per LUT tile in the Kx8 row kernels (one block scale per tile of tables) */
 #define QG_JTILE 16
 
 /* ---- public API (declared for cffi in _build.py) ---- */
@@ -177,7 +185,7 @@ int qg_decode_attn(float *qk, const float *v, const float *cosv, const float *si
                    float *a, int H, int Hkv, int dk, int dv, int64_t pos, int64_t cap, float scale, int round16,
                    int nthreads);
 int qg_matmul_lut_max(void);
-int qg_tile_groups(void);      /* QG_JTILE, for building codes_tiled */
+int qg_table_bits(void);       /* QGGUF_NATIVE_TABLE_BITS: 8 or 16 if set (every N), else 0 (automatic) */
 const char *qg_last_error(void);
 
 #endif
