@@ -150,3 +150,37 @@ def test_c_entry_rejects_bad_counts():
     assert _lib.qg_matvec_multi(ts, 1, _ffi.NULL, ys, 1) == -1
     assert _lib.qg_matvec_multi(ts, 1, px, ys, 1) == 0
     np.testing.assert_array_equal(y, a.matvec(x))
+
+
+@pytest.mark.parametrize("R,C", [(130, 77), (64, 16), (1, 1), (4096, 576)])
+def test_bound_dense_matvec(R, C):
+    """The decoder's dense output product on the native pool: every ISA's float micro-kernel, odd shapes
+    (C % 16 != 0, R not a multiple of the 64-row chunks), in place on fixed buffers."""
+    rng = np.random.default_rng(R + C)
+    W = rng.standard_normal((R, C)).astype(np.float32)
+    x = np.zeros(C, np.float32)
+    out = np.full(R, np.nan, np.float32)
+    for isa in native.isas():
+        with native.use_isa(isa):
+            for threads in (1, 2, 3):
+                bound = native.BoundDenseMatvec(W, x, out, threads)
+                for _ in range(2):
+                    x[:] = rng.standard_normal(C)
+                    bound()
+                    ref = W.astype(np.float64) @ x.astype(np.float64)
+                    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(), err_msg=isa)
+
+
+def test_bound_dense_matvec_argument_checks():
+    W = np.ones((8, 4), np.float32)
+    x, out = np.ones(4, np.float32), np.zeros(8, np.float32)
+    for args in ((W.astype(np.float64), x, out), (W, x[:3], out), (W, x, out[:7]), (np.asfortranarray(W), x, out),
+                 (W, x, W[:, 0]), (W, x, W.reshape(-1)[:8]), (W, x.astype(np.float16), out)):
+        with pytest.raises(QggufError):
+            native.BoundDenseMatvec(*args)
+    with pytest.raises(QggufError):
+        native.BoundDenseMatvec(W, x, out, threads=0)
+    ro = out.copy()
+    ro.setflags(write=False)
+    with pytest.raises(QggufError):
+        native.BoundDenseMatvec(W, x, ro)

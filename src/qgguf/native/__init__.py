@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import QggufError
 
-__all__ = ["available", "build_error", "isa", "isas", "set_isa", "use_isa", "matmul_lut_max",
+__all__ = ["available", "build_error", "isa", "isas", "set_isa", "use_isa", "matmul_lut_max", "table_bits",
            "AQTensor", "NativeUnavailableError"]
 
 _ISA_IDS = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3}
@@ -433,6 +433,42 @@ class BoundMatvec:
 
 
 __all__ += ["matvec_multi", "BoundMatvec"]
+
+
+class BoundDenseMatvec:
+    """``out = W @ x`` for a dense float32 W (R x C) on fixed arrays, over the native thread pool with the current
+    ISA's float micro-kernel (the decoder's dense output matrix; torch.mv runs it on one thread). Pointers are
+    computed and the arguments checked once; W, x and out must stay alive and in place. Sums in another order
+    than numpy/torch (rounding-level differences)."""
+
+    def __init__(self, W, x, out, threads: int = 1):
+        self._lib = _require()
+        W, x, out = _array("W", W), _array("x", x), _array("out", out)
+        for name, a in (("W", W), ("x", x), ("out", out)):
+            if a.dtype != np.float32 or not a.flags.c_contiguous or not a.flags.aligned:
+                raise QggufError(f"{name} must be an aligned, C-contiguous float32 array")
+        if W.ndim != 2 or x.shape != (W.shape[1],) or out.shape != (W.shape[0],):
+            raise QggufError(f"shapes do not match: W {W.shape}, x {x.shape}, out {out.shape}")
+        if not out.flags.writeable:
+            raise QggufError("out must be writable")
+        if np.may_share_memory(out, x) or np.may_share_memory(out, W):
+            raise QggufError("out must not overlap W or x")
+        n = _threads(threads)
+        self.W, self.x, self.out = W, x, out
+        keep = [_ffi.from_buffer(W, require_writable=False), _ffi.from_buffer(x, require_writable=False),
+                _ffi.from_buffer(out)]
+        self._keep = keep
+        pw, px, py = (_ffi.cast("const float *", keep[0]), _ffi.cast("const float *", keep[1]),
+                      _ffi.cast("float *", keep[2]))
+        R, C, fn = W.shape[0], W.shape[1], self._lib.qg_dense_matvec
+        self._call = lambda: fn(pw, R, C, px, py, n)
+
+    def __call__(self) -> None:
+        if self._call() != 0:
+            raise QggufError(f"dense matvec: {_ffi.string(self._lib.qg_last_error()).decode()}")
+
+
+__all__ += ["BoundDenseMatvec"]
 
 
 def decode_attention(qk, v, cos, sin, K, V, pos: int, n_head: int, scale: float, round16: bool = True,

@@ -56,6 +56,7 @@ int qg_dequantize_rows(const qg_tensor *t, int64_t r0, int64_t r1, float *out, i
 int qg_matvec(const qg_tensor *t, const float *x, float *y, int nthreads);
 int qg_matmul(const qg_tensor *t, const float *X, int64_t N, float *Y, int nthreads);
 int qg_matvec_multi(const qg_tensor **ts, int n, const float *x, float **ys, int nthreads);
+int qg_dense_matvec(const float *W, int64_t R, int64_t C, const float *x, float *y, int nthreads);
 int qg_decode_attn(float *qk, const float *v, const float *cosv, const float *sinv, float *Kc, float *Vc,
                    float *a, int H, int Hkv, int dk, int dv, int64_t pos, int64_t cap, float scale, int round16,
                    int nthreads);

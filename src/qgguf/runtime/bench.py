@@ -52,10 +52,14 @@ def _native_of(lin):
 
 class _Mat:
     """One weight's y = W x into a fixed output buffer from a fixed input buffer. Native AQ/VQ weights are one
-    C call with pointers computed once (:class:`qgguf.native.BoundMatvec`); dense weights use torch.mv, on
-    ``dense_threads`` torch threads (the output matrix: the one large dense product of a decode step)."""
+    C call with pointers computed once (:class:`qgguf.native.BoundMatvec`); dense weights use torch.mv (the
+    same sums as the forward pass: a block's output feeds llama.cpp-style activation rounding, where a
+    rounding-level difference can flip a step), on ``dense_threads`` torch threads, except with ``native_dense``
+    (the output matrix: the one large dense product of a decode step, nothing rounds after it) a float32 weight
+    runs on ``dense_threads`` threads of the native pool (:class:`qgguf.native.BoundDenseMatvec`)."""
 
-    def __init__(self, lin, x: torch.Tensor, y: torch.Tensor, threads: int, dense_threads: int = 1):
+    def __init__(self, lin, x: torch.Tensor, y: torch.Tensor, threads: int, dense_threads: int = 1,
+                 native_dense: bool = False):
         self.lin, self.x, self.y = lin, x, y
         nat = _native_of(lin)
         if nat is not None:
@@ -65,6 +69,18 @@ class _Mat:
             w = lin.weight
             rin = getattr(lin, "round_input", None)     # llama.cpp's activation rounding, when the runner does it
             nt = max(1, int(dense_threads))
+            from .. import native
+            if native_dense and native.available() and w.dtype == torch.float32 and w.is_contiguous():
+                xr = torch.empty_like(x) if rin is not None else x
+                bound = native.BoundDenseMatvec(w.numpy(), xr.numpy(), y.numpy(), min(nt, 256))
+                if rin is None:
+                    self.call = bound
+                else:
+                    def call():
+                        xr.copy_(rin(x.view(1, -1)).view(-1))
+                        bound()
+                    self.call = call
+                return
 
             def mv():
                 if rin is None:
@@ -151,7 +167,8 @@ class LeanDecoder:
                 L=L, qkv=_Group((L.wq, L.wk, L.wv), self.n, (self.q, self.k, self.v), T, fuse),
                 o=_Mat(L.wo, self.a, self.o, T), gateup=_Group((L.w_gate, L.w_up), self.n, (self.g, self.u), T, fuse),
                 down=_Mat(L.w_down, self.h, self.d, T)))
-        self.out = _Mat(model.output, self.n, self.logits, T, T if dense_threads is None else dense_threads)
+        self.out = _Mat(model.output, self.n, self.logits, T, T if dense_threads is None else dense_threads,
+                        native_dense=True)
         self._attn = None
         from .. import native
         if native_attention and self._rope_inplace and native.available():

@@ -598,6 +598,40 @@ int qg_matmul(const qg_tensor *t, const float *X, int64_t N, float *Y, int nthre
     return 0;
 }
 
+/* ---------------------------------------------------------------- dense float32 matrix-vector product
+ * y = W x for a row-major float32 W (R x C) over the thread pool, 64-row chunks through the current ISA's gemm_tile
+ * (the micro-kernel of the dequantized tiles, N = 1): the decoder's dense output matrix, which torch.mv runs on
+ * one thread.  Sums in another order than torch's (rounding-level differences). */
+typedef struct {
+    const qg_type_traits *tr;
+    const float *W, *x;
+    float *y;
+    int64_t R, C, chunk;
+    atomic_int_fast64_t next;
+} dmv_ctx;
+static void dmv_task(void *p, int ith, int nth) {
+    (void)ith; (void)nth;
+    dmv_ctx *c = p;
+    for (;;) {
+        const int64_t a = atomic_fetch_add(&c->next, c->chunk);
+        if (a >= c->R) break;
+        const int64_t b = a + c->chunk < c->R ? a + c->chunk : c->R;
+        c->tr->gemm_tile(c->x, 1, c->C, c->W + a * c->C, b - a, c->y + a, c->R);
+    }
+}
+int qg_dense_matvec(const float *W, int64_t R, int64_t C, const float *x, float *y, int nthreads) {
+    if (!W || !x || !y) return fail("null pointer");
+    if (R < 1 || C < 1) return fail("dense matvec: bad shape");
+    const qg_type_traits *tr = traits_for(QG_TYPE_AQ, qg_get_isa());
+    if (!tr || !tr->gemm_tile) tr = traits_for(QG_TYPE_AQ, QG_ISA_SCALAR);
+    dmv_ctx c;
+    memset(&c, 0, sizeof c);
+    c.tr = tr; c.W = W; c.x = x; c.y = y; c.R = R; c.C = C; c.chunk = QG_ROW_ALIGN;
+    atomic_store(&c.next, 0);
+    parallel(dmv_task, &c, clamp_threads(nthreads, (R + QG_ROW_ALIGN - 1) / QG_ROW_ALIGN));
+    return 0;
+}
+
 /* ---------------------------------------------------------------- single-token attention (decoding)
  * The part of a decoder layer between the q/k/v and output projections, for one token at position pos:
  *   rope (ggml NORM mode: adjacent pairs, n_rot = dk) of q and k in place in qk = [q (H*dk) | k (Hkv*dk)],

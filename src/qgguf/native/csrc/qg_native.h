@@ -180,6 +180,8 @@ int qg_matmul(const qg_tensor *t, const float *X, int64_t N, float *Y, int nthre
 /* ys[i] = W_i x for n (1..QG_MULTI_MAX) tensors of the same C, one parallel job; bit-identical to n qg_matvec */
 #define QG_MULTI_MAX 16
 int qg_matvec_multi(const qg_tensor **ts, int n, const float *x, float **ys, int nthreads);
+/* y = W x for a dense row-major float32 W (R x C) over the thread pool (the decoder's dense output matrix) */
+int qg_dense_matvec(const float *W, int64_t R, int64_t C, const float *x, float *y, int nthreads);
 /* one decoding token's rope (q, k in place in qk), K/V cache store at pos and attention into a (see qg_core.c) */
 int qg_decode_attn(float *qk, const float *v, const float *cosv, const float *sinv, float *Kc, float *Vc,
                    float *a, int H, int Hkv, int dk, int dv, int64_t pos, int64_t cap, float scale, int round16,
