@@ -130,10 +130,10 @@ class LeanDecoder:
     ``step(token, pos)`` -> logits (a float32 tensor of n_vocab that the next step overwrites: copy it to keep
     it). ``pos`` must equal the number of cached positions (``model.n_past``). ``threads``: threads of the native
     weight kernels; ``fuse``: q/k/v and gate/up as one native call each (bit-identical to separate calls);
-    ``dense_threads``: torch threads for a dense output matrix (default ``threads``); ``native_attention``: rope,
-    cache store and attention in one native call (:func:`qgguf.native.decode_attention`; rope and cache bit-identical,
-    the attention sums in another order than torch's), when the native module is built and rope covers whole
-    heads; else torch ops."""
+    ``dense_threads``: threads of the dense output matrix (the native pool's; torch's without the native module;
+    default ``threads``); ``native_attention``: rope, cache store and attention in one native call
+    (:func:`qgguf.native.decode_attention`; rope and cache bit-identical, the attention sums in another order
+    than torch's), when the native module is built and rope covers whole heads; else torch ops."""
 
     def __init__(self, model, threads: int | None = None, fuse: bool = True, dense_threads: int | None = None,
                  native_attention: bool = True):
