@@ -76,3 +76,42 @@ def test_bench_profile(files, capsys):
     assert abs(p["total"] - p["weights"] - p["other"]) < 1e-9
     assert main(["bench", str(files["aq-2x8-g8"]), "-p", "0", "-n", "2", "-r", "1", "--profile"]) == 0
     assert "decode ms/token" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("t", ["aq-2x8-g8", "stories260K"])
+def test_generate_decodes_through_the_lean_decoder(files, t, monkeypatch):
+    """generate_ids runs the prompt through forward and every later token through the lean decoder (the path
+    `qgguf bench` times): the same tokens and logits as decoding with forward one token at a time."""
+    from _shared import ROOT
+    from qgguf.runtime import generate as G
+    from qgguf.runtime.bench import LeanDecoder
+    from qgguf.runtime.linear import load_llama
+    torch.set_num_threads(1)
+    path = files[t] if t in files else ROOT.parent / "shared" / "models" / "stories260K.gguf"
+    if not path.exists():
+        pytest.skip(f"{path} missing")
+    m = load_llama(path, threads=1)
+    made = []
+    real = LeanDecoder.__init__
+
+    def spy(self, *a, **k):
+        made.append(self)
+        real(self, *a, **k)
+    monkeypatch.setattr(LeanDecoder, "__init__", spy)
+
+    def run():
+        seen = []
+
+        def greedy(logits):
+            seen.append(logits.copy())
+            return int(logits.argmax())
+        m.reset()
+        ids = list(G.generate_ids(m, [1, 17, 42], 12, greedy, set()))
+        return ids, seen
+    ids, seen = run()
+    assert len(made) == 1 and len(ids) == 12
+    monkeypatch.setattr(G, "_single_token_step", lambda model: lambda tid, pos: model.forward([tid], pos)[-1])
+    ids_ref, seen_ref = run()
+    assert len(made) == 1 and ids == ids_ref
+    for a, b in zip(seen, seen_ref):  # float rounding through 12 steps (other sum orders: mv, attention)
+        torch.testing.assert_close(torch.from_numpy(a), torch.from_numpy(b), rtol=1e-3, atol=2e-3)

@@ -4,6 +4,10 @@ Sampling follows llama.cpp's default chain (common/sampling): top-k -> top-p -> 
 random draw; ``temp <= 0`` is greedy (argmax). The prompt is tokenized as llama.cpp's ``llama-cli`` does
 (BOS first when the vocabulary says so; special tokens in the prompt text are parsed), and generation
 stops at an end-of-generation token, after ``n_predict`` tokens or when the context is full.
+
+The prompt runs through ``LlamaModel.forward`` (matrix products, torch's attention); every later token through
+:class:`qgguf.runtime.bench.LeanDecoder`, the single-token path ``qgguf bench`` times (preallocated buffers, one
+native call per weight group, torch's small ops on one thread), so generation runs at the measured speed.
 """
 from __future__ import annotations
 
@@ -91,6 +95,7 @@ def generate_ids(model, prompt_ids: Sequence[int], n_predict: int, sampler: Samp
         raise OptionError(f"the prompt needs {start_pos + len(ids)} positions; the context has {n_ctx}")
     logits = model.forward(ids, start_pos, logits_from=-1)[-1]
     pos = start_pos + len(ids)
+    step = _single_token_step(model)
     n = 0
     while n_predict < 0 or n < n_predict:
         tid = sampler(logits.numpy())
@@ -100,8 +105,26 @@ def generate_ids(model, prompt_ids: Sequence[int], n_predict: int, sampler: Samp
             return
         if n_predict >= 0 and n >= n_predict:
             return
-        logits = model.forward([tid], pos, logits_from=-1)[-1]
+        logits = step(tid, pos)
         pos += 1
+
+
+def _single_token_step(model):
+    """``step(token, pos) -> logits`` for decoding: the lean decoder on a LlamaModel (the model's weight threads
+    for the kernels, one torch thread for the small ops between them), else ``model.forward``."""
+    from .model import LlamaModel
+    if not isinstance(model, LlamaModel):
+        return lambda tid, pos: model.forward([tid], pos, logits_from=-1)[-1]
+    import torch
+
+    from .bench import LeanDecoder
+    from .threads import torch_threads
+    dec = LeanDecoder(model, threads=torch.get_num_threads())
+
+    def step(tid: int, pos: int):
+        with torch_threads(1):
+            return dec.step(tid, pos)
+    return step
 
 
 class _Utf8Stream:
