@@ -168,6 +168,8 @@ static void prepare_vbmi(const qg_tensor *t, const float *x, float *prep, int64_
 #ifndef QG_PREFETCH_BLOCKS
 #define QG_PREFETCH_BLOCKS 4
 #endif
+/* the byte lanes of a 64-row block with n rows left (all of them for n >= 64) */
+AI __mmask64 rows_mask(int64_t n) { return n >= 64 ? ~(__mmask64)0 : n <= 0 ? 0 : (((__mmask64)1 << n) - 1); }
 AI __m512i lookup256(const uint8_t *tab, __m512i idx, __mmask64 top) {
     const __m512i a = _mm512_permutex2var_epi8(_mm512_loadu_si512(tab), idx, _mm512_loadu_si512(tab + 64));
     const __m512i b = _mm512_permutex2var_epi8(_mm512_loadu_si512(tab + 128), idx, _mm512_loadu_si512(tab + 192));
@@ -184,8 +186,7 @@ AI void vbmi_block(const uint8_t *c, int64_t jstride, int64_t bstride, const uin
     __m512i acc[2][4];
     __mmask64 lm[2];
     for (int b = 0; b < NB; b++) {
-        const int64_t n = nrows - 64 * b;
-        lm[b] = n >= 64 ? ~(__mmask64)0 : n <= 0 ? 0 : (((__mmask64)1 << n) - 1);
+        lm[b] = rows_mask(nrows - 64 * b);
         for (int k = 0; k < 4; k++) acc[b][k] = _mm512_setzero_si512();
     }
     const uint8_t *tb = tab + jm0 * 512;
@@ -370,8 +371,7 @@ AI void vbmi8_rows(const uint8_t *c, int64_t jstride, int64_t bstride, int tiled
     __m512 facc[2][4];
     __mmask64 lm[2];
     for (int b = 0; b < NB; b++) {
-        const int64_t n = nrows - 64 * b;
-        lm[b] = n >= 64 ? ~(__mmask64)0 : n <= 0 ? 0 : (((__mmask64)1 << n) - 1);
+        lm[b] = rows_mask(nrows - 64 * b);
         for (int k = 0; k < 4; k++) facc[b][k] = _mm512_setzero_ps();
     }
     for (int64_t jm0 = 0; jm0 < JM; jm0 += tjm) {
