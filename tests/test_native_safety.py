@@ -179,7 +179,7 @@ def test_c_entry_points_check_their_arguments():
     assert lib.qg_matvec(t._t, ffi.NULL, po, 1) == -1
     assert lib.qg_matmul(t._t, px, -1, po, 1) == -1
     assert lib.qg_matvec(ffi.NULL, px, po, 1) == -1
-    for field, value in (("B", 12), ("g", 0), ("C", 60), ("R", 0), ("M", 0), ("cbT", ffi.NULL),
+    for field, value in (("B", 12), ("g", 0), ("g", 4), ("g", 32), ("C", 60), ("R", 0), ("M", 0), ("cbT", ffi.NULL),
                          ("codes", ffi.NULL), ("scales", ffi.NULL), ("type", 99)):
         t2 = ffi.new("qg_tensor *", t._t[0])
         setattr(t2, field, value)

@@ -12,7 +12,6 @@
 static void dequantize_rows_avx2(const qg_tensor *t, int64_t r0, int64_t r1, float *out) {
     const int64_t R = t->R, C = t->C, g = t->g, M = t->M, J = C / g;
     const int64_t K = (int64_t)1 << t->B;
-    if (g != 8 && g != 16) { qg_aq_dequantize_rows_scalar(t, r0, r1, out); return; }
     const uint8_t *c8 = (const uint8_t *)t->codes;
     const uint16_t *c16 = (const uint16_t *)t->codes;
     const int b8 = t->B == 8;
@@ -135,7 +134,6 @@ static void vec_rows_k16_avx2(const qg_tensor *t, const float *x, float *y, int6
 
 static void vec_rows_avx2(const qg_tensor *t, const float *x, const float *lut, float *y,
                           int64_t r0, int64_t r1) {
-    if (t->g != 8 && t->g != 16) { qg_aq_vec_rows_scalar(t, x, lut, y, r0, r1); return; }
     if (t->B == 8) vec_rows_k8_avx2(t, lut, y, r0, r1);
     else vec_rows_k16_avx2(t, x, y, r0, r1);
 }

@@ -14,7 +14,6 @@
 static void dequantize_rows_avx512(const qg_tensor *t, int64_t r0, int64_t r1, float *out) {
     const int64_t R = t->R, C = t->C, g = t->g, M = t->M, J = C / g;
     const int64_t K = (int64_t)1 << t->B;
-    if (g != 8 && g != 16) { qg_aq_dequantize_rows_scalar(t, r0, r1, out); return; }
     const uint8_t *c8 = (const uint8_t *)t->codes;
     const uint16_t *c16 = (const uint16_t *)t->codes;
     const int b8 = t->B == 8;
@@ -83,7 +82,6 @@ AI float lut_rows(const qg_tensor *t, const float *x, float *out, int64_t j0, in
 }
 
 static void prepare_avx512(const qg_tensor *t, const float *x, float *lut, int64_t j0, int64_t j1) {
-    if (t->g > 16) { qg_aq_prepare_scalar(t, x, lut, j0, j1); return; }
     lut_rows(t, x, lut, j0, j1, 0, 0);
 }
 
@@ -125,11 +123,6 @@ static void prepare_vbmi(const qg_tensor *t, const float *x, float *prep, int64_
     const int64_t M = t->M, J = t->C / t->g;
     uint8_t *tab = (uint8_t *)prep;
     float *bscale = prep + J * M * 512 / 4;
-    if (t->g > 16) { /* no such configuration reaches here (g is 8 or 16); keep a defined result */
-        memset(tab + j0 * M * 512, 0x80, (size_t)((j1 - j0) * M * 512));
-        for (int64_t b = j0 / QG_JTILE; b * QG_JTILE < j1; b++) bscale[b] = 0.f;
-        return;
-    }
     /* one tile's float tables: on the stack up to M = 4 (64 KiB), else on the heap */
     float stackbuf[QG_JTILE * 4 * 256] __attribute__((aligned(64)));
     float *buf = M <= 4 ? stackbuf : aligned_alloc(64, (size_t)QG_JTILE * M * 256 * sizeof(float));
@@ -290,7 +283,6 @@ static void vec_rows_k16_avx512(const qg_tensor *t, const float *x, float *y, in
 
 static void vec_rows_avx512(const qg_tensor *t, const float *x, const float *lut, float *y,
                             int64_t r0, int64_t r1) {
-    if (t->g != 8 && t->g != 16) { qg_aq_vec_rows_scalar(t, x, lut, y, r0, r1); return; }
     if (t->B == 8) vec_rows_k8_vbmi(t, lut, y, r0, r1);
     else vec_rows_k16_avx512(t, x, y, r0, r1);
 }

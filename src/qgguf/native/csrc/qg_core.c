@@ -454,8 +454,7 @@ typedef struct {
     int n;
     const float *x;
     const qg_tensor *t[QG_MULTI_MAX];
-    const qg_type_traits *tr[QG_MULTI_MAX];
-    qg_type_traits trv[QG_MULTI_MAX]; /* the one-token kernels of each tensor (traits_n); tr[i] = &trv[i] */
+    qg_type_traits tr[QG_MULTI_MAX]; /* the one-token kernels of each tensor (traits_n) */
     float *y[QG_MULTI_MAX];
     float *prep[QG_MULTI_MAX];     /* NULL: the row kernel reads x */
     int64_t tile_end[QG_MULTI_MAX]; /* cumulative prepare tiles */
@@ -476,7 +475,7 @@ static void mvm_task(void *p, int ith, int nth) {
             const qg_tensor *t = c->t[i];
             const int64_t J = t->C / t->g, j0 = (b - (i ? c->tile_end[i - 1] : 0)) * QG_JTILE;
             const int64_t j1 = j0 + QG_JTILE < J ? j0 + QG_JTILE : J;
-            c->tr[i]->prepare(t, c->x, c->prep[i], j0, j1);
+            c->tr[i].prepare(t, c->x, c->prep[i], j0, j1);
             atomic_fetch_add_explicit(&c->prep_done, 1, memory_order_release);
         }
         spin_until(&c->prep_done, ntiles);
@@ -490,7 +489,7 @@ static void mvm_task(void *p, int ith, int nth) {
         const qg_tensor *t = c->t[i];
         const int64_t a = (k - (i ? c->ch_end[i - 1] : 0)) * c->chunk[i];
         const int64_t e = a + c->chunk[i] < t->R ? a + c->chunk[i] : t->R;
-        c->tr[i]->vec_rows(t, c->x, c->prep[i], c->y[i], a, e);
+        c->tr[i].vec_rows(t, c->x, c->prep[i], c->y[i], a, e);
     }
 }
 int qg_matvec_multi(const qg_tensor **ts, int n, const float *x, float **ys, int nthreads) {
@@ -505,9 +504,9 @@ int qg_matvec_multi(const qg_tensor **ts, int n, const float *x, float **ys, int
         if (!tr) return -1;
         if (!ys[i]) return fail("null vector");
         if (ts[i]->C != ts[0]->C) return fail("matvec_multi: the tensors differ in C");
-        c.trv[i] = traits_n(tr, 1);
-        c.t[i] = ts[i]; c.tr[i] = &c.trv[i]; c.y[i] = ys[i];
-        psz[i] = c.tr[i]->prep_size ? c.tr[i]->prep_size(ts[i]) : 0;
+        c.tr[i] = traits_n(tr, 1);
+        c.t[i] = ts[i]; c.y[i] = ys[i];
+        psz[i] = c.tr[i].prep_size ? c.tr[i].prep_size(ts[i]) : 0;
         ptotal += (psz[i] + 15) / 16 * 16;    /* each table 64-byte aligned */
         if (psz[i] > 0) tiles += (ts[i]->C / ts[i]->g + QG_JTILE - 1) / QG_JTILE;
         c.tile_end[i] = tiles;
