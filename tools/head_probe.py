@@ -15,6 +15,10 @@ Three measurements, each on the F32 model (run from the repository root):
              by sqrt(w) before the fit and the scales divided after: exactly sum_t w_t ||dW_t||_H^2), then the
              both-roles KL divergence
              python tools/head_probe.py rowweight --floors 1,100
+  tiers      (session 14) the rows split into tiers by their tokens' mean predicted probability on the calibration
+             text, each tier in its own type (standard types, or an AQ configuration fitted on the tier's rows), then
+             the both-roles KL divergence; plans list the tiers from the likeliest rows down, the last takes the rest
+             python tools/head_probe.py tiers IQ4_NL Q8_0@1024,IQ4_NL Q8_0@4096,IQ4_NL@12288,aq-3x8-g8
 """
 from __future__ import annotations
 
@@ -136,10 +140,62 @@ def rowweight(a):
     print(json.dumps(res))
 
 
+def _mean_probs(h, W):
+    with torch.no_grad():
+        pbar = torch.zeros(W.shape[0], dtype=torch.float64)
+        for s in range(0, h.shape[0], 512):
+            pbar += torch.softmax(h[s:s + 512] @ W.T, -1).double().sum(0)
+    return pbar / h.shape[0]
+
+
+def tiers(a):
+    """Rows split by their tokens' mean predicted probability on the calibration text, each tier its own type."""
+    from qgguf import gguf_types
+    from qgguf.quantize.aq_core import dequantize, parse_config, quantize_matrix
+    m = _model(F32, a.threads)
+    h, W = _final_states(m, a.nsamples)
+    pbar = _mean_probs(h, W)
+    order = torch.argsort(pbar, descending=True)
+    H = (h.double().T @ h.double())
+    N = h.shape[0]
+    imp = torch.diagonal(H).float().numpy() / N
+    base = _model(F32, a.threads)
+    V, K = W.shape
+    res = {}
+    cache = {}
+    for plan in a.plans:
+        Wq = torch.empty_like(W)
+        start, nbytes = 0, 0
+        for part in plan.split(","):
+            typ, _, n = part.partition("@")
+            n = V - start if not n else int(n)
+            rows = order[start:start + n]
+            key = (typ, start, n)
+            if key not in cache:
+                if typ.startswith("aq-"):
+                    cfg = parse_config(typ)
+                    r = quantize_matrix(W[rows].contiguous(), H.float(), cfg, _aq_options(), seed=0)
+                    cache[key] = (dequantize(r.codes, r.codebooks.half().float(), r.scales),
+                                  cfg.nbytes(n, K))
+                else:
+                    qt = gguf_types.get(typ)
+                    Ws = W[rows].contiguous()
+                    cache[key] = (torch.from_numpy(np.array(qt.dequantize(qt.quantize(Ws.numpy(), imp), tuple(Ws.shape)), np.float32)),
+                                  qt.nbytes((n, K)))
+            Wq[rows] = cache[key][0].reshape(n, K)
+            nbytes += cache[key][1]
+            start += n
+        D = Wq.double() - W.double()
+        w_err = float(((D @ H) * D).sum()) / N
+        res[plan] = dict(bytes=nbytes, layer_error=w_err, kld=_kld_both(m, base, Wq, a.chunks))
+        print(plan, res[plan], flush=True)
+    print(json.dumps(res))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("errors", "roles", "rowweight"):
+    for name in ("errors", "roles", "rowweight", "tiers"):
         p = sub.add_parser(name)
         p.add_argument("-t", "--threads", type=int, default=2)
         p.add_argument("--nsamples", type=int, default=32)
@@ -151,9 +207,12 @@ def main() -> int:
         if name == "rowweight":
             p.add_argument("--floors", default="1,100", help="w_t = mean p_t + FLOOR / n_vocab")
             p.add_argument("--config", default="aq-4x8-g8")
+        if name == "tiers":
+            p.add_argument("plans", nargs="+", metavar="TYPE@ROWS,...,TYPE",
+                           help="tiers from the likeliest rows down; the last takes the rest")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    {"errors": errors, "roles": roles, "rowweight": rowweight}[a.cmd](a)
+    {"errors": errors, "roles": roles, "rowweight": rowweight, "tiers": tiers}[a.cmd](a)
     return 0
 
 

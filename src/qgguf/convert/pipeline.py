@@ -161,7 +161,7 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
     type from measured sensitivities; ``compat="llama.cpp"`` keeps to llama.cpp's types; ``save_recipe``
     writes the choice as JSON; ``sensitivity``: options of the measurement (nsamples, seqlen, kld_samples,
     kld_seqlen, check)."""
-    from ..quantize.base import QuantContext, get_method, is_blockwise
+    from ..quantize.base import QuantContext, get_method, is_blockwise, quantize_with
 
     t0 = time.perf_counter()
     if threads:
@@ -274,8 +274,12 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
             float_source_types={t.name: t.src_type for t in source.tensors})
         qtypes = {c.type: _qtype(c.type) for c in plan.choices}
         from ..gguf_types.codebook import is_codebook
+        from ..gguf_types.tiers import is_tiered
         for c in plan.choices:   # outside the blocks only --method aq's own configurations (AQ.quantize_tensor)
-            if is_codebook(qtypes[c.type]) and c.name in _head_tensors() and (
+            if is_tiered(qtypes[c.type]) and c.name not in _head_tensors():
+                raise OptionError(f"{c.name} in {qtypes[c.type].name}: row tiers are for the token embedding and "
+                                  "the output matrix")
+            if is_codebook(qtypes[c.type]) and not is_tiered(qtypes[c.type]) and c.name in _head_tensors() and (
                     getattr(m, "name", "") != "aq" or not str(qtypes[c.type].name).startswith("aq-")):
                 raise OptionError(f"{c.name} in {qtypes[c.type].name}: the embedding/output matrix takes a codebook "
                                   "type only as an AQ configuration with --method aq")
@@ -375,7 +379,7 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
                         if not c.quantize or qt.is_float:
                             raw = qt.quantize(w2)
                         else:
-                            raw = m.quantize_tensor(c.name, w2, qt, ctx)
+                            raw = quantize_with(m, c.name, w2, qt, ctx)
                         del w, w2
                     of.write_tensor(c.name, raw)
                     nb = int(raw.nbytes)

@@ -67,7 +67,7 @@ def get(name: str) -> QuantType:
         if fn(name) is not None:
             break
     raise QggufError(f"unknown tensor type {name!r}; known: {', '.join(names())}, aq-MxB-gG, "
-                     "vq-vV-kK[-KR][-oP][-gG]") from None
+                     "vq-vV-kK[-KR][-oP][-gG], tiers-T0@N0-...-Tk") from None
 
 
 def by_ggml(type_id: int) -> QuantType:
@@ -86,7 +86,7 @@ def all_types() -> list[QuantType]:
 
 
 # Each module lists its types in TYPES; the order here is the order of `names()`.
-for _mod in ("floats", "legacy", "kquants", "codebook", "vq"):
+for _mod in ("floats", "legacy", "kquants", "codebook", "vq", "tiers"):
     _m = import_module(f"{__name__}.{_mod}")
     for _qt in _m.TYPES:
         register(_qt)

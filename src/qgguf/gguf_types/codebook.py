@@ -61,6 +61,8 @@ class CompanionSpec:
     ggml_type: int
     shape: tuple[int, ...]
     dtype: np.dtype
+    qtype: Any = None       # a standard quantized type (row-tiered tensors): ``shape`` counts weights, the data
+                            # is that type's bytes, ``array_shape`` (rows, row bytes) of uint8
 
     @property
     def gguf_shape(self) -> tuple[int, ...]:
@@ -68,11 +70,20 @@ class CompanionSpec:
 
     @property
     def nbytes(self) -> int:
+        if self.qtype is not None:
+            return int(self.qtype.nbytes(self.shape))
         return int(np.prod(self.shape)) * _CONTAINER_DTYPE[self.ggml_type].itemsize
 
     @property
+    def array_shape(self) -> tuple[int, ...]:
+        """The numpy shape of the companion's array (``shape``, or (rows, row bytes) for a standard type)."""
+        if self.qtype is not None:
+            return (int(np.prod(self.shape[:-1])), int(self.qtype.row_bytes(self.shape[-1])))
+        return self.shape
+
+    @property
     def container(self) -> str:
-        return _CONTAINER_NAME[self.ggml_type]
+        return self.qtype.name if self.qtype is not None else _CONTAINER_NAME[self.ggml_type]
 
 
 class Companions(dict):
@@ -146,7 +157,7 @@ class CodebookType(QuantType):
             raise QggufError(f"{self.name} data of {blob.size} bytes for shape {tuple(shape)} (expected {need})")
         out, o = Companions(), 0
         for c in specs:
-            out[c.suffix] = blob[o:o + c.nbytes].view(c.dtype).reshape(c.shape)
+            out[c.suffix] = blob[o:o + c.nbytes].view(c.dtype).reshape(c.array_shape)
             o += c.nbytes
         return out
 
@@ -161,15 +172,15 @@ class CodebookType(QuantType):
                 if c.suffix not in data:
                     raise QggufError(f"{self.name}: companion {c.suffix} is missing")
                 a = np.asarray(data[c.suffix])
-                want = _CONTAINER_DTYPE[c.ggml_type]
+                want = _CONTAINER_DTYPE[c.ggml_type] if c.qtype is None else np.dtype(np.uint8)
                 if a.dtype.itemsize != want.itemsize or a.dtype.kind not in ("i", "u", "f") or \
                         (a.dtype.kind == "f") != (want.kind == "f"):
                     raise QggufError(f"{self.name}: companion {c.suffix} has dtype {a.dtype}, expected "
                                      f"{c.container} ({c.dtype})")
-                if int(a.size) != int(np.prod(c.shape)):
+                if int(a.size) != int(np.prod(c.array_shape)):
                     raise QggufError(f"{self.name}: companion {c.suffix} has shape {a.shape}, expected "
-                                     f"{c.shape} for a weight of shape {tuple(shape)}")
-                out[c.suffix] = np.ascontiguousarray(a).view(c.dtype).reshape(c.shape)
+                                     f"{c.array_shape} for a weight of shape {tuple(shape)}")
+                out[c.suffix] = np.ascontiguousarray(a).view(c.dtype).reshape(c.array_shape)
             return out
         if shape is None:
             raise QggufError(f"{self.name}: the shape is needed to split packed bytes")

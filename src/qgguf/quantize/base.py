@@ -116,3 +116,13 @@ def get_method(name: str, **kwargs) -> Method:
             raise OptionError(f"method {name!r} is not available in this qgguf (module {mod} is missing)") from None
         raise
     return getattr(m, cls)(**kwargs)
+
+
+def quantize_with(method: "Method", name: str, w: np.ndarray, qt, ctx: "QuantContext"):
+    """``method.quantize_tensor``, except for a row-tiered type (gguf_types/tiers.py), whose tiers take their
+    types' importance-weighted rounding in the order of ``ctx.extra["row_weights"][name]`` (by row without)."""
+    from ..gguf_types.tiers import is_tiered
+    if is_tiered(qt):
+        return qt.quantize(w, ctx.importance_for(name, w.shape[-1]),
+                           row_weights=(ctx.extra.get("row_weights") or {}).get(name))
+    return method.quantize_tensor(name, w, qt, ctx)

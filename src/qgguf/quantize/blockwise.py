@@ -53,9 +53,10 @@ import torch
 
 from ..errors import OptionError, OutputError, QggufError
 from ..gguf_types import is_codebook
+from ..gguf_types.tiers import is_tiered
 from ..runtime import model as rm
 from ..runtime.threads import set_torch_threads, torch_threads
-from .base import Method, QuantContext
+from .base import Method, QuantContext, quantize_with
 
 #: tokens per chunk of the block passes (samples per chunk = max(1, CHUNK_TOKENS // seqlen))
 CHUNK_TOKENS = 16384
@@ -603,7 +604,17 @@ def _tensor_bytes(choice, qt, source, method: Method, ctx: QuantContext, src_typ
     w = np.asarray(source.load(choice.name), dtype=np.float32).reshape(-1, choice.shape[-1])
     if not choice.quantize or qt.is_float:
         return qt.quantize(w)
-    return method.quantize_tensor(choice.name, w, qt, ctx)
+    return quantize_with(method, choice.name, w, qt, ctx)
+
+
+@torch.no_grad()
+def token_probabilities(h: torch.Tensor, w_out: torch.Tensor, chunk: int = 512) -> np.ndarray:
+    """Mean next-token probability of every vocabulary row over the final normed hidden states ``h`` (N, n_embd)
+    and output matrix ``w_out`` (n_vocab, n_embd): the ranking of a row-tiered output matrix."""
+    p = torch.zeros(w_out.shape[0], dtype=torch.float64)
+    for s in range(0, h.shape[0], chunk):
+        p += torch.softmax(h[s:s + chunk] @ w_out.T, -1).double().sum(0)
+    return (p / max(1, h.shape[0])).numpy()
 
 
 def run_blocks(source, plan, qtypes: dict, method: BlockMethod, ctx: QuantContext, out: Path, *,
@@ -740,7 +751,12 @@ def run_blocks(source, plan, qtypes: dict, method: BlockMethod, ctx: QuantContex
     imp = {out_name: (h.pow(2).sum(0) / h.shape[0]).float().numpy()}
     for n in HEAD_TENSORS:   # a head tensor in a codebook type (AQ) is fitted against the whole Gram matrix of
         c = choices.get(n)   # those states (an untied embedding too: the head's inputs as its proxy, as in
-        if c is not None and is_codebook(qtypes[c.type]):   # quantize/sensitivity.py)
+        if c is None:        # quantize/sensitivity.py)
+            continue
+        if is_tiered(qtypes[c.type]):   # row-tiered: its rows ranked by their tokens' mean probability
+            ctx.extra.setdefault("row_weights", {})[n] = token_probabilities(
+                h.float(), torch.from_numpy(np.array(source.load(out_name), np.float32)).reshape(-1, hp.n_embd))
+        elif is_codebook(qtypes[c.type]):
             ctx.grams[n] = (h.T @ h).float().numpy()
     del h
     head: dict[str, np.ndarray] = {}

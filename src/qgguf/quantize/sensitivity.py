@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from .. import gguf_types
 from ..convert.budget import Option, TensorOptions, file_bytes
 from ..gguf_types.codebook import is_codebook
+from ..gguf_types.tiers import is_tiered
 from ..runtime import model as rm
 from ..runtime.threads import torch_threads
 
@@ -195,9 +196,85 @@ class _Measurer:
         return float(kld.mean())
 
 
-def _quantized(qt, w: np.ndarray, imp: np.ndarray | None) -> torch.Tensor:
-    data = qt.quantize(w, None if qt.is_float else imp)
+def _quantized(qt, w: np.ndarray, imp: np.ndarray | None, row_probs: np.ndarray | None = None) -> torch.Tensor:
+    if is_tiered(qt):   # row-tiered (the head): ranked as the conversion ranks it
+        data = qt.quantize(w, imp, row_weights=row_probs)
+    else:
+        data = qt.quantize(w, None if qt.is_float else imp)
     return torch.from_numpy(np.array(qt.dequantize(data, w.shape), dtype=np.float32))
+
+
+#: row-tiered candidates of the token embedding / output matrix (``--compat any`` with AQ): the likeliest rows in
+#: the first type, ``TIER_COUNTS`` of them, the rest in a smaller standard candidate; and three tiers with Q5_0
+#: between Q8_0 and the rest
+TIER_TOPS = ("Q8_0", "Q5_0")
+TIER_COUNTS = (256, 512, 1024, 2048, 4096, 8192)
+TIER_MID = (("Q8_0", (256, 512, 1024, 2048)), ("Q5_0", (4096, 8192, 16384)))
+#: the head's weighted layer error takes every row of this many likeliest tokens, and every k-th of the others
+HEAD_EXACT_ROWS = 16384
+
+
+def tier_candidates(shape, pool) -> list[str]:
+    """Row-tiered types over the standard candidates ``pool`` that fit ``shape``'s rows (too few rows: none)."""
+    R = int(np.prod(shape[:-1]))
+    std = [q for q in candidate_types(shape, pool) if _is_standard_quant(q)]
+    bpw = {q: gguf_types.get(q).bpw for q in std}
+    out = []
+    for top in TIER_TOPS:
+        if top not in bpw:
+            continue
+        for base in (q for q in std if bpw[q] < bpw[top]):
+            out += [f"tiers-{top}@{n}-{base}" for n in TIER_COUNTS if n < R]
+    (t1, n1s), (t2, n2s) = TIER_MID
+    if t1 in bpw and t2 in bpw:
+        for base in (q for q in std if bpw[q] < bpw[t2]):
+            out += [f"tiers-{t1}@{a}-{t2}@{b}-{base}" for a in n1s for b in n2s if a + b < R]
+    return out
+
+
+@torch.no_grad()
+def _weighted_head(ts: TensorSensitivity, types, w: torch.Tensor, probs: np.ndarray, imp: np.ndarray,
+                   H: torch.Tensor, n_tok: float) -> None:
+    """Layer errors of the head weighted per row by its token's mean probability (times the number of rows:
+    weights of mean 1): ``sum_v R p_v (w_v - wq_v)^T H (w_v - wq_v) / N``. To second order the KL divergence of
+    logit errors ``e`` is ``1/2 sum_v p_v (e_v - mean_p e)^2``: a row counts as often as its token is likely
+    (the unweighted error counts every row of a 49,152-token vocabulary alike, and cannot see row tiers). Every
+    row of the :data:`HEAD_EXACT_ROWS` likeliest tokens is measured, of the others every k-th, scaled by k; a
+    row-tiered type's error is its rows' errors in their tier's type, by rank."""
+    from ..gguf_types.tiers import TieredType
+    R = w.shape[0]
+    order = np.argsort(-np.asarray(probs, np.float64), kind="stable")
+    top = order[:HEAD_EXACT_ROWS]
+    rest = order[HEAD_EXACT_ROWS:]
+    k = max(1, -(-rest.size // MAX_ERROR_ROWS))
+    rows = np.concatenate([top, rest[::k]])
+    rank = np.concatenate([np.arange(top.size), top.size + np.arange(0, rest.size, k)])
+    c = np.where(rank < top.size, 1.0, float(k)) * np.asarray(probs, np.float64)[rows] * R
+    ws = np.ascontiguousarray(w[torch.from_numpy(rows)].numpy(), dtype=np.float32)
+    wt = torch.from_numpy(ws)
+    per_row: dict[str, np.ndarray] = {}
+
+    def row_errors(q: str) -> np.ndarray:
+        if q not in per_row:
+            d = (_quantized(gguf_types.get(q), ws, imp) - wt).to(torch.float32)
+            per_row[q] = ((d @ H) * d).sum(1).double().numpy() / n_tok
+        return per_row[q]
+
+    for q in types:
+        qt = gguf_types.get(q)
+        ts.nbytes[q] = file_bytes(ts.name, ts.shape, qt)
+        if isinstance(qt, TieredType):
+            bounds = np.cumsum(qt.tier_rows(R))
+            tier = np.searchsorted(bounds, rank, side="right")
+            e = np.zeros(rows.size)
+            for i, (t, _) in enumerate(qt.tiers):
+                sel = tier == i
+                e[sel] = row_errors(t.name)[sel]
+        elif is_codebook(qt):
+            continue
+        else:
+            e = row_errors(q)
+        ts.error[q] = float((c * e).sum())
 
 
 def _aq_quantized(qt, w: np.ndarray, H: torch.Tensor, name: str, seed: int, options: dict | None = None,
@@ -247,7 +324,7 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
     ``aq_outliers``: the share of each AQ tensor's weights the conversion keeps as sparse float16 outliers (the AQ
     method's ``outliers``); the AQ candidates' errors and bytes include them."""
     from ..errors import OptionError
-    from .blockwise import _calibration, chunk_samples
+    from .blockwise import _calibration, chunk_samples, token_probabilities
 
     if aq_search not in AQ_SEARCH:
         raise OptionError(f"AQ search {aq_search!r}: expected one of {', '.join(AQ_SEARCH)}")
@@ -278,6 +355,7 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
     check_layers = _check_layers(measured_layers, AQ_CHECK_LAYERS) if check and aq_search == "sampled" else []
     held_out: dict[str, dict[str, float]] = {}   # searched AQ errors of the check layers (not used by the plan)
     extra_ref: dict[str, tuple[str, float]] = {}  # tensors without a standard candidate: (reference type, its e)
+    row_probs = None                             # mean token probabilities (a head with row-tiered candidates)
 
     def candidates(name: str, w: torch.Tensor, H: torch.Tensor, n_tok: float, Hf: torch.Tensor | None = None,
                    il: int | None = None) -> None:
@@ -294,8 +372,12 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
         imp = np.ascontiguousarray(imp, dtype=np.float32)
         imp_used[name] = imp
         Hf = H.to(torch.float32) if Hf is None else Hf
-        wt = torch.from_numpy(ws)
         ts = TensorSensitivity(name, shape, {}, {})
+        if row_probs is not None and il is None:   # the head with row-tiered candidates: probability-weighted
+            _weighted_head(ts, types, w2, row_probs, imp, Hf, n_tok)
+            sens[name] = ts
+            return
+        wt = torch.from_numpy(ws)
         for q in types:
             qt = gguf_types.get(q)
             ts.nbytes[q] = file_bytes(name, shape, qt, aq_outliers if is_codebook(qt) else 0.0)
@@ -358,6 +440,9 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
     # the output head: Gram matrix of the final normed hidden states
     hN = rm.final_norm(hp, M.out_norm, x).reshape(-1, hp.n_embd)
     H_out = (hN.T @ hN).double()
+    head_names = ["token_embd.weight"] if M.tied else ["output.weight", "token_embd.weight"]
+    if any(is_tiered(gguf_types.get(q)) for n in head_names for q in types_for(n, M.shapes[n])):
+        row_probs = token_probabilities(hN, M.out_w)   # the rows' weights (_weighted_head) and tier order
     del x, hN
     M.scored = slice(kt // 2, None)   # KL divergence on the second half of each sequence (as llama-perplexity)
     M.base_lp = M.head_logp(xs[:, M.scored])
@@ -402,9 +487,9 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
                   else _quantized(qt, w2, imp)).reshape(w.shape)
             return M.tail_kld(il, layer_inputs[il], {k: wq})
         if name == "token_embd.weight":
-            wq = _quantized(qt, M.emb.numpy(), imp).reshape(M.emb.shape)
+            wq = _quantized(qt, M.emb.numpy(), imp, row_probs).reshape(M.emb.shape)
             return M.tail_kld(0, rm.embed(wq, ids_s), None, wq if M.tied else None)
-        wq = _quantized(qt, M.out_w.numpy(), imp).reshape(M.out_w.shape)   # output.weight
+        wq = _quantized(qt, M.out_w.numpy(), imp, row_probs).reshape(M.out_w.shape)   # output.weight
         return float((M.base_p * (M.base_lp - M.head_logp(xs[:, M.scored], wq))).sum(-1).mean())
 
     t1 = time.perf_counter()

@@ -298,6 +298,20 @@ class AQLinear(LinearBase):
 register_codebook_kind("aq", lambda name, qt, shape, comp: AQLinear(name, qt, shape, comp))
 
 
+def tiered_linear(name: str, qt, shape: tuple[int, int], comp) -> DenseLinear:
+    """A row-tiered weight (gguf_types/tiers.py): its tiers are standard types, which the runner holds as float32
+    like any standard weight, so it is dequantized once, rows put back in their order. Activations are rounded as
+    llama.cpp would for the tiers' types when they all round alike (Q8_0, Q5_0, IQ4_NL, ...), else not at all."""
+    w = torch.from_numpy(np.ascontiguousarray(qt.dequantize(comp, tuple(shape)), np.float32))
+    kinds = {rounder_for(t.name) for t, _ in qt.tiers}
+    lin = DenseLinear(name, w, qt.tiers[0][0].name if len(kinds) == 1 else "F32")
+    lin.source_type = qt.name
+    return lin
+
+
+register_codebook_kind("tiers", tiered_linear)
+
+
 class VQLinear(LinearBase):
     """A VQ weight kept compressed (bit-packed indices, codebooks, permutation, column norms): native
     :class:`qgguf.native.VQTensor` (matvec for one token, matmul for several), or, without the native module,
@@ -437,7 +451,7 @@ def codebook_companions(name: str, tensors: Mapping, md: Mapping, path=None):
                              f"{name}{sp.suffix} is {got} {list(ne)}, expected {sp.container} "
                              f"{list(sp.gguf_shape)}", path)
         raw = np.asarray(t.data)
-        comp[sp.suffix] = raw.view(np.uint8).reshape(-1).view(sp.dtype).reshape(sp.shape)
+        comp[sp.suffix] = raw.view(np.uint8).reshape(-1).view(sp.dtype).reshape(sp.array_shape)
     return qt, shape, comp
 
 
@@ -453,7 +467,8 @@ def codebook_linear(name: str, tensors: Mapping, md: Mapping, expect: tuple[int,
     factory = _CODEBOOK_KINDS.get(qt.family)
     if factory is None:
         raise UnsupportedModelError(f"tensor {name}: no runtime kind for codebook family {qt.family!r}", path)
-    if CODEBOOK_DEVICE == "cuda":          # the CUDA kernels (qgguf.native.cuda); None: unavailable, CPU kind
+    if CODEBOOK_DEVICE == "cuda" and qt.family in ("aq", "vq"):   # the CUDA kernels (qgguf.native.cuda); None:
+        # unavailable, CPU kind (a row-tiered matrix is standard types: dense, as the runner holds those)
         from ..native.cuda.linear import cuda_codebook_linear
         lin = cuda_codebook_linear(name, qt, shape, comp)
         if lin is not None:
