@@ -204,6 +204,9 @@ def test_allocator_offers_and_writes_tiered_heads(tmp_path):
         cand = r["sensitivity"][n]["candidates"]
         assert "tiers-Q8_0@256-Q4_0" in cand, cand
         assert cand["Q8_0"][1] < cand["tiers-Q8_0@256-Q4_0"][1] < cand["Q4_0"][1]
+        d = r["sensitivity"][n]          # the tiers' own factor, from a real KL divergence of one of them
+        assert d["tier_ref"] == "tiers-Q8_0@256-Q4_0" and d["tier_alpha"] > 0
+        assert cand["tiers-Q8_0@256-Q4_0"][2] == pytest.approx(d["tier_alpha"] * cand["tiers-Q8_0@256-Q4_0"][1])
     tiered = {n: t for n, t in r["types"].items() if t.lower().startswith("tiers-")}
     assert tiered, r["types"]
     size = (tmp_path / "mix.gguf").stat().st_size

@@ -136,7 +136,8 @@ def sensitivity_from(path, free: dict, types_for, aq_outliers: float | None = No
         ts = TensorSensitivity(name, tuple(c.shape), {q: int(v[0]) for q, v in cand.items()},
                                {q: float(v[1]) for q, v in cand.items()}, d.get("ref", ""),
                                float(d.get("ref_kld", 0.0)), float(d.get("alpha", 0.0)),
-                               ref_error=float(d.get("ref_error", 0.0)))
+                               ref_error=float(d.get("ref_error", 0.0)), tier_ref=str(d.get("tier_ref", "")),
+                               tier_alpha=float(d.get("tier_alpha", 0.0)))
         out[name] = ts
     return Sensitivity(out, cal.get("dataset", ""), int(cal.get("tokens", 0)), int(cal.get("kld_tokens", 0)),
                        proxy_check=r.proxy_check)

@@ -99,9 +99,16 @@ class TensorSensitivity:
     alpha: float = 0.0                     # KLD per unit of e
     predicted: dict[str, str] = field(default_factory=dict)   # AQ type -> the standard type its e is predicted from
     ref_error: float = 0.0                 # e(t, ref); ref need not be a candidate (an AQ-only --mix-types)
+    # the head's row-tiered candidates (probability-weighted errors, _weighted_head): their own factor, measured on
+    # ``tier_ref``. The weighted error predicts their gain over a uniform type too well by itself: on SmolLM2,
+    # 1,024 Q8_0 rows cut it to 0.24x IQ4_NL's, the real KL divergence to 0.38x (held-out C4), so one factor for
+    # both would buy too many upper-tier rows
+    tier_ref: str = ""
+    tier_alpha: float = 0.0
 
     def kld(self, q: str) -> float:
-        return float(self.alpha * self.error[q])
+        a = self.tier_alpha if self.tier_alpha and q.lower().startswith("tiers-") else self.alpha
+        return float(a * self.error[q])
 
     def options(self, allowed=None) -> TensorOptions:
         return TensorOptions(self.name, [Option(q, self.nbytes[q], self.kld(q)) for q in self.error
@@ -112,6 +119,8 @@ class TensorSensitivity:
              "candidates": {q: [self.nbytes[q], self.error[q], self.kld(q)] for q in self.error}}
         if self.predicted:
             d["aq_predicted_from"] = dict(self.predicted)
+        if self.tier_alpha:
+            d["tier_ref"], d["tier_alpha"] = self.tier_ref, self.tier_alpha
         return d
 
 
@@ -210,6 +219,9 @@ def _quantized(qt, w: np.ndarray, imp: np.ndarray | None, row_probs: np.ndarray 
 TIER_TOPS = ("Q8_0", "Q5_0")
 TIER_COUNTS = (256, 512, 1024, 2048, 4096, 8192)
 TIER_MID = (("Q8_0", (256, 512, 1024, 2048)), ("Q5_0", (4096, 8192, 16384)))
+#: the row-tiered candidate whose real KL divergence gives the tiers' factor: this many rows in Q8_0, the rest in the
+#: head's reference type
+TIER_REF_ROWS = 1024
 #: the head's weighted layer error takes every row of this many likeliest tokens, and every k-th of the others
 HEAD_EXACT_ROWS = 16384
 
@@ -505,6 +517,12 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
         ts.ref_kld = max(0.0, real_kld(ts.name, ts.ref))
         e = ts.ref_error
         ts.alpha = ts.ref_kld / e if e > 0 else 0.0
+        tiered = [q for q in ts.error if is_tiered(gguf_types.get(q))]
+        if tiered and ts.alpha > 0:   # the head's row tiers: a factor of their own (see TensorSensitivity)
+            want = f"tiers-Q8_0@{TIER_REF_ROWS}-{ts.ref}"
+            tref = want if want in ts.error else min(tiered, key=lambda q: ts.nbytes[q])
+            k, e = max(0.0, real_kld(ts.name, tref)), ts.error[tref]
+            ts.tier_ref, ts.tier_alpha = tref, (k / e if e > 0 else ts.alpha)
     _interpolate_alpha(sens, keys_of, measured_layers)
     say(f"sensitivity: {len(it)} single-tensor KLD measurements (layers {measured_layers}, the others' factors "
         f"interpolated per role) on {ks} x {kt} tokens in {time.perf_counter() - t1:.1f} s")
