@@ -19,6 +19,10 @@ Three measurements, each on the F32 model (run from the repository root):
              text, each tier in its own type (standard types, or an AQ configuration fitted on the tier's rows), then
              the both-roles KL divergence; plans list the tiers from the likeliest rows down, the last takes the rest
              python tools/head_probe.py tiers IQ4_NL Q8_0@1024,IQ4_NL Q8_0@4096,IQ4_NL@12288,aq-3x8-g8
+             (--text FILE or --c4-from 600: evaluate on another text; --exact: also the per-token weighted error)
+  swap       a converted file's KL divergence, the F32 model's with only its embedding/output matrix, and the
+             file's with the F32 matrix
+             python tools/head_probe.py swap bench-out/b-tier/whole.gguf
 """
 from __future__ import annotations
 
@@ -62,12 +66,12 @@ def _aq_options():
     return AQOptions(beam=1, adam_steps=20, adam_later=5, lr=0.005, kmeans_iters=15, kmeans_points=16384, damp=1.0)
 
 
-def _kld_both(m, base, Wq, chunks):
+def _kld_both(m, base, Wq, chunks, text=WIKI):
     from qgguf.runtime.evaluate import evaluate_loaded, load_tokenizer
     from qgguf.runtime.linear import DenseLinear
     m.tok_embd = DenseLinear("token_embd.weight", Wq)
     m.output = m.tok_embd
-    r = evaluate_loaded(m, load_tokenizer(F32), WIKI, ctx=512, chunks=chunks, base_model=base, progress=False)
+    r = evaluate_loaded(m, load_tokenizer(F32), text, ctx=512, chunks=chunks, base_model=base, progress=False)
     return r["kld"], r["kld_err"]
 
 
@@ -187,19 +191,67 @@ def tiers(a):
             start += n
         D = Wq.double() - W.double()
         w_err = float(((D @ H) * D).sum()) / N
-        res[plan] = dict(bytes=nbytes, layer_error=w_err, kld=_kld_both(m, base, Wq, a.chunks))
+        res[plan] = dict(bytes=nbytes, layer_error=w_err, **_weighted(h, W, pbar, D, a.exact),
+                         kld=_kld_both(m, base, Wq, a.chunks, a.text))
         print(plan, res[plan], flush=True)
+    ref = res.get("IQ4_NL")
+    if ref:   # the allocator's weighted errors relative to IQ4_NL's
+        print({p: round(r["weighted_error"] / ref["weighted_error"], 3) for p, r in res.items()})
+    print(json.dumps(res))
+
+
+@torch.no_grad()
+def _weighted(h, W, pbar, D, exact: bool) -> dict:
+    """The allocator's probability-weighted layer error of the error D (quantize/sensitivity.py: sum_v V pbar_v
+    D_v^T H D_v / N, all rows), and with ``exact`` the per-token weighting sum_t sum_v p_tv (h_t . D_v)^2 / N."""
+    H = (h.double().T @ h.double())
+    N, V = h.shape[0], W.shape[0]
+    row = ((D @ H) * D).sum(1) / N
+    out = {"weighted_error": float((pbar * V * row).sum())}
+    if exact:
+        tot = 0.0
+        Df = D.float()
+        for s in range(0, N, 512):
+            hs = h[s:s + 512]
+            E = hs @ Df.T
+            tot += float((torch.softmax(hs @ W.T, -1) * E * E).double().sum())
+        out["per_token_weighted_error"] = tot / N
+    return out
+
+
+def swap(a):
+    """A converted file: its KL divergence, the F32 model's with only the file's embedding/output matrix, and the
+    file's with the F32 matrix (tied models)."""
+    from qgguf.runtime.evaluate import evaluate_loaded, load_tokenizer
+    from qgguf.runtime.linear import DenseLinear, load_llama
+    base = _model(F32, a.threads)
+    Wf = base.tok_embd.dense_weight().float().clone()
+    q = load_llama(a.file, threads=a.threads)
+    Wq = q.tok_embd.dense_weight().float().clone()
+
+    def ev(m):
+        r = evaluate_loaded(m, load_tokenizer(F32), a.text, ctx=512, chunks=a.chunks, base_model=base, progress=False)
+        return round(r["kld"], 4), round(r["kld_err"], 4)
+    res = {"file": ev(q)}
+    m = _model(F32, a.threads)
+    m.tok_embd = m.output = DenseLinear("token_embd.weight", Wq)
+    res["f32_with_its_matrix"] = ev(m)
+    q.tok_embd = q.output = DenseLinear("token_embd.weight", Wf)
+    res["file_with_f32_matrix"] = ev(q)
     print(json.dumps(res))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("errors", "roles", "rowweight", "tiers"):
+    for name in ("errors", "roles", "rowweight", "tiers", "swap"):
         p = sub.add_parser(name)
         p.add_argument("-t", "--threads", type=int, default=2)
         p.add_argument("--nsamples", type=int, default=32)
         p.add_argument("--chunks", type=int, default=8)
+        p.add_argument("--text", default=WIKI, help="evaluation text (tiers, swap)")
+        p.add_argument("--c4-from", type=int, default=None, metavar="N",
+                       help="evaluate on the calibration file's documents N.. instead (held out from its first ones)")
         if name == "errors":
             p.add_argument("--types", default="Q5_0,IQ4_NL,Q4_0,aq-4x8-g8,aq-3x8-g8")
         if name == "roles":
@@ -210,9 +262,20 @@ def main() -> int:
         if name == "tiers":
             p.add_argument("plans", nargs="+", metavar="TYPE@ROWS,...,TYPE",
                            help="tiers from the likeliest rows down; the last takes the rest")
+            p.add_argument("--exact", action="store_true", help="also the per-token weighted error")
+        if name == "swap":
+            p.add_argument("file")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    {"errors": errors, "roles": roles, "rowweight": rowweight, "tiers": tiers}[a.cmd](a)
+    if a.c4_from is not None:
+        import tempfile
+        with open(CALIB) as f:
+            docs = [json.loads(line)["text"] for line in f if line.strip()]
+        t = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False)
+        t.write("\n\n".join(docs[a.c4_from:]))
+        t.close()
+        a.text = t.name
+    {"errors": errors, "roles": roles, "rowweight": rowweight, "tiers": tiers, "swap": swap}[a.cmd](a)
     return 0
 
 

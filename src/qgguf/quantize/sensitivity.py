@@ -253,7 +253,6 @@ def _weighted_head(ts: TensorSensitivity, types, w: torch.Tensor, probs: np.ndar
     (the unweighted error counts every row of a 49,152-token vocabulary alike, and cannot see row tiers). Every
     row of the :data:`HEAD_EXACT_ROWS` likeliest tokens is measured, of the others every k-th, scaled by k; a
     row-tiered type's error is its rows' errors in their tier's type, by rank."""
-    from ..gguf_types.tiers import TieredType
     R = w.shape[0]
     order = np.argsort(-np.asarray(probs, np.float64), kind="stable")
     top = order[:HEAD_EXACT_ROWS]
@@ -274,16 +273,16 @@ def _weighted_head(ts: TensorSensitivity, types, w: torch.Tensor, probs: np.ndar
 
     for q in types:
         qt = gguf_types.get(q)
+        if is_codebook(qt) and not is_tiered(qt):
+            continue                       # (AQ: not offered for the head by the allocator)
         ts.nbytes[q] = file_bytes(ts.name, ts.shape, qt)
-        if isinstance(qt, TieredType):
+        if is_tiered(qt):
             bounds = np.cumsum(qt.tier_rows(R))
             tier = np.searchsorted(bounds, rank, side="right")
             e = np.zeros(rows.size)
             for i, (t, _) in enumerate(qt.tiers):
                 sel = tier == i
                 e[sel] = row_errors(t.name)[sel]
-        elif is_codebook(qt):
-            continue
         else:
             e = row_errors(q)
         ts.error[q] = float((c * e).sum())
