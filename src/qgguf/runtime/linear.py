@@ -302,7 +302,10 @@ def tiered_linear(name: str, qt, shape: tuple[int, int], comp) -> DenseLinear:
     """A row-tiered weight (gguf_types/tiers.py): its tiers are standard types, which the runner holds as float32
     like any standard weight, so it is dequantized once, rows put back in their order. Activations are rounded as
     llama.cpp would for the tiers' types when they all round alike (Q8_0, Q5_0, IQ4_NL, ...), else not at all."""
-    w = torch.from_numpy(np.ascontiguousarray(qt.dequantize(comp, tuple(shape)), np.float32))
+    try:
+        w = torch.from_numpy(np.ascontiguousarray(qt.dequantize(comp, tuple(shape)), np.float32))
+    except QggufError as e:   # a corrupt row list: name the tensor (the reader adds the file)
+        raise QggufError(f"tensor {name}: {e.problem}") from None
     kinds = {rounder_for(t.name) for t, _ in qt.tiers}
     lin = DenseLinear(name, w, qt.tiers[0][0].name if len(kinds) == 1 else "F32")
     lin.source_type = qt.name
@@ -473,7 +476,10 @@ def codebook_linear(name: str, tensors: Mapping, md: Mapping, expect: tuple[int,
         lin = cuda_codebook_linear(name, qt, shape, comp)
         if lin is not None:
             return lin
-    return factory(name, qt, shape, comp)
+    try:
+        return factory(name, qt, shape, comp)
+    except QggufError as e:
+        raise e.at(path) from None
 
 
 def _codebook_source(reader, path, md: dict):
