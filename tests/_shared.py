@@ -53,3 +53,28 @@ def aq_tol(n: int = 1, B: int = 8) -> float:
     decoding, ~7e-3) or finer (16-bit tables ~5e-5, float tables ~1e-6); see qgguf.native.table_bits."""
     from qgguf import native
     return 1.5e-2 if native.table_bits(n, B) == 8 else 2e-4
+
+
+def rewrite_gguf(src, dst, mutate):
+    """Copy a GGUF through gguf.GGUFWriter with ``mutate(name, array) -> array`` applied to tensors."""
+    import gguf
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), "llama")
+    for k, f in r.fields.items():
+        if k.startswith("GGUF.") or k == "general.architecture":
+            continue
+        vt = f.types[0]
+        sub = f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(k, f.contents(), vt, sub_type=sub)
+    for t in r.tensors:
+        a0 = np.array(t.data)
+        a = mutate(t.name, a0)
+        tt = gguf.GGMLQuantizationType(int(t.tensor_type))
+        if a.dtype != a0.dtype:
+            tt = {np.dtype(np.int16): gguf.GGMLQuantizationType.I16, np.dtype(np.int8): gguf.GGMLQuantizationType.I8,
+                  np.dtype(np.float32): gguf.GGMLQuantizationType.F32}[a.dtype]
+        w.add_tensor(t.name, a, raw_dtype=tt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

@@ -15,6 +15,7 @@ from qgguf.gguf_types.codebook import AQ_CODEBOOKS, AQ_CODES, AQ_SCALES, Codeboo
 ROOT = Path(__file__).resolve().parents[1]
 
 
+from _shared import rewrite_gguf as _rewrite  # noqa: E402
 from _shared import synthetic_tool as _synthetic  # noqa: E402
 
 
@@ -232,31 +233,6 @@ def test_runner_fallback_equals_native(tiny_files):
 
 def _cb16(lin):
     return lin.native._cb32.astype(np.float16)
-
-
-def _rewrite(src, dst, mutate):
-    """Copy a GGUF through gguf.GGUFWriter with ``mutate(name, array) -> array`` applied to tensors."""
-    import gguf
-    r = gguf.GGUFReader(str(src))
-    w = gguf.GGUFWriter(str(dst), "llama")
-    for k, f in r.fields.items():
-        if k.startswith("GGUF.") or k == "general.architecture":
-            continue
-        vt = f.types[0]
-        sub = f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(k, f.contents(), vt, sub_type=sub)
-    for t in r.tensors:
-        a0 = np.array(t.data)
-        a = mutate(t.name, a0)
-        tt = gguf.GGMLQuantizationType(int(t.tensor_type))
-        if a.dtype != a0.dtype:
-            tt = {np.dtype(np.int16): gguf.GGMLQuantizationType.I16, np.dtype(np.int8): gguf.GGMLQuantizationType.I8,
-                  np.dtype(np.float32): gguf.GGMLQuantizationType.F32}[a.dtype]
-        w.add_tensor(t.name, a, raw_dtype=tt)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
 
 
 def test_bad_companions_raise(tiny_files, tmp_path):

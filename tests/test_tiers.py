@@ -221,28 +221,19 @@ def test_allocator_offers_and_writes_tiered_heads(tmp_path):
 
 @needs_data
 def test_corrupt_row_list_is_a_clear_error(tmp_path):
-    import gguf
+    from _shared import rewrite_gguf
 
     from qgguf.runtime.linear import load_llama
     src = tmp_path / "t.gguf"
     _convert(src, method="rtn", type="Q8_0", tensor_types=["token_embd.weight=tiers-Q8_0@100-Q4_0"])
     bad = tmp_path / "bad.gguf"
-    r = gguf.GGUFReader(str(src))
-    w = gguf.GGUFWriter(str(bad), "llama")
-    for k, f in r.fields.items():
-        if k.startswith("GGUF.") or k == "general.architecture":
-            continue
-        vt = f.types[0]
-        w.add_key_value(k, f.contents(), vt, sub_type=f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
-    for t in r.tensors:
-        a = np.array(t.data)
-        if t.name == "token_embd.weight" + TIER_ROWS:
-            a = a.copy()
-            a[1] = a[0]                 # a row twice
-        w.add_tensor(t.name, a, raw_dtype=gguf.GGMLQuantizationType(int(t.tensor_type)))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+
+    def dup(name, a):           # a row twice
+        if name != "token_embd.weight" + TIER_ROWS:
+            return a
+        a = a.copy()
+        a[1] = a[0]
+        return a
+    rewrite_gguf(src, bad, dup)
     with pytest.raises(QggufError, match=r"bad\.gguf: tensor token_embd\.weight: .*not ascending"):
         load_llama(bad)
