@@ -56,7 +56,8 @@ def aq_tol(n: int = 1, B: int = 8) -> float:
 
 
 def rewrite_gguf(src, dst, mutate):
-    """Copy a GGUF through gguf.GGUFWriter with ``mutate(name, array) -> array`` applied to tensors."""
+    """Copy a GGUF through gguf.GGUFWriter with ``mutate(name, array) -> array`` applied to tensors (None: the
+    tensor is left out)."""
     import gguf
     r = gguf.GGUFReader(str(src))
     w = gguf.GGUFWriter(str(dst), "llama")
@@ -69,6 +70,8 @@ def rewrite_gguf(src, dst, mutate):
     for t in r.tensors:
         a0 = np.array(t.data)
         a = mutate(t.name, a0)
+        if a is None:
+            continue
         tt = gguf.GGMLQuantizationType(int(t.tensor_type))
         if a.dtype != a0.dtype:
             tt = {np.dtype(np.int16): gguf.GGMLQuantizationType.I16, np.dtype(np.int8): gguf.GGMLQuantizationType.I8,

@@ -247,24 +247,7 @@ def test_bad_companions_raise(tiny_files, tmp_path):
     with pytest.raises(QggufError, match="aq_codes"):
         load_llama(bad2)
     bad3 = tmp_path / "missing.gguf"
-    import gguf
-
-    def drop(n, a):
-        return a
-    r = gguf.GGUFReader(str(src))
-    w = gguf.GGUFWriter(str(bad3), "llama")
-    for k, f in r.fields.items():
-        if k.startswith("GGUF.") or k == "general.architecture":
-            continue
-        vt = f.types[0]
-        w.add_key_value(k, f.contents(), vt, sub_type=f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
-    for t in r.tensors:
-        if t.name != "blk.0.attn_v.weight.aq_codebooks":
-            w.add_tensor(t.name, np.array(t.data), raw_dtype=gguf.GGMLQuantizationType(int(t.tensor_type)))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _rewrite(src, bad3, lambda n, a: None if n == "blk.0.attn_v.weight.aq_codebooks" else a)
     with pytest.raises(QggufError, match="missing"):
         load_llama(bad3)
 

@@ -182,6 +182,7 @@ def plan_mixed(source, out: Path, *, type: str, method: str, pure: bool = False,
     so = dict(sensitivity or {})
     if not free:
         raise OptionError("every quantizable tensor is pinned by --tensor-type: nothing to choose")
+    from ..quantize.blockwise import HEAD_TENSORS
     from ..quantize.sensitivity import (AQ_CANDIDATES, STANDARD_CANDIDATES, candidate_types, measure,
                                         tier_candidates)
 
@@ -204,7 +205,7 @@ def plan_mixed(source, out: Path, *, type: str, method: str, pure: bool = False,
         if c is None:
             return []
         types = candidate_types(shape, pool + (aq_pool if is_block_linear(name) else ()))
-        if aq_pool and name in ("token_embd.weight", "output.weight"):   # the head's rows by their tokens' likelihood
+        if aq_pool and name in HEAD_TENSORS:   # the embedding/output matrix: rows by their tokens' likelihood
             types += tier_candidates(shape, pool)
         if dynamic:   # the preset's type and the larger ones
             floor = gguf_types.get(c.type).nbytes(shape)

@@ -749,13 +749,16 @@ def run_blocks(source, plan, qtypes: dict, method: BlockMethod, ctx: QuantContex
     h = rm.final_norm(hp, torch.from_numpy(on), x_q).reshape(-1, hp.n_embd).double()
     out_name = "output.weight" if "output.weight" in names else "token_embd.weight"
     imp = {out_name: (h.pow(2).sum(0) / h.shape[0]).float().numpy()}
+    probs = None
     for n in HEAD_TENSORS:   # a head tensor in a codebook type (AQ) is fitted against the whole Gram matrix of
         c = choices.get(n)   # those states (an untied embedding too: the head's inputs as its proxy, as in
         if c is None:        # quantize/sensitivity.py)
             continue
-        if is_tiered(qtypes[c.type]):   # row-tiered: its rows ranked by their tokens' mean probability
-            ctx.extra.setdefault("row_weights", {})[n] = token_probabilities(
-                h.float(), torch.from_numpy(np.array(source.load(out_name), np.float32)).reshape(-1, hp.n_embd))
+        if is_tiered(qtypes[c.type]):   # row-tiered: its rows ranked by their tokens' mean probability (an untied
+            if probs is None:           # embedding by the output matrix's, computed once)
+                probs = token_probabilities(h.float(), torch.from_numpy(
+                    np.array(source.load(out_name), np.float32)).reshape(-1, hp.n_embd))
+            ctx.extra.setdefault("row_weights", {})[n] = probs
         elif is_codebook(qtypes[c.type]):
             ctx.grams[n] = (h.T @ h).float().numpy()
     del h

@@ -375,8 +375,6 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
         if not types:
             return
         w2 = w.reshape(-1, shape[-1])
-        step = max(1, -(-w2.shape[0] // MAX_ERROR_ROWS))
-        ws = np.ascontiguousarray(w2[::step].numpy(), dtype=np.float32)
         imp = imatrix.get(name) if imatrix else None
         if imp is None or np.asarray(imp).shape[-1] != shape[-1]:
             imp = (torch.diagonal(H) / n_tok).to(torch.float32).numpy()
@@ -388,6 +386,8 @@ def measure(source, *, types_for: Callable[[str, tuple], list[str]], calib=None,
             _weighted_head(ts, types, w2, row_probs, imp, Hf, n_tok)
             sens[name] = ts
             return
+        step = max(1, -(-w2.shape[0] // MAX_ERROR_ROWS))
+        ws = np.ascontiguousarray(w2[::step].numpy(), dtype=np.float32)
         wt = torch.from_numpy(ws)
         for q in types:
             qt = gguf_types.get(q)
