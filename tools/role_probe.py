@@ -93,17 +93,21 @@ def main(argv=None) -> int:
             kv = dict(x.split("=", 1) for x in opts.split(";") if x)
             outl, diag = float(kv.pop("outliers", 0)), bool(int(kv.pop("diag", 0)))
             cfg, o = parse_config(name), aq_options(kv)
+            rel = []
             for il, L in enumerate(m.layers):
                 W = getattr(base.layers[il], attr).dense_weight().numpy().astype(np.float32)
                 H = grams[il].numpy()
                 if diag:
                     H = np.diag(np.diag(H))
                 r, idx = fit_matrix(W, H, cfg, o, outl, seed=il)
+                rel.append(r.rel_err)
                 Wq = dequantize(r.codes, r.codebooks, r.scales).numpy()
                 if idx is not None:
                     Wq.reshape(-1)[idx] = W.reshape(-1)[idx]
                 setattr(L, attr, DenseLinear(getattr(L, attr).name, torch.from_numpy(Wq)))
-        print(f"{a.role} {spec}: KLD ({a.chunks} chunks) {kld():.4f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        fit = f", mean relative error {np.mean(rel):.5f}" if not spec.startswith("file:") else ""
+        print(f"{a.role} {spec}: KLD ({a.chunks} chunks) {kld():.4f}{fit}  ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
     return 0
 
 
