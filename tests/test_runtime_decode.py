@@ -108,10 +108,17 @@ def test_generate_decodes_through_the_lean_decoder(files, t, monkeypatch):
         m.reset()
         ids = list(G.generate_ids(m, [1, 17, 42], 12, greedy, set()))
         return ids, seen
+    m.reset()
+    assert len(list(G.generate_ids(m, [1, 17, 42], 1, lambda lg: int(lg.argmax()), set()))) == 1
+    assert not made   # one token needs only the prompt's forward: no decoder is built
     ids, seen = run()
     assert len(made) == 1 and len(ids) == 12
     monkeypatch.setattr(G, "_single_token_step", lambda model: lambda tid, pos: model.forward([tid], pos)[-1])
     ids_ref, seen_ref = run()
     assert len(made) == 1 and ids == ids_ref
-    for a, b in zip(seen, seen_ref):  # float rounding through 12 steps (other sum orders: mv, attention)
-        torch.testing.assert_close(torch.from_numpy(a), torch.from_numpy(b), rtol=1e-3, atol=2e-3)
+    # Rounding through 12 steps: other sum orders (matvec, attention), and the fp16 KV cache's numerics (the
+    # query and the attention probabilities rounded to half), where a sum order that flips one half rounding
+    # moves stories260K's logits (|logit| up to ~20) by up to a few 1e-3: 3.7e-3 measured on an Intel Xeon
+    # (Ice Lake-SP), under 2e-3 on an AMD EPYC (Zen 4). A wrong attention or cache moves them by ~1.
+    for a, b in zip(seen, seen_ref):
+        torch.testing.assert_close(torch.from_numpy(a), torch.from_numpy(b), rtol=1e-3, atol=1e-2)

@@ -95,7 +95,7 @@ def generate_ids(model, prompt_ids: Sequence[int], n_predict: int, sampler: Samp
         raise OptionError(f"the prompt needs {start_pos + len(ids)} positions; the context has {n_ctx}")
     logits = model.forward(ids, start_pos, logits_from=-1)[-1]
     pos = start_pos + len(ids)
-    step = _single_token_step(model)
+    step = None   # the decoder is built only when a token follows the prompt's (not for n_predict=1 or an early stop)
     n = 0
     while n_predict < 0 or n < n_predict:
         tid = sampler(logits.numpy())
@@ -105,6 +105,7 @@ def generate_ids(model, prompt_ids: Sequence[int], n_predict: int, sampler: Samp
             return
         if n_predict >= 0 and n >= n_predict:
             return
+        step = step or _single_token_step(model)
         logits = step(tid, pos)
         pos += 1
 
