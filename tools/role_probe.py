@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Quick ablations of the AQ fit on one role of every block: the float model with that role's 30 matrices
-replaced, no fine-tuning, KLD against the float model on a few WikiText-2 chunks.
+replaced, no fine-tuning, KLD against the float model on a few WikiText-2 chunks (and, for an AQ fit, the
+mean relative layer error tr(dW H dW^T) / tr(W H W^T) of its 30 matrices).
 
     python tools/role_probe.py --configs "aq-2x8-g8:outliers=0.002;damp=1" "file:bench-out/aq/lc-ffn_down-IQ2_XXS.gguf"
 
