@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Quick ablations of the AQ fit on one role of every block: the float model with that role's 30 matrices
-replaced, no fine-tuning, KLD against the float model on a few WikiText-2 chunks (and, for an AQ fit, the
-mean relative layer error tr(dW H dW^T) / tr(W H W^T) of its 30 matrices).
+replaced, no fine-tuning, KLD against the float model on a few WikiText-2 chunks (and, for an AQ fit, the mean
+of its 30 searches' own relative error tr(dW H dW^T) / tr(W H W^T): H damped as the options say, the outlier
+positions zeroed in W before the fit, as :func:`qgguf.quantize.aq.fit_matrix` reports it).
 
     python tools/role_probe.py --configs "aq-2x8-g8:outliers=0.002;damp=1" "file:bench-out/aq/lc-ffn_down-IQ2_XXS.gguf"
 
@@ -85,6 +86,7 @@ def main(argv=None) -> int:
         h.remove()
     for spec in a.configs:
         t0 = time.perf_counter()
+        rel = []   # an AQ fit's relative errors, one per layer
         if spec.startswith("file:"):
             other = load_llama(spec[5:], threads=1)
             for L, O in zip(m.layers, other.layers):
@@ -94,7 +96,6 @@ def main(argv=None) -> int:
             kv = dict(x.split("=", 1) for x in opts.split(";") if x)
             outl, diag = float(kv.pop("outliers", 0)), bool(int(kv.pop("diag", 0)))
             cfg, o = parse_config(name), aq_options(kv)
-            rel = []
             for il, L in enumerate(m.layers):
                 W = getattr(base.layers[il], attr).dense_weight().numpy().astype(np.float32)
                 H = grams[il].numpy()
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
                 if idx is not None:
                     Wq.reshape(-1)[idx] = W.reshape(-1)[idx]
                 setattr(L, attr, DenseLinear(getattr(L, attr).name, torch.from_numpy(Wq)))
-        fit = f", mean relative error {np.mean(rel):.5f}" if not spec.startswith("file:") else ""
+        fit = f", mean relative error {np.mean(rel):.5f}" if rel else ""
         print(f"{a.role} {spec}: KLD ({a.chunks} chunks) {kld():.4f}{fit}  ({time.perf_counter() - t0:.0f} s)",
               flush=True)
     return 0
