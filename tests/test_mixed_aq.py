@@ -219,7 +219,7 @@ def test_bits_plan_tensor_spends_the_bits_budget_per_tensor(tmp_path):
     from qgguf.convert.sources import open_source
     from qgguf.quantize.aq import plan_aq
     src = _mid_model(tmp_path)
-    role = qgguf.convert(src, tmp_path / "role.gguf", bits=3, **CAL)
+    role = qgguf.convert(src, tmp_path / "role.gguf", bits=3, bits_plan="role", **CAL)
     s = open_source(src)
     try:
         aqp = plan_aq([(t.name, t.shape) for t in s.tensors], bits=3, outliers=0.002)
@@ -231,7 +231,8 @@ def test_bits_plan_tensor_spends_the_bits_budget_per_tensor(tmp_path):
     role_lin = sum(t.nbytes for t in role.tensors if t.name in set(aqp.tensors))
     assert role_lin < 3 * n_lin / 8
     assert abs(budget - (role.file_bytes - role_lin + 3 * n_lin / 8)) < 32 * (len(aqp.tensors) * 5 + 2)
-    rep = qgguf.convert(src, tmp_path / "tensor.gguf", bits=3, bits_plan="tensor", save_recipe=tmp_path / "r.json",
+    # the default plan (auto) for the whole model is the per-tensor one
+    rep = qgguf.convert(src, tmp_path / "tensor.gguf", bits=3, save_recipe=tmp_path / "r.json",
                         sensitivity=SENS, **CAL)
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["mode"] == "target-size" and r["target"]["file_bytes"] == budget
@@ -245,3 +246,33 @@ def test_bits_plan_tensor_spends_the_bits_budget_per_tensor(tmp_path):
     with pytest.raises(OptionError, match="bits-plan"):
         qgguf.convert(src, tmp_path / "x.gguf", bits=3, bits_plan="layer", **CAL)
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_bits_plan_resume_reuses_the_measurement(tmp_path, monkeypatch):
+    """A ``--bits`` per-tensor conversion interrupted after its measurement keeps it beside the block checkpoints
+    (``OUT.qgguf-resume/sensitivity.json``); ``--resume`` plans from it without measuring again, to the same types."""
+    import qgguf.quantize.blockwise as blockwise
+    import qgguf.quantize.sensitivity as sensitivity
+    src = _mid_model(tmp_path)
+    out = tmp_path / "t.gguf"
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(blockwise, "run_blocks", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            qgguf.convert(src, out, bits=3, save_recipe=tmp_path / "first.json", sensitivity=SENS, **CAL)
+    kept = tmp_path / "t.gguf.qgguf-resume" / "sensitivity.json"
+    assert kept.is_file() and not out.exists()
+
+    def no_measurement(*a, **k):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(sensitivity, "measure", no_measurement)
+    qgguf.convert(src, out, bits=3, resume=True, save_recipe=tmp_path / "again.json", sensitivity=SENS, **CAL)
+    first, again = (json.loads((tmp_path / f).read_text()) for f in ("first.json", "again.json"))
+    assert again["types"] == first["types"]
+    got = _types(out)
+    assert {n: got[n] for n in first["types"]} == {n: t.lower() for n, t in first["types"].items()}
+    assert not kept.parent.exists()   # removed with the checkpoints once the file is written

@@ -46,14 +46,14 @@ def ensure_files(d: Path, shape: str, aq_types: list[str], vocab: int | None, lo
         f = d / f"{tag}-{t}.gguf"
         if not f.exists():
             log(f"making {f} ...")
-            subprocess.run(syn + ["--type", t, "-o", str(f)], check=True, cwd=ROOT)
+            subprocess.run(syn + ["--type", t, "-o", str(f)], check=True, cwd=ROOT, stdout=sys.stderr)
         files[t] = f
     q4 = d / f"{tag}-Q4_K_M.gguf"
     if not q4.exists():
         f16 = d / f"{tag}-F16.gguf"
         if not f16.exists():
             log(f"making {f16} ...")
-            subprocess.run(syn + ["--type", "F16", "-o", str(f16)], check=True, cwd=ROOT)
+            subprocess.run(syn + ["--type", "F16", "-o", str(f16)], check=True, cwd=ROOT, stdout=sys.stderr)
         log(f"quantizing {q4} with llama.cpp (llama_model_quantize Q4_K_M) ...")
         code = ("import ctypes, llama_cpp as L; p = L.llama_model_quantize_default_params(); "
                 "p.ftype = L.LLAMA_FTYPE_MOSTLY_Q4_K_M; p.nthread = 2; "
@@ -129,7 +129,7 @@ def memory_section(a, log) -> dict:
             log(f"making {f} ...")
             subprocess.run([PY, str(ROOT / "tools" / "synthetic_model.py"), "--shape", "smollm2-135m", "--type", t,
                             "--embd-type", "Q8_0" if t != "F32" else "F32", "-o", str(f), "--quiet"],
-                           check=True, cwd=ROOT)
+                           check=True, cwd=ROOT, stdout=sys.stderr)   # --json: stdout holds the JSON alone
         r = _run_json([PY, "-m", "qgguf", "bench", str(f), "-p", "0", "-n", "8", "-t", str(a.threads), "-r", "1",
                        "--json"], timeout=a.timeout)
         out[t] = {"file_bytes": r["model_bytes"], "rss_model_bytes": r["rss_model_bytes"], "tg_tps": r["tg_tps"]}

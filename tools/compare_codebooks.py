@@ -54,8 +54,8 @@ def make_file(name: str, args, imatrix: Path, dest: Path, log: Path) -> dict:
            "--calib", args.calib, "--seed", str(args.seed), "-t", str(args.threads), "--json"]
     if rest.startswith("ffn_down-"):
         cmd += ["--type", "Q8_0", "--pure", "--tensor-method", f"ffn_down={method}", "--bits", rest[len("ffn_down-"):]]
-    else:
-        cmd += ["--bits", rest]
+    else:   # one configuration per role, as VQ's --bits gives it: AQ against VQ like for like
+        cmd += ["--bits", rest] + (["--bits-plan", "role"] if method == "aq" else [])
     for kv in extra:
         cmd += ["-O", kv]
     if dest.with_name(dest.name + ".qgguf-resume").is_dir():

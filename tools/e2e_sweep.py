@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     elif args.kind == "ffn_down":
         kw = dict(type="Q8_0", pure=True, tensor_methods=["ffn_down=aq"], bits=2.2)
     else:
-        kw = dict(bits=3.0 if args.kind == "bits3" else 2.0)
+        kw = dict(bits=3.0 if args.kind == "bits3" else 2.0, bits_plan="role")   # the kinds' files: per role
     kw["tensor_types"] = list(args.tensor_type)
     for k in ("nsamples", "seqlen"):   # -O nsamples=/seqlen= are the pipeline's --nsamples/--seqlen
         if k in opts:

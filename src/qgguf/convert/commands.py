@@ -56,11 +56,12 @@ def add_parsers(sub) -> None:
     a.add_argument("--bits", type=float, metavar="B",
                    help="aq: the most accurate configuration whose bits per weight of the AQ tensors, every byte "
                         "counted (codes, codebooks, scales), is at most B")
-    a.add_argument("--bits-plan", choices=["role", "tensor"], default="role",
-                   help="how --bits B is spent with --method aq: one configuration per role (role, the default), or "
-                        "per tensor by the mixed-precision allocator from measured KL divergences (tensor: the "
-                        "block linears' bytes at B bits per weight plus the embedding/output as --bits gives them, "
-                        "spent on AQ configurations and standard types; slower, a measurement first)")
+    a.add_argument("--bits-plan", choices=["auto", "role", "tensor"], default="auto",
+                   help="how --bits B is spent with --method aq: per tensor by the mixed-precision allocator from "
+                        "measured KL divergences (tensor: the block linears' bytes at B bits per weight plus the "
+                        "embedding/output as --bits gives them, spent on AQ configurations and standard types; a "
+                        "measurement first), or one configuration per role (role: no measurement, faster, less "
+                        "accurate). auto (default): tensor for the whole model, role with --tensor-method")
     a.add_argument("--vq-config", metavar="vq-vV-kK[-KR][-oP][-gG]",
                    help="VQ configuration (--method vq; VPTQ-style vectors of V rows, K centroids, KR residual "
                         "centroids, P%% outlier columns, G codebook groups; default vq-v8-k256-256); --bits B with "

@@ -135,12 +135,13 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
             tensor_methods=(), target_size=None, target_bpw: float | None = None, compat: str | None = None,
             dynamic: bool = False, dynamic_extra: float = 0.10, recipe_file=None, save_recipe=None,
             sensitivity: dict | None = None, vq_config: str | None = None, max_memory=None,
-            bits_plan: str = "role") -> ConvertReport:
+            bits_plan: str = "auto") -> ConvertReport:
     """Convert ``src`` (GGUF file, Hugging Face folder or alias) to a GGUF at ``out``.
 
     ``bits_plan="tensor"`` (with ``method="aq"`` and ``bits``): the mixed-precision allocator spends the bytes of
     ``bits`` per weight on each block linear's type (:func:`qgguf.convert.mixed.bits_budget`) instead of one
-    configuration per role.
+    configuration per role (``"role"``). ``"auto"`` (the default): ``"tensor"`` for AQ ``bits`` over the whole model
+    (no ``aq_config``, ``tensor_methods`` or other mixed-precision option), else ``"role"``.
 
     ``method_options``: options of the method (``damp``, ``actorder``, ``passes``, ``init``, ``outliers``,
     ``iters``, ``lr``, ``recipe``, ``batch_size``, ...), passed to its constructor and kept in
@@ -202,11 +203,12 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
     if resume and not blockwise:
         raise OptionError(f"--resume applies to block methods (gptq, quantease, autoround), not {method}")
 
-    if bits_plan not in ("role", "tensor"):
-        raise OptionError(f"--bits-plan {bits_plan!r}: expected role or tensor")
-    per_tensor = bits_plan == "tensor"
-    if per_tensor and (bits is None or method != "aq" or vq_wanted or aq_config is not None or tensor_methods
-                       or mixed_wanted):
+    if bits_plan not in ("auto", "role", "tensor"):
+        raise OptionError(f"--bits-plan {bits_plan!r}: expected auto, role or tensor")
+    whole_model_bits = (bits is not None and method == "aq" and not vq_wanted and aq_config is None
+                        and not tensor_methods and not mixed_wanted)
+    per_tensor = bits_plan == "tensor" or (bits_plan == "auto" and whole_model_bits)
+    if per_tensor and not whole_model_bits:
         raise OptionError("--bits-plan tensor takes --method aq --bits B for the whole model (no --aq-config, "
                           "--tensor-method, VQ or other mixed-precision option)")
     if mixed_wanted and (vq_wanted or aq_config is not None or bits is not None or tensor_methods):
@@ -232,7 +234,7 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
             token_embedding_type, output_tensor_type = aqp.token_embedding_type, aqp.output_tensor_type
             if aqp.other and "other" not in opts:
                 m.other = aqp.other
-            if bits is not None:   # the configuration --bits chose, and its true size
+            if bits is not None and not per_tensor:   # the configuration --bits chose, and its true size
                 from collections import Counter
                 mix = Counter(t.lower() for _p, t in aqp.tensor_types[:len(aqp.tensors)])
                 print(f"qgguf: --bits {bits:g}: {', '.join(f'{c} on {k}' for c, k in mix.most_common())} tensors "
@@ -245,13 +247,22 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
                                       pure=pure, has_imatrix=m.needs_calibration,
                                       outliers=float(getattr(m, "outliers", 0.0) or 0.0))
             print(f"qgguf: --bits {bits:g} --bits-plan tensor: the allocator spends {target_size:,} bytes (the block "
-                  f"linears at {bits:g} bits per weight, every byte counted, and the rest as --bits gives it) on "
-                  "measured AQ configurations and standard types per tensor", file=sys.stderr)
+                  f"linears at {bits:g} bits per weight, every byte counted, and the embedding/output as --bits gives "
+                  "it) on measured AQ configurations and standard types per tensor (--bits-plan role: one "
+                  "configuration per role, no measurement, faster)", file=sys.stderr)
             tensor_types, token_embedding_type, output_tensor_type = user_types
             mixed_wanted, bits = True, None
         recipe = None
         if mixed_wanted:
             from .mixed import plan_mixed
+            # the measurement is kept beside the block checkpoints: --resume reuses it instead of measuring again
+            kept = None
+            if blockwise and out is not None and recipe_file is None:
+                from ..quantize.blockwise import RESUME_SUFFIX
+                kept = Path(out).with_name(Path(out).name + RESUME_SUFFIX) / "sensitivity.json"
+                if resume and kept.is_file() and not (sensitivity or {}).get("from"):
+                    sensitivity = {**(sensitivity or {}), "from": str(kept)}
+                    print(f"qgguf: --resume: the sensitivities measured before, from {kept}", file=sys.stderr)
             recipe = plan_mixed(source, Path(out) if out is not None else default_output(src, type), type=type,
                                 method=m.describe(), pure=pure, token_embedding_type=token_embedding_type,
                                 output_tensor_type=output_tensor_type, tensor_types=tensor_types,
@@ -266,6 +277,9 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
                 m.outliers = float((recipe.sensitivity or {}).get("_calibration", {}).get("aq_outliers", 0.0) or 0.0)
             if save_recipe:
                 recipe.save(save_recipe)
+            if kept is not None and not (sensitivity or {}).get("from") and kept.parent.parent.is_dir():
+                kept.parent.mkdir(exist_ok=True)
+                recipe.save(kept)
         plan: TypePlan = plan_types(
             [(t.name, t.shape) for t in source.tensors], arch=source.arch, n_layer=source.n_layer,
             n_head=source.n_head, n_head_kv=source.n_head_kv, type=type, pure=pure,
