@@ -54,8 +54,8 @@ def add_parsers(sub) -> None:
     a.add_argument("--aq-config", metavar="aq-MxB-gG",
                    help="AQ configuration: M codebooks of 2^B entries over groups of G inputs (default aq-2x8-g8)")
     a.add_argument("--bits", type=float, metavar="B",
-                   help="aq: the most accurate configuration whose bits per weight of the AQ tensors, every byte "
-                        "counted (codes, codebooks, scales), is at most B")
+                   help="aq: the most accurate file whose block linears take at most B bits per weight, every byte "
+                        "counted (codes, codebooks, scales; --bits-plan says how)")
     a.add_argument("--bits-plan", choices=["auto", "role", "tensor"], default="auto",
                    help="how --bits B is spent with --method aq: per tensor by the mixed-precision allocator from "
                         "measured KL divergences (tensor: the block linears' bytes at B bits per weight plus the "
