@@ -259,11 +259,18 @@ def test_bits_plan_resume_reuses_the_measurement(tmp_path, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
+    kept = tmp_path / "t.gguf.qgguf-resume" / "sensitivity.json"
+    kept.parent.mkdir()
+    kept.write_text("{}")   # an earlier run's: a run without --resume does not leave it for a later --resume
+    with monkeypatch.context() as mp:
+        mp.setattr(sensitivity, "measure", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            qgguf.convert(src, out, bits=3, sensitivity=SENS, **CAL)
+    assert not kept.exists()
     with monkeypatch.context() as mp:
         mp.setattr(blockwise, "run_blocks", interrupted)
         with pytest.raises(KeyboardInterrupt):
             qgguf.convert(src, out, bits=3, save_recipe=tmp_path / "first.json", sensitivity=SENS, **CAL)
-    kept = tmp_path / "t.gguf.qgguf-resume" / "sensitivity.json"
     assert kept.is_file() and not out.exists()
 
     def no_measurement(*a, **k):

@@ -263,6 +263,8 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
                 if resume and kept.is_file() and not (sensitivity or {}).get("from"):
                     sensitivity = {**(sensitivity or {}), "from": str(kept)}
                     print(f"qgguf: --resume: the sensitivities measured before, from {kept}", file=sys.stderr)
+                elif not resume:   # an earlier run's, whose measurement this run replaces
+                    kept.unlink(missing_ok=True)
             recipe = plan_mixed(source, Path(out) if out is not None else default_output(src, type), type=type,
                                 method=m.describe(), pure=pure, token_embedding_type=token_embedding_type,
                                 output_tensor_type=output_tensor_type, tensor_types=tensor_types,
