@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     outdir.mkdir(parents=True, exist_ok=True)
     opts = dict(kv.split("=", 1) for kv in args.opts)
     out = outdir / f"{args.kind}-{args.tag}.gguf"
-    ck = out.with_name(out.name + blockwise.RESUME_SUFFIX)
+    ck = blockwise.resume_folder(out)
     pristine = outdir / f"pristine-{args.kind}"
     resume = pristine.is_dir() and not args.once
     if resume:

@@ -258,8 +258,8 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
             # the measurement is kept beside the block checkpoints: --resume reuses it instead of measuring again
             kept = None
             if blockwise and out is not None and recipe_file is None:
-                from ..quantize.blockwise import RESUME_SUFFIX
-                kept = Path(out).with_name(Path(out).name + RESUME_SUFFIX) / "sensitivity.json"
+                from ..quantize.blockwise import resume_folder
+                kept = resume_folder(out) / "sensitivity.json"
                 if resume and kept.is_file() and not (sensitivity or {}).get("from"):
                     sensitivity = {**(sensitivity or {}), "from": str(kept)}
                     print(f"qgguf: --resume: the sensitivities measured before, from {kept}", file=sys.stderr)
@@ -438,8 +438,8 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
 
 
 def _resume_hint(out: Path) -> None:
-    from ..quantize.blockwise import RESUME_SUFFIX
-    ck = out.with_name(out.name + RESUME_SUFFIX)
+    from ..quantize.blockwise import resume_folder
+    ck = resume_folder(out)
     n = len(list(ck.glob("blk.*.npz"))) if ck.is_dir() else 0
     if n:
         print(f"qgguf: {n} finished blocks are saved in {ck}; run the same command with --resume to continue",

@@ -64,6 +64,12 @@ RESUME_SUFFIX = ".qgguf-resume"
 _CKPT_VERSION = 1
 
 
+def resume_folder(out) -> Path:
+    """``OUT.qgguf-resume/``: the block checkpoints of the conversion writing ``out`` (:class:`Checkpoint`)."""
+    out = Path(out)
+    return out.with_name(out.name + RESUME_SUFFIX)
+
+
 def chunk_samples(seqlen: int) -> int:
     return max(1, CHUNK_TOKENS // max(1, int(seqlen)))
 
@@ -627,7 +633,7 @@ def run_blocks(source, plan, qtypes: dict, method: BlockMethod, ctx: QuantContex
 
     if ctx.threads:
         set_torch_threads(int(ctx.threads))
-    ckpt = Checkpoint(out.with_name(out.name + RESUME_SUFFIX),
+    ckpt = Checkpoint(resume_folder(out),
                       fingerprint(source, plan, method, options or {}, calib, nsamples, seqlen, seed), resume)
     specs = {t.name: t for t in source.tensors}
     names = set(specs)
@@ -832,4 +838,5 @@ def _calibration(source, md, names, calib, nsamples, seqlen, seed, progress, thr
 
 
 __all__ = ["Block", "BlockMethod", "GramAdapter", "BlockResult", "ModelRun", "Checkpoint", "as_block_method", "run_blocks",
-           "sequential_quantize", "relative_error", "chunk_samples", "short_key", "stored_weight", "CHUNK_TOKENS", "RESUME_SUFFIX"]
+           "sequential_quantize", "relative_error", "chunk_samples", "short_key", "stored_weight", "CHUNK_TOKENS", "RESUME_SUFFIX",
+           "resume_folder"]
