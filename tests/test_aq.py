@@ -393,6 +393,44 @@ def test_end_to_end_stage_draws_more_calibration_samples(tmp_path):
         AQ(e2e_nsamples=-1)
 
 
+@needs_data
+def test_block_stage_tunes_on_its_first_ft_nsamples_sequences(tmp_path, monkeypatch):
+    """``ft_nsamples`` bounds the block stage's sequences (the layer fits' Gram matrices use all of the block
+    pass's): with the sequences after the first ``ft_nsamples`` set to NaN the stage's losses stay finite."""
+    import math
+    from qgguf.quantize import aq as aqmod
+    real, seen = aqmod.finetune_block, []
+
+    def spy(block, packed, state, ft, ctx, exact=None):
+        saved = block.x_q
+        block.x_q = saved.clone()
+        block.x_q[ft.ft_nsamples:] = float("nan")
+        try:
+            res = real(block, packed, state, ft, ctx, exact=exact)
+        finally:
+            block.x_q = saved
+        seen.append((block.nsamples, res.start_loss, res.loss))
+        return res
+    monkeypatch.setattr(aqmod, "finetune_block", spy)
+    _convert(tmp_path / "a.gguf", nsamples=12, opts=dict(max_rounds=1, ft_epochs=1, e2e="no", ft_nsamples=5))
+    assert len(seen) == 5 and all(n == 12 and math.isfinite(a) and math.isfinite(b) for n, a, b in seen)
+    assert "target=fp nsamples=5" in AQ(ft_nsamples=5).describe()
+    with pytest.raises(OptionError, match="ft_nsamples"):
+        AQ(ft_nsamples=-1)
+
+
+def test_nsamples_as_a_method_option(tmp_path):
+    """``-O nsamples=N`` / ``-O seqlen=N`` are ``--nsamples`` / ``--seqlen``; a contradiction is an error."""
+    from qgguf.convert.pipeline import convert
+    with pytest.raises(OptionError, match="contradicts --nsamples 16"):
+        convert(STORIES, tmp_path / "a.gguf", method="aq", aq_config="aq-2x8-g8", calib=C4, nsamples=16,
+                method_options={"nsamples": "8"}, progress=False)
+    with pytest.raises(OptionError, match="seqlen"):
+        convert(STORIES, tmp_path / "a.gguf", method="aq", aq_config="aq-2x8-g8", calib=C4,
+                method_options={"seqlen": "long"}, progress=False)
+    assert not (tmp_path / "a.gguf").exists()
+
+
 def test_salient_positions_pick_the_costliest_weights():
     from qgguf.quantize.aq import salient_positions
     rng = np.random.default_rng(0)

@@ -193,6 +193,19 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
         if method not in ("aq", "rtn", "imatrix"):
             opts.setdefault("other", method)
         method = "aq"
+    for k, given in (("nsamples", nsamples), ("seqlen", seqlen)):   # -O nsamples=N is --nsamples N
+        if k in opts:
+            v = opts.pop(k)
+            if given is not None and str(v) != str(given):
+                raise OptionError(f"-O {k}={v} contradicts --{k} {given}")
+            try:
+                v = int(v)
+            except (TypeError, ValueError):
+                raise OptionError(f"option {k}={v!r}: expected a positive integer") from None
+            if k == "nsamples":
+                nsamples = v
+            else:
+                seqlen = v
     m = get_method(method, calib=calib, nsamples=nsamples, seqlen=seqlen, imatrix=imatrix, imatrix_out=imatrix_out,
                    **opts)
     blockwise = is_blockwise(m)

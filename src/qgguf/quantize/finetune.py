@@ -54,6 +54,8 @@ class FinetuneOptions:
     ft_batch: int = 4
     ft_tol: float = 1e-3
     ft_target: str = "fp"
+    ft_nsamples: int = 32        # sequences of the block stage: the first ft_nsamples of the block pass's (0: all);
+                                 # the Gram matrices of the layer fits use all of them (aq.py: nsamples)
     e2e: bool = True             # end-to-end stage
     e2e_epochs: int = 1          # with e2e_nsamples=256: the cost of 128 for 2 epochs, less overfitting (aq.py)
     e2e_lr: float = 1e-3
@@ -79,7 +81,7 @@ def finetune_options(options: dict) -> FinetuneOptions:
         raise OptionError(f"option ft_target={ft.ft_target!r}: expected xq or fp")
     if ft.e2e_head not in ("stored", "tuned", "float"):
         raise OptionError(f"option e2e_head={ft.e2e_head!r}: expected stored, tuned or float")
-    for k in ("ft_epochs", "ft_batch", "e2e_epochs", "e2e_batch", "e2e_nsamples"):
+    for k in ("ft_epochs", "ft_batch", "ft_nsamples", "e2e_epochs", "e2e_batch", "e2e_nsamples"):
         if getattr(ft, k) < (1 if k.endswith("batch") else 0):
             raise OptionError(f"option {k}={getattr(ft, k)}: expected a {'positive' if k.endswith('batch') else 'non-negative'} integer")
     return ft
@@ -87,7 +89,7 @@ def finetune_options(options: dict) -> FinetuneOptions:
 
 def describe(ft: FinetuneOptions) -> str:
     s = (f"finetune={ft.ft_epochs} epochs lr={ft.ft_lr:g} batch={ft.ft_batch} tol={ft.ft_tol:g} target={ft.ft_target}"
-         if ft.finetune else "no finetune")
+         + (f" nsamples={ft.ft_nsamples}" if ft.ft_nsamples else "") if ft.finetune else "no finetune")
     if ft.e2e:
         s += (f", e2e={ft.e2e_epochs} epochs lr={ft.e2e_lr:g} batch={ft.e2e_batch} tol={ft.e2e_tol:g}"
               + ("" if ft.e2e_norms else " no norms") + (f" nsamples={ft.e2e_nsamples}" if ft.e2e_nsamples else "")
@@ -341,16 +343,17 @@ def finetune_block(block, packed: dict, state: dict, ft: FinetuneOptions, ctx, e
     key -> (flat positions, values) of the sparse outliers."""
     from .aq import _bar
     hp, rope = block.hp, block.rope
-    x = block.x_q
+    n = block.nsamples if not ft.ft_nsamples else min(int(ft.ft_nsamples), block.nsamples)
+    x = block.x_q[:n]
     orig = dict(block.weights)
     base = block.current()
     for k in block.qtypes:   # the block's other quantized linears as stored
         if k not in state:
             base[k] = block.dequantized(k, packed[k], ctx)
-    src = block.x_fp if (ft.ft_target == "fp" and block.x_fp is not None) else x
+    src = block.x_fp if (ft.ft_target == "fp" and block.x_fp is not None) else block.x_q
     with torch.no_grad():
         target = torch.empty_like(x)
-        for sl in block.chunks():
+        for sl in block.chunks(n):
             target[sl] = rm.block_forward(hp, orig, src[sl], rope)
     tnorm = float(target.double().pow(2).mean()) or 1.0
     tun = Tunables(state, {k: base[k] for k in NORM_KEYS if k in base and k in orig}, exact)
@@ -364,7 +367,7 @@ def finetune_block(block, packed: dict, state: dict, ft: FinetuneOptions, ctx, e
     def full_loss() -> float:
         w = weights(False)
         tot = 0.0
-        for sl in block.chunks():
+        for sl in block.chunks(n):
             d = rm.block_forward(hp, w, x[sl], rope) - target[sl]
             tot += float(d.double().pow(2).sum())
         return tot / (target.numel() * tnorm)
