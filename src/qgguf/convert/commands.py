@@ -25,7 +25,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--calib", metavar="FILE|NAME|self",
                    help="calibration text or JSONL file, a Hugging Face dataset name (needs 'datasets' and network), "
                         "or 'self' (sample from the model; the default)")
-    p.add_argument("--nsamples", type=int, default=None, help="calibration sequences (default 128; gptq: 64; autoround: recipe)")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration sequences (default 128; gptq: 64; aq: 128 of 256 tokens; vq: 32 of 256; autoround: recipe)")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per sequence (default 512; autoround: recipe)")
     p.add_argument("--imatrix", metavar="FILE", help="use this importance matrix (llama.cpp GGUF or .dat)")
     p.add_argument("--imatrix-out", metavar="FILE", help="save the collected importance matrix (GGUF format)")

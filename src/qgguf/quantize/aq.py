@@ -73,7 +73,12 @@ took about 26 minutes on 2 CPU cores, the end-to-end stage 14 of them; docs/BENC
                     WikiText-2 0.1822), or ``float`` (AQLM's choice)
     linear_threads=1  torch threads of the per-linear search and the fine-tuning (small operations: one
                     thread is faster than two on a busy 2-core machine)
-    nsamples=32 seqlen=256   calibration (the pipeline's --nsamples/--seqlen override)
+    nsamples=128 seqlen=256  calibration of the block pass (the pipeline's --nsamples/--seqlen override): the
+                    Gram matrices of the layer fits use all of it, the block stage its first ft_nsamples=32
+                    sequences (its cost). On SmolLM2, AQ 3x8-g8 on the 30 ffn_down matrices alone, no fine-tuning
+                    (tools/role_probe.py, 4 WikiText-2 chunks): KLD 0.163 from 32 sequences, 0.136 from 128, 0.145
+                    from 256; the whole file at 0.8x llama.cpp Q2_K's size from 256: 0.1750 -> 0.1673
+                    (docs/BENCHMARKS.md, session 17)
 
 The choice of configuration (``--aq-config``, ``--bits``) and of the tensors AQ applies to
 (``--tensor-method PATTERN=aq``) is made before the type plan, by :func:`plan_aq`.
@@ -109,6 +114,9 @@ _OTHER_KEYS = {"other", "linear_threads", "verbose", "tensor_methods", "aq_confi
 #: AQ defaults chosen for the time budget (module docstring); AQOptions' own defaults are the library's
 METHOD_DEFAULTS = dict(beam=1, max_rounds=4, tol=0.01, adam_steps=20, adam_later=5, lr=5e-3, kmeans_iters=15,
                        kmeans_points=16384, damp=1.0)
+#: calibration sequences (of 256 tokens) of the block pass by default: the layer fits' Gram matrices use them all,
+#: the block stage its first ``ft_nsamples`` (module docstring; VQ's default is untested beyond 32)
+DEFAULT_NSAMPLES = {"aq": 128, "vq": 32}
 #: share of each AQ tensor's weights kept as sparse float16 outliers by default (module docstring)
 DEFAULT_OUTLIERS = 0.002
 
@@ -189,7 +197,7 @@ class AQ(BlockMethod):
         self._other_method = None
         # the block stage's default target and the end-to-end stage's teacher are the float model's activations
         self.needs_fp_inputs = (self.ft.finetune and self.ft.ft_target == "fp") or self.ft.e2e
-        self.nsamples = int(options.get("nsamples") or nsamples or 32)
+        self.nsamples = int(options.get("nsamples") or nsamples or DEFAULT_NSAMPLES[family])
         self.seqlen = int(options.get("seqlen") or seqlen or 256)
 
     def _describe_finetune(self) -> str:
