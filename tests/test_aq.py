@@ -425,9 +425,10 @@ def test_nsamples_as_a_method_option(tmp_path):
     with pytest.raises(OptionError, match="contradicts --nsamples 16"):
         convert(STORIES, tmp_path / "a.gguf", method="aq", aq_config="aq-2x8-g8", calib=C4, nsamples=16,
                 method_options={"nsamples": "8"}, progress=False)
-    with pytest.raises(OptionError, match="seqlen"):
-        convert(STORIES, tmp_path / "a.gguf", method="aq", aq_config="aq-2x8-g8", calib=C4,
-                method_options={"seqlen": "long"}, progress=False)
+    for bad in ("long", "0", "-3"):
+        with pytest.raises(OptionError, match=f"seqlen='{bad}': expected a positive integer"):
+            convert(STORIES, tmp_path / "a.gguf", method="aq", aq_config="aq-2x8-g8", calib=C4,
+                    method_options={"seqlen": bad}, progress=False)
     assert not (tmp_path / "a.gguf").exists()
 
 

@@ -195,13 +195,15 @@ def convert(src, out=None, method: str = "rtn", type: str = "Q8_0", tensor_types
         method = "aq"
     for k, given in (("nsamples", nsamples), ("seqlen", seqlen)):   # -O nsamples=N is --nsamples N
         if k in opts:
-            v = opts.pop(k)
-            if given is not None and str(v) != str(given):
-                raise OptionError(f"-O {k}={v} contradicts --{k} {given}")
+            raw = opts.pop(k)
+            if given is not None and str(raw) != str(given):
+                raise OptionError(f"-O {k}={raw} contradicts --{k} {given}")
             try:
-                v = int(v)
+                v = int(raw)
             except (TypeError, ValueError):
-                raise OptionError(f"option {k}={v!r}: expected a positive integer") from None
+                v = 0
+            if v < 1:
+                raise OptionError(f"option {k}={raw!r}: expected a positive integer")
             if k == "nsamples":
                 nsamples = v
             else:
