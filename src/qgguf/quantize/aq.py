@@ -197,8 +197,8 @@ class AQ(BlockMethod):
         self._other_method = None
         # the block stage's default target and the end-to-end stage's teacher are the float model's activations
         self.needs_fp_inputs = (self.ft.finetune and self.ft.ft_target == "fp") or self.ft.e2e
-        self.nsamples = int(options.get("nsamples") or nsamples or DEFAULT_NSAMPLES[family])
-        self.seqlen = int(options.get("seqlen") or seqlen or 256)
+        self.nsamples = int(nsamples or DEFAULT_NSAMPLES[family])   # (named parameters: never in ``options``)
+        self.seqlen = int(seqlen or 256)
 
     def _describe_finetune(self) -> str:
         """The shared end of :meth:`describe`: fine-tuning and ``other``."""
