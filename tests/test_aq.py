@@ -327,8 +327,9 @@ def test_stories_end_to_end_stage_lowers_the_kld_and_resumes(tmp_path):
     full = tmp_path / "full.gguf"
     rep = _convert(full, **kw)
     e = rep.e2e
-    assert e["kld"] < 0.95 * e["start_kld"] and e["best_epoch"] >= 1 and len(e["history"]) >= 1
-    assert "end-to-end fine-tuning: calibration KLD" in rep.summary()
+    assert e["kld"] < 0.95 * e["start_kld"] and e["best_epoch"] > 0 and len(e["history"]) == 3 * 4
+    assert e["held_out"] == 32 and e["train_kld"] > 0      # the default held-out set, checked 4 times per epoch
+    assert "end-to-end fine-tuning: held-out KLD (32 sequences)" in rep.summary()
     assert rep.outliers          # the sparse part survives the stage (its values recomputed against it)
     assert _kld(full) < _kld(off)
 
@@ -379,13 +380,13 @@ def test_end_to_end_stage_draws_more_calibration_samples(tmp_path):
     finetune.finetune_model = spy
     try:
         rep = _convert(tmp_path / "a.gguf", nsamples=8, opts=dict(max_rounds=1, ft_epochs=1, e2e_epochs=1,
-                                                                    e2e_nsamples=24))
+                                                                    e2e_nsamples=24, e2e_val=4))
         _convert(tmp_path / "b.gguf", nsamples=24, opts=dict(max_rounds=1, ft_epochs=1, e2e_epochs=1,
-                                                              e2e_nsamples=0))
+                                                              e2e_nsamples=0, e2e_val=4))
     finally:
         finetune.finetune_model = real
     (ia, ta), (ib, tb) = seen
-    assert ia.shape == (24, 128) and torch.equal(ia, ib)
+    assert ia.shape == (28, 128) and torch.equal(ia, ib)      # 24 to train on, then 4 held out
     torch.testing.assert_close(ta, tb, rtol=1e-4, atol=1e-4)
     assert rep.e2e["tokens"] == 24 * 128
     assert "nsamples=24" in AQ(e2e_nsamples=24).describe()
@@ -502,6 +503,41 @@ def test_stories_outliers_are_exact(tmp_path):
 
 
 @needs_data
+def test_end_to_end_stage_never_trains_on_its_held_out_sequences(tmp_path, monkeypatch):
+    """The end-to-end stage's last ``e2e_val`` sequences (drawn after the ones it trains on) are only scored:
+    no teacher state of theirs reaches a training step, and the state kept is the one of least KLD on them,
+    checked ``e2e_checks`` times per epoch (the start included)."""
+    from qgguf.quantize import finetune
+    real_kl, real_ft = finetune._kl_chunks, finetune.finetune_model
+    trained, seen = [], []
+
+    def kl_spy(parts, h, t, *a, **k):
+        if h.requires_grad:
+            trained.append(t.detach().clone())
+        return real_kl(parts, h, t, *a, **k)
+
+    def ft_spy(parts, tun, ids, teacher, ft, **k):
+        res = real_ft(parts, tun, ids, teacher, ft, **k)
+        seen.append((ids.clone(), teacher.clone(), res))
+        return res
+    monkeypatch.setattr(finetune, "_kl_chunks", kl_spy)
+    monkeypatch.setattr(finetune, "finetune_model", ft_spy)
+    rep = _convert(tmp_path / "v.gguf", nsamples=8,
+                   opts=dict(max_rounds=1, ft_epochs=1, e2e_epochs=2, e2e_nsamples=10, e2e_val=3, e2e_checks=3))
+    (ids, teacher, res), = seen
+    assert len(ids) == 13 and rep.e2e["held_out"] == 3 and rep.e2e["tokens"] == 10 * ids.shape[1]
+    assert len(res.history) == 2 * 3 and res.loss == min([res.start_loss] + res.history)
+    assert res.best_epoch in {0, 1 / 3, 2 / 3, 1, 4 / 3, 5 / 3, 2}
+    rows = torch.cat([t.reshape(-1, t.shape[-1]) for t in trained])
+    # (states after a shared prefix are equal, such as the BOS token's: the held-out ones from position 8 on)
+    held, kept = teacher[-3:, 8:].reshape(-1, teacher.shape[-1]), teacher[:10].reshape(-1, teacher.shape[-1])
+    assert len(rows) == 2 * kept.shape[0]                      # every training sequence, once per epoch
+    exact = "donot_use_mm_for_euclid_dist"
+    assert torch.cdist(held, rows, compute_mode=exact).min() > 0                   # no held-out state among them
+    assert torch.cdist(kept, rows, compute_mode=exact).min(1).values.max() == 0    # every training state among them
+
+
+@needs_data
 @pytest.mark.parametrize("head", ["stored", "float"])
 def test_end_to_end_stage_tunes_the_model_as_stored(tmp_path, head):
     """The end-to-end stage's student is the file: the token embedding and output matrix as stored (quantized
@@ -523,11 +559,13 @@ def test_end_to_end_stage_tunes_the_model_as_stored(tmp_path, head):
     out = tmp_path / "h.gguf"
     try:
         rep = _convert(out, nsamples=8, token_embedding_type="Q4_0", output_tensor_type="Q4_0",
-                       opts=dict(max_rounds=1, ft_epochs=1, e2e_epochs=2, e2e_nsamples=8, e2e_head=head))
+                       opts=dict(max_rounds=1, ft_epochs=1, e2e_epochs=2, e2e_nsamples=8, e2e_head=head, e2e_val=4))
     finally:
         finetune.finetune_model = real
     (ids, res), = seen
-    assert res.best_epoch >= 1 and {t.name: t.type for t in rep.tensors}["output.weight"] == "Q4_0"
+    assert len(ids) == 12 and rep.e2e["held_out"] == 4
+    ids = ids[-4:]            # the stage's checked loss is the held-out sequences' KLD
+    assert res.best_epoch > 0 and {t.name: t.type for t in rep.tensors}["output.weight"] == "Q4_0"
     q, f = load_llama(out, threads=1), LlamaModel.from_gguf(STORIES, threads=1)
     kl = 0.0
     for s in ids.tolist():
@@ -592,7 +630,7 @@ def test_end_to_end_stage_tunes_standard_scales_and_the_head(tmp_path, monkeypat
               output_tensor_type="Q4_0")
     try:
         rep = _convert(out, opts=dict(max_rounds=1, ft_epochs=1, e2e_epochs=2, e2e_nsamples=8, e2e_head="tuned",
-                                      std_scales=True), **kw)
+                                      std_scales=True, e2e_val=4), **kw)
         _convert(fixed, opts=dict(max_rounds=1, ft_epochs=1, e2e=False, std_scales=False), **kw)
     finally:
         finetune.finetune_model = real
@@ -601,7 +639,8 @@ def test_end_to_end_stage_tunes_standard_scales_and_the_head(tmp_path, monkeypat
     assert types["blk.0.attn_k.weight"] == "Q4_0" and types["output.weight"] == "Q4_0"
     assert kinds[(0, "attn_k")] == "GridState" and kinds[(0, "attn_q")] == "AQState"
     assert kinds[finetune.TOK_EMBD] == "GridState" and kinds[finetune.OUTPUT] == "GridState"
-    assert res.best_epoch >= 1
+    assert res.best_epoch > 0
+    ids = ids[-4:]            # the held-out sequences, whose KLD the stage checks
     # the stage computes in float32 throughout: so does the runner here (not llama.cpp's 8-bit activations and
     # float16 KV cache, whose rounding on this file of many Q4_0 products is 0.3 % of the KLD)
     monkeypatch.setenv("QGGUF_EXACT_ACTIVATIONS", "1")
@@ -643,7 +682,7 @@ def test_stories_aq_token_embedding_and_output(tmp_path):
     try:
         rep = _convert(out, nsamples=8, tensor_types=["token_embd.weight=aq-2x8-g8", "output.weight=aq-4x8-g8"],
                        opts=dict(max_rounds=1, ft_epochs=1, e2e_epochs=2, e2e_nsamples=8, e2e_head="tuned",
-                                 outliers=0.01))
+                                 outliers=0.01, e2e_val=4))
     finally:
         finetune.finetune_model = real
     (ids, res, kinds), = seen
@@ -651,7 +690,8 @@ def test_stories_aq_token_embedding_and_output(tmp_path):
     assert types["token_embd.weight"] == "aq-2x8-g8" and types["output.weight"] == "aq-4x8-g8"
     assert kinds[finetune.TOK_EMBD] == "AQState" and kinds[finetune.OUTPUT] == "AQState"
     assert "blk.0.attn_q.weight" in rep.outliers and not {"token_embd.weight", "output.weight"} & set(rep.outliers)
-    assert res.best_epoch >= 1
+    assert res.best_epoch > 0
+    ids = ids[-4:]            # the held-out sequences, whose KLD the stage checks
     q, f = load_llama(out, threads=1), LlamaModel.from_gguf(STORIES, threads=1)
     assert isinstance(q.tok_embd, AQLinear) and isinstance(q.output, AQLinear)
     import os
@@ -713,5 +753,11 @@ def test_recipe_codebook_types_outside_the_blocks(tmp_path):
             check_recipe(Recipe({"token_embd.weight": "vq-v4-k256"}), src, "r.json", codebook=True)
         with pytest.raises(InputFileError, match="output_norm"):
             check_recipe(Recipe({"output_norm.weight": "aq-2x8-g8"}), src, "r.json", codebook=True)
+        # the allocator's row-tiered embedding/output matrix: a saved recipe with it is taken back (it was refused
+        # as "a codebook type outside the blocks" until session 18), with any method; not for a block linear
+        for codebook in (True, False):
+            check_recipe(Recipe({"token_embd.weight": "tiers-Q8_0@64-Q5_0@128-IQ4_NL"}), src, "r.json", codebook)
+        with pytest.raises(InputFileError, match="blk.0.attn_q.weight the row-tiered type"):
+            check_recipe(Recipe({"blk.0.attn_q.weight": "tiers-Q8_0@16-Q4_0"}), src, "r.json", codebook=True)
     finally:
         src.close()

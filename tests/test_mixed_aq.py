@@ -214,7 +214,8 @@ def test_aq_only_candidates_still_get_a_measured_propagation_factor(tmp_path):
 def test_bits_plan_tensor_spends_the_bits_budget_per_tensor(tmp_path):
     """``--bits B --bits-plan tensor``: the allocator gets the file that ``--bits B`` makes with its block linears at
     exactly B bits per weight (every byte counted) and fills it per tensor from measured KL divergences; the
-    file stays within it and is larger than the one-configuration-per-role file, which stays under B."""
+    file stays within it and spends it (up to the granularity of the types); the one-configuration-per-role file
+    stays under B."""
     from qgguf.convert.mixed import bits_budget
     from qgguf.convert.sources import open_source
     from qgguf.quantize.aq import plan_aq
@@ -236,7 +237,9 @@ def test_bits_plan_tensor_spends_the_bits_budget_per_tensor(tmp_path):
                         sensitivity=SENS, **CAL)
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["mode"] == "target-size" and r["target"]["file_bytes"] == budget
-    assert role.file_bytes < rep.file_bytes <= budget
+    # (it spends the budget: on this small model within the granularity of its types; it is not always larger
+    # than the role file, which stays under B bits per weight by a few hundred bytes here)
+    assert 0.99 * budget < rep.file_bytes <= budget and role.file_bytes <= budget
     assert any(t.startswith("aq-") for t in r["types"].values())
     got = _types(tmp_path / "tensor.gguf")
     assert {n: got[n] for n in r["types"]} == {n: t.lower() for n, t in r["types"].items()}

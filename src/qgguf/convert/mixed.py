@@ -89,6 +89,8 @@ def _header_bytes(source, plan, out: Path, recipe: Recipe | None, ftype, outlier
 
 def check_recipe(recipe: Recipe, source, path, codebook: bool = False) -> None:
     from ..gguf_types.codebook import is_codebook
+    from ..gguf_types.tiers import is_tiered
+    from ..quantize.blockwise import HEAD_TENSORS
     shapes = {t.name: tuple(t.shape) for t in source.tensors}
     for name, typ in recipe.types.items():
         if name not in shapes:
@@ -97,10 +99,13 @@ def check_recipe(recipe: Recipe, source, path, codebook: bool = False) -> None:
             qt = gguf_types.get(normalize_type(typ, "recipe type"))
         except Exception:
             raise InputFileError(f"recipe gives {name} the unknown type {typ!r}", path) from None
-        if is_codebook(qt):
+        if is_tiered(qt):       # row tiers: the token embedding / output matrix only, with any method
+            if name not in HEAD_TENSORS:
+                raise InputFileError(f"recipe gives {name} the row-tiered type {typ}, which only the token "
+                                     "embedding and the output matrix take", path)
+        elif is_codebook(qt):
             if not codebook:
                 raise OptionError(f"recipe {path} gives {name} qgguf's codebook type {typ}: convert with --method aq")
-            from ..quantize.blockwise import HEAD_TENSORS   # AQ may take these too (AQ.quantize_tensor)
             if not is_block_linear(name) and not (name in HEAD_TENSORS and str(qt.name).startswith("aq-")):
                 raise InputFileError(f"recipe gives {name} the codebook type {typ}, which only block linears (and "
                                      "AQ configurations the embedding/output matrix) take", path)

@@ -70,9 +70,8 @@ class ConvertReport:
             lines.append(f"  relative layer error (calibration): mean {np.mean(list(errs.values())):.3e}, "
                          f"max {errs[worst]:.3e} ({worst})")
         if self.e2e:
-            e = self.e2e
-            lines.append(f"  end-to-end fine-tuning: calibration KLD {e['start_kld']:.4g} -> {e['kld']:.4g} "
-                         f"(best epoch {e['best_epoch']}, {e['seconds']:.0f} s)")
+            from ..quantize.finetune import stage_line
+            lines.append(f"  end-to-end fine-tuning: {stage_line(self.e2e)}")
         if self.resumed_blocks:
             lines.append(f"  resumed: {self.resumed_blocks} blocks taken from the checkpoint")
         if self.outliers:

@@ -62,6 +62,12 @@ took about 26 minutes on 2 CPU cores, the end-to-end stage 14 of them; docs/BENC
                     WikiText-2 -6 %); 128 sequences for 2 epochs (twice the time of 32 for 4) gave -9 %, and
                     -7 % on --bits 3; 256 for 1 epoch (the same time as 128 for 2) -2.3 % more on the mixed file
                     at 0.8x llama.cpp Q2_K's size (WikiText-2 KLD 0.1822 -> 0.1780; docs/BENCHMARKS.md, session 12)
+    e2e_val=32 e2e_checks=4  held-out sequences of the end-to-end stage, drawn after its e2e_nsamples from the
+                    same source (their teacher run in float too): the stage never trains on them, scores their KLD
+                    e2e_checks times per epoch and keeps the state of least held-out KLD (the start included);
+                    0: the training sequences' KLD after each epoch, as before. The stage's loss on the sequences
+                    it trains on says little about the file: on SmolLM2 at 0.8x llama.cpp Q2_K's size it fell to
+                    0.087 while held-out C4 text scored 0.173-0.179 (docs/BENCHMARKS.md, session 18)
     other=imatrix   method of linears with a standard type
     std_scales=no   ``yes``: both fine-tuning stages also tune the float16 block scales (``d``, and ``m``/``dmin``
                     where the type has them) of the block linears in standard types, their codes and integer
@@ -301,7 +307,10 @@ class AQ(BlockMethod):
         return state
 
     def finish_samples(self, nsamples: int) -> int:
-        return max(nsamples, self.ft.e2e_nsamples) if self.ft.e2e and self.ft.e2e_epochs > 0 else nsamples
+        if not self.ft.e2e or self.ft.e2e_epochs <= 0:
+            return nsamples
+        n = max(nsamples, self.ft.e2e_nsamples)
+        return n + self.ft.e2e_val    # the held-out sequences come last (finetune.held_out)
 
     def finish_model(self, run, ctx: QuantContext) -> None:
         """The end-to-end stage (:func:`qgguf.quantize.finetune.finetune_model`): every block's codebooks, scales
@@ -390,14 +399,16 @@ class AQ(BlockMethod):
                 stored[il][0][n] = run.qtypes[c.type].quantize(np.asarray(v, np.float32).reshape(-1, c.shape[-1]))
             for il, (tensors, outl, st) in stored.items():
                 run.checkpoint.save(il, tensors, outl, st)
+        from .finetune import held_out, stage_line
+        n_val = held_out(self.ft, int(run.ids.shape[0]))
         info = {"start_kld": res.start_loss, "kld": res.loss, "best_epoch": res.best_epoch,
                 "history": list(res.history or []), "seconds": time.perf_counter() - t0,
-                "tokens": int(run.ids.numel())}
+                "tokens": int(run.ids[:len(run.ids) - n_val].numel()), "held_out": n_val,
+                "train_kld": res.train_loss}
         run.checkpoint.mark("e2e", info)
         ctx.extra["e2e"] = info
         if ctx.progress:
-            _write(f"{self.name}: end-to-end fine-tuning, calibration KLD {res.start_loss:.4g} -> {res.loss:.4g} "
-                   f"(epoch {res.best_epoch}, {info['seconds']:.0f} s)")
+            _write(f"{self.name}: end-to-end fine-tuning, {stage_line(info)}")
 
     def _finetune_block(self, block, packed: dict, state: dict, exact: dict, ctx: QuantContext) -> None:
         """The block stage (:func:`qgguf.quantize.finetune.finetune_block`) of the linears in ``state``; their
