@@ -37,8 +37,9 @@ shared codebooks serve the many rare rows. Hence a standard type stays the defau
 What is tuned is what is stored: codebooks are float16 in the file, so the fine-tuning forward pass rounds
 them to float16 (straight-through gradient), and scales are float32.
 
-Options (``-O KEY=VALUE``; with the defaults SmolLM2-135M ``--bits 3``, 210 linears plus both fine-tuning stages,
-took about 26 minutes on 2 CPU cores, the end-to-end stage 14 of them; docs/BENCHMARKS.md):
+Options (``-O KEY=VALUE``; with the defaults SmolLM2-135M ``--bits 3``, the per-tensor plan's measurement, 210
+linears and both fine-tuning stages, took 37 minutes on 2 CPU cores, the end-to-end stage 13.5 of them;
+docs/BENCHMARKS.md, session 18):
 
     beam=1          beam size of the code search (AQLM's beam_size; 1 = greedy coordinate descent)
     max_rounds=4    rounds of (Adam, beam search) per linear
