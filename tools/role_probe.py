@@ -13,6 +13,12 @@ come from the float model on ``--nsamples`` x 256 tokens of ``--calib``; every m
 inputs (not the quantized model's, as in a conversion), so a probe takes minutes, not a conversion's quarter hour.
 The figures are indicative (``--chunks`` chunks of 512 tokens, default 2); a conversion and ``qgguf eval`` give
 the real ones (tools/compare_codebooks.py).
+
+Two ablations of the objective (session 19; docs/BENCHMARKS.md, both worse than the plain Gram matrix):
+``--fisher sampled[:ALPHA]`` weights each token's row of X by ||dL/dy_t||^2 (the gradient of the cross-entropy
+at that linear's output, on tokens drawn from the model or, ``empirical``, the text's next tokens), a one-group
+GuidedQuant-style objective; ``--transform fold|rotate`` fits an input-side role after folding its norm weight
+into it (and rotating the residual stream by a random orthogonal matrix, QuaRot-style).
 """
 from __future__ import annotations
 
@@ -46,6 +52,13 @@ def main(argv=None) -> int:
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--chunks", type=int, default=2)
     ap.add_argument("--configs", nargs="+", required=True)
+    ap.add_argument("--fisher", default="", metavar="KIND[:ALPHA]", help="weight each calibration token's row of X by its squared output "
+                    "gradient norm ||dL/dy_t||^2 (cross-entropy on the next tokens: 'empirical'; on tokens drawn from "
+                    "the model: 'sampled'); ALPHA as 'empirical:0.5' takes the weights to that power")
+    ap.add_argument("--transform", default="", choices=["", "fold", "rotate"],
+                    help="fit W T against T^-1 H T^-T and use the fit times T^-1 (input-side roles: T = diag(norm "
+                    "weight) for 'fold', times a random orthogonal matrix for 'rotate': the residual stream rotation "
+                    "a model could absorb, QuaRot/SpinQuant-style)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     attr = ATTR[a.role]
@@ -71,19 +84,71 @@ def main(argv=None) -> int:
     md["general.architecture"] = src.arch
     seqs, _ = calibration_sequences(a.calib, None, Tokenizer.from_metadata(md), md, a.nsamples, 256, 0)
     grams: dict[int, torch.Tensor] = {}
+    kind, _, alpha = a.fisher.partition(":")
+    alpha = float(alpha or 1)
+    if kind not in ("", "empirical", "sampled"):
+        ap.error(f"--fisher {a.fisher}: KIND is 'empirical' or 'sampled'")
+    weights: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(base.layers))}
+    if kind:
+        gen = torch.Generator().manual_seed(0)
+
+        def ghook(il):
+            def f(_mod, _inp, out):
+                if not out.requires_grad:
+                    out = out.detach().requires_grad_()
+                out.register_hook(lambda g: weights[il].append(g.reshape(-1, g.shape[-1]).double().pow(2).sum(-1)))
+                return out
+            return f
+
+        hs = [getattr(L, attr).register_forward_hook(ghook(i)) for i, L in enumerate(base.layers)]
+        for s in seqs:
+            ids = torch.tensor(s)
+            base.reset()
+            base.cache.k = [k.detach() for k in base.cache.k]
+            base.cache.v = [v.detach() for v in base.cache.v]
+            with torch.enable_grad():   # Model.forward is no_grad; its body is differentiable
+                logits = type(base).forward.__wrapped__(base, ids).double()
+            if kind == "sampled":
+                tgt = torch.multinomial(torch.softmax(logits.detach()[:-1], -1), 1, generator=gen).squeeze(-1)
+            else:
+                tgt = ids[1:]
+            with torch.enable_grad():
+                torch.nn.functional.cross_entropy(logits[:-1], tgt, reduction="sum").backward()
+        base.reset()
+        base.cache.k = [k.detach() for k in base.cache.k]
+        base.cache.v = [v.detach() for v in base.cache.v]
+        for h in hs:
+            h.remove()
+        for il in (0, 5, 15, 29):
+            w = torch.cat(weights[il]) if weights[il] else None
+            if w is not None:
+                w = w / w.mean()
+                q = torch.quantile(w.float(), torch.tensor([0.5, 0.9, 0.99]))
+                print(f"layer {il} weights / mean: median {q[0]:.3f}, 90% {q[1]:.3f}, 99% {q[2]:.3f}, "
+                      f"max {float(w.max()):.1f} at token {int(w.argmax())}", flush=True)
 
     def hook(il):
         def f(_mod, inp, _out):
             x = inp[0].reshape(-1, inp[0].shape[-1]).double()
+            if kind:
+                w = weights[il][cnt[il]].pow(alpha)
+                cnt[il] += 1
+                x = x * w.sqrt().unsqueeze(-1)
             grams[il] = grams.get(il, 0) + x.t() @ x
         return f
 
+    cnt = {i: 0 for i in range(len(base.layers))}
     hs = [getattr(L, attr).register_forward_hook(hook(i)) for i, L in enumerate(base.layers)]
     with torch.no_grad():
         for s in seqs:
             base(torch.tensor(s))
     for h in hs:
         h.remove()
+    if kind:   # the same scale as the plain Gram matrix (damping is relative to its diagonal)
+        ntok = sum(len(s) for s in seqs)
+        for il in grams:
+            wsum = float(torch.cat(weights[il]).pow(alpha).sum())
+            grams[il] *= ntok / wsum
     for spec in a.configs:
         t0 = time.perf_counter()
         rel = []   # an AQ fit's relative errors, one per layer
@@ -99,6 +164,17 @@ def main(argv=None) -> int:
             for il, L in enumerate(m.layers):
                 W = getattr(base.layers[il], attr).dense_weight().numpy().astype(np.float32)
                 H = grams[il].numpy()
+                T = None
+                if a.transform:
+                    norm = {"ffn_gate": "ffn_norm", "ffn_up": "ffn_norm", "attn_q": "attn_norm", "attn_k": "attn_norm",
+                            "attn_v": "attn_norm"}[a.role]
+                    T = np.diag(getattr(base.layers[il], norm).double().numpy())
+                    if a.transform == "rotate":
+                        q, r = np.linalg.qr(np.random.default_rng(1000 + il).standard_normal(T.shape))
+                        T = T @ (q * np.sign(np.diag(r)))
+                    Ti = np.linalg.inv(T)
+                    W = (W.astype(np.float64) @ T).astype(np.float32)
+                    H = Ti @ H @ Ti.T
                 if diag:
                     H = np.diag(np.diag(H))
                 r, idx = fit_matrix(W, H, cfg, o, outl, seed=il)
@@ -106,6 +182,8 @@ def main(argv=None) -> int:
                 Wq = dequantize(r.codes, r.codebooks, r.scales).numpy()
                 if idx is not None:
                     Wq.reshape(-1)[idx] = W.reshape(-1)[idx]
+                if T is not None:
+                    Wq = (Wq.astype(np.float64) @ Ti).astype(np.float32)
                 setattr(L, attr, DenseLinear(getattr(L, attr).name, torch.from_numpy(Wq)))
         fit = f", mean relative error {np.mean(rel):.5f}" if rel else ""
         print(f"{a.role} {spec}: KLD ({a.chunks} chunks) {kld():.4f}{fit}  ({time.perf_counter() - t0:.0f} s)",

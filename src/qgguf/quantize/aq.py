@@ -400,11 +400,10 @@ class AQ(BlockMethod):
                 stored[il][0][n] = run.qtypes[c.type].quantize(np.asarray(v, np.float32).reshape(-1, c.shape[-1]))
             for il, (tensors, outl, st) in stored.items():
                 run.checkpoint.save(il, tensors, outl, st)
-        from .finetune import held_out, stage_line
-        n_val = held_out(self.ft, int(run.ids.shape[0]))
+        from .finetune import stage_line
         info = {"start_kld": res.start_loss, "kld": res.loss, "best_epoch": res.best_epoch,
                 "history": list(res.history or []), "seconds": time.perf_counter() - t0,
-                "tokens": int(run.ids[:len(run.ids) - n_val].numel()), "held_out": n_val,
+                "tokens": res.trained_tokens, "held_out": res.held_out,
                 "train_kld": res.train_loss}
         run.checkpoint.mark("e2e", info)
         ctx.extra["e2e"] = info

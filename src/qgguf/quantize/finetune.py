@@ -301,6 +301,8 @@ class FinetuneResult:
     best_epoch: float      # when the kept state was checked, in epochs (0: the start; 0.5: half-way through the first)
     history: list = None   # the checked loss at each check
     train_loss: float | None = None   # mean of the last epoch's batch losses (each taken before its step)
+    held_out: int = 0      # how many sequences (the last ones) the checked loss scored and no step trained on
+    trained_tokens: int = 0   # tokens of the sequences trained on
 
 
 def _train(tun: Tunables, states: dict, full_loss, batch_loss, n: int, bs: int, epochs: int, lr: float, tol: float,
@@ -524,8 +526,10 @@ def finetune_model(parts: ModelParts, tun: Tunables, ids: torch.Tensor, teacher:
         from tqdm import tqdm
         bar = tqdm(total=max(1, ft.e2e_epochs) * (ft.e2e_checks if n_val else 1), desc="end-to-end finetune",
                    unit="check", leave=False)
-    return _train(tun, tun.states, full_loss, batch_loss, n_train, ft.e2e_batch, ft.e2e_epochs, ft.e2e_lr,
-                  ft.e2e_tol, seed, bar, "held-out KLD" if n_val else "KLD", ft.e2e_checks if n_val else 1)
+    res = _train(tun, tun.states, full_loss, batch_loss, n_train, ft.e2e_batch, ft.e2e_epochs, ft.e2e_lr,
+                 ft.e2e_tol, seed, bar, "held-out KLD" if n_val else "KLD", ft.e2e_checks if n_val else 1)
+    res.held_out, res.trained_tokens = n_val, int(ids[:n_train].numel())
+    return res
 
 
 def stage_line(info: dict) -> str:
