@@ -55,24 +55,28 @@ def aq_tol(n: int = 1, B: int = 8) -> float:
     return 1.5e-2 if native.table_bits(n, B) == 8 else 2e-4
 
 
-def rewrite_gguf(src, dst, mutate):
+def rewrite_gguf(src, dst, mutate=None, *, dequantize: bool = False, drop_keys=()):
     """Copy a GGUF through gguf.GGUFWriter with ``mutate(name, array) -> array`` applied to tensors (None: the
-    tensor is left out)."""
+    tensor is left out); ``dequantize``: every tensor as F32 (before ``mutate``); ``drop_keys``: metadata not
+    copied."""
     import gguf
     r = gguf.GGUFReader(str(src))
     w = gguf.GGUFWriter(str(dst), "llama")
     for k, f in r.fields.items():
-        if k.startswith("GGUF.") or k == "general.architecture":
+        if k.startswith("GGUF.") or k == "general.architecture" or k in drop_keys:
             continue
         vt = f.types[0]
         sub = f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None
         w.add_key_value(k, f.contents(), vt, sub_type=sub)
     for t in r.tensors:
-        a0 = np.array(t.data)
-        a = mutate(t.name, a0)
+        tt = gguf.GGMLQuantizationType(int(t.tensor_type))
+        if dequantize:
+            a0, tt = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32), gguf.GGMLQuantizationType.F32
+        else:
+            a0 = np.array(t.data)
+        a = mutate(t.name, a0) if mutate is not None else a0
         if a is None:
             continue
-        tt = gguf.GGMLQuantizationType(int(t.tensor_type))
         if a.dtype != a0.dtype:
             tt = {np.dtype(np.int16): gguf.GGMLQuantizationType.I16, np.dtype(np.int8): gguf.GGMLQuantizationType.I8,
                   np.dtype(np.float32): gguf.GGMLQuantizationType.F32}[a.dtype]

@@ -761,3 +761,35 @@ def test_recipe_codebook_types_outside_the_blocks(tmp_path):
             check_recipe(Recipe({"blk.0.attn_q.weight": "tiers-Q8_0@16-Q4_0"}), src, "r.json", codebook=True)
     finally:
         src.close()
+
+
+@pytest.mark.parametrize("sched", ["constant", "cosine"])
+def test_stage_learning_rate_schedule(monkeypatch, sched):
+    """The stages' Adam steps at ``lr`` throughout (constant) or along a half cosine from ``lr`` to 0 over all
+    epochs' steps (``e2e_sched=cosine``); an unknown schedule is refused."""
+    import math
+
+    from qgguf.quantize import finetune
+    lrs = []
+
+    class Recording(torch.optim.Adam):
+        def step(self, *a, **k):
+            lrs.append(self.param_groups[0]["lr"])
+            return super().step(*a, **k)
+
+    monkeypatch.setattr(torch.optim, "Adam", Recording)
+    p = torch.nn.Parameter(torch.tensor([1.0]))
+
+    class Tun:
+        params = [p]
+        snapshot = staticmethod(lambda: p.detach().clone())
+        restore = staticmethod(lambda s: p.data.copy_(s))
+        result = staticmethod(lambda: ({}, {}))
+
+    res = finetune._train(Tun(), {}, lambda: float(p.detach() ** 2), lambda idx: (p ** 2).sum(), n=8, bs=2,
+                          epochs=2, lr=0.1, tol=0, seed=0, sched=sched)
+    want = [0.1 * (0.5 * (1 + math.cos(math.pi * k / 8)) if sched == "cosine" else 1) for k in range(8)]
+    assert lrs == pytest.approx(want) and res.loss < res.start_loss
+    assert finetune.finetune_options({"e2e_sched": sched}).e2e_sched == sched
+    with pytest.raises(OptionError):
+        finetune.finetune_options({"e2e_sched": "linear"})

@@ -10,6 +10,8 @@ import torch
 
 from qgguf.runtime.model import LlamaModel
 
+from _shared import rewrite_gguf
+
 llama_cpp = pytest.importorskip("llama_cpp")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,29 +114,6 @@ def test_stories_perplexity_equals_llamacpp(kv_f32, monkeypatch):
     assert ours["ppl_err"] == pytest.approx(theirs["ppl_err"], rel=1e-4 if kv_f32 else 1e-3)
 
 
-def _write_f32_copy(src: Path, dst: Path) -> Path:
-    """The same model with every tensor dequantized to F32 (metadata copied)."""
-    import gguf
-
-    r = gguf.GGUFReader(str(src))
-    w = gguf.GGUFWriter(str(dst), "llama")
-    for k, f in r.fields.items():
-        if k.startswith("GGUF.") or k in ("general.architecture", "general.file_type"):
-            continue
-        vt = f.types[0]
-        if vt == gguf.GGUFValueType.ARRAY:
-            w.add_key_value(k, f.contents(), vt, sub_type=f.types[-1])
-        else:
-            w.add_key_value(k, f.contents(), vt)
-    for t in r.tensors:
-        w.add_tensor(t.name, gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
-
-
 def _logp(x):
     x = x.astype(np.float64)
     m = x.max(-1, keepdims=True)
@@ -152,7 +131,8 @@ def test_smollm2_logits_close_to_llamacpp(tmp_path):
     except Exception:
         pytest.skip("Q4_1/Q8_0 not in the registry yet")
     text = WIKI.read_text(encoding="utf-8")[:3000]
-    f32 = _write_f32_copy(SMOLLM, tmp_path / "smollm2-f32.gguf")
+    f32 = tmp_path / "smollm2-f32.gguf"
+    rewrite_gguf(SMOLLM, f32, dequantize=True, drop_keys=("general.file_type",))
     for path, max_kld in ((f32, 1e-8), (SMOLLM, 1e-2)):
         llm = _llm(path, 128, kv_f32=True)
         ids = llm.tokenize(text.encode(), add_bos=True, special=False)[:128]

@@ -69,6 +69,8 @@ docs/BENCHMARKS.md, session 18):
                     0: the training sequences' KLD after each epoch, as before. The stage's loss on the sequences
                     it trains on says little about the file: on SmolLM2 at 0.8x llama.cpp Q2_K's size it fell to
                     0.087 while held-out C4 text scored 0.173-0.179 (docs/BENCHMARKS.md, session 18)
+    e2e_sched=constant  the end-to-end stage's learning rate: constant, or ``cosine`` (a half cosine from e2e_lr to
+                    0 over the stage's steps)
     other=imatrix   method of linears with a standard type
     std_scales=no   ``yes``: both fine-tuning stages also tune the float16 block scales (``d``, and ``m``/``dmin``
                     where the type has them) of the block linears in standard types, their codes and integer

@@ -30,6 +30,7 @@ training loss says little about the file.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields as dc_fields
 from typing import Any, Hashable
 
@@ -71,6 +72,7 @@ class FinetuneOptions:
     e2e_val: int = 32            # held-out sequences drawn after those: their KLD, checked e2e_checks times per
                                  # epoch, picks the state kept (0: the training sequences' KLD after each epoch)
     e2e_checks: int = 4          # checks of the held-out KLD per epoch
+    e2e_sched: str = "constant"  # the stage's learning rate over its steps: constant, or cosine (to 0 at the end)
     e2e_head: str = "stored"     # the student's token embedding and output matrix: as stored, as stored with their
                                  # float16 block scales tuned (tuned), or float
     e2e_out_norm: bool = True    # tune the output RMSNorm weight in the end-to-end stage
@@ -86,6 +88,8 @@ def finetune_options(options: dict) -> FinetuneOptions:
     ft = _coerce(FinetuneOptions, {k: v for k, v in options.items() if k in FT_KEYS})
     if ft.ft_target not in ("xq", "fp"):
         raise OptionError(f"option ft_target={ft.ft_target!r}: expected xq or fp")
+    if ft.e2e_sched not in ("constant", "cosine"):
+        raise OptionError(f"option e2e_sched={ft.e2e_sched!r}: expected constant or cosine")
     if ft.e2e_head not in ("stored", "tuned", "float"):
         raise OptionError(f"option e2e_head={ft.e2e_head!r}: expected stored, tuned or float")
     for k in ("ft_epochs", "ft_batch", "ft_nsamples", "e2e_epochs", "e2e_batch", "e2e_nsamples", "e2e_val",
@@ -103,6 +107,7 @@ def describe(ft: FinetuneOptions) -> str:
         s += (f", e2e={ft.e2e_epochs} epochs lr={ft.e2e_lr:g} batch={ft.e2e_batch} tol={ft.e2e_tol:g}"
               + ("" if ft.e2e_norms else " no norms") + (f" nsamples={ft.e2e_nsamples}" if ft.e2e_nsamples else "")
               + (f" held-out={ft.e2e_val} checks={ft.e2e_checks}" if ft.e2e_val else "")
+              + (f" {ft.e2e_sched} schedule" if ft.e2e_sched != "constant" else "")
               + (" float head" if ft.e2e_head == "float" else " tuned head" if ft.e2e_head == "tuned" else "")
               + ("" if ft.e2e_out_norm else " no output norm"))
     if ft.std_scales:
@@ -306,11 +311,12 @@ class FinetuneResult:
 
 
 def _train(tun: Tunables, states: dict, full_loss, batch_loss, n: int, bs: int, epochs: int, lr: float, tol: float,
-           seed: int, bar=None, label: str = "loss", checks: int = 1) -> FinetuneResult:
+           seed: int, bar=None, label: str = "loss", checks: int = 1, sched: str = "constant") -> FinetuneResult:
     """Adam over ``n`` samples in shuffled batches of ``bs`` for up to ``epochs`` epochs; ``full_loss()`` at
     ``checks`` evenly spaced points of each epoch (its end included), the best state kept (the start included);
     stops early when an epoch improves the loss by less than ``tol``. ``full_loss`` may score other samples than
-    the trained ones (the end-to-end stage's held-out sequences)."""
+    the trained ones (the end-to-end stage's held-out sequences). ``sched``: the learning rate stays ``lr``
+    (constant) or follows a half cosine from ``lr`` at the first step to 0 after the last of ``epochs``."""
     start = full_loss()
     best = (start, tun.snapshot(), 0)
     history = []
@@ -320,12 +326,17 @@ def _train(tun: Tunables, states: dict, full_loss, batch_loss, n: int, bs: int, 
     nb = -(-n // bs)
     checks = max(1, min(int(checks), nb))
     at = {round(nb * (j + 1) / checks) for j in range(checks)}     # batch counts after which full_loss runs
+    steps, step = max(1, int(epochs)) * nb, 0
     prev, train = start, None
     try:
         for ep in range(1, max(0, int(epochs)) + 1):
             order = torch.randperm(n, generator=gen)
             tot, cur = 0.0, prev
             for b, b0 in enumerate(range(0, n, bs), 1):
+                if sched == "cosine":
+                    for grp in opt.param_groups:
+                        grp["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                step += 1
                 with torch.enable_grad():
                     loss = batch_loss(order[b0:b0 + bs])
                     opt.zero_grad(set_to_none=True)
@@ -527,7 +538,8 @@ def finetune_model(parts: ModelParts, tun: Tunables, ids: torch.Tensor, teacher:
         bar = tqdm(total=max(1, ft.e2e_epochs) * (ft.e2e_checks if n_val else 1), desc="end-to-end finetune",
                    unit="check", leave=False)
     res = _train(tun, tun.states, full_loss, batch_loss, n_train, ft.e2e_batch, ft.e2e_epochs, ft.e2e_lr,
-                 ft.e2e_tol, seed, bar, "held-out KLD" if n_val else "KLD", ft.e2e_checks if n_val else 1)
+                 ft.e2e_tol, seed, bar, "held-out KLD" if n_val else "KLD", ft.e2e_checks if n_val else 1,
+                 ft.e2e_sched)
     res.held_out, res.trained_tokens = n_val, int(ids[:n_train].numel())
     return res
 
