@@ -100,12 +100,15 @@ def main(argv=None) -> int:
                 return out
             return f
 
-        hs = [getattr(L, attr).register_forward_hook(ghook(i)) for i, L in enumerate(base.layers)]
-        for s in seqs:
-            ids = torch.tensor(s)
+        def fresh_cache():   # empty, and cut from the last sequence's autograd graph
             base.reset()
             base.cache.k = [k.detach() for k in base.cache.k]
             base.cache.v = [v.detach() for v in base.cache.v]
+
+        hs = [getattr(L, attr).register_forward_hook(ghook(i)) for i, L in enumerate(base.layers)]
+        for s in seqs:
+            ids = torch.tensor(s)
+            fresh_cache()
             with torch.enable_grad():   # Model.forward is no_grad; its body is differentiable
                 logits = type(base).forward.__wrapped__(base, ids).double()
             if kind == "sampled":
@@ -114,9 +117,7 @@ def main(argv=None) -> int:
                 tgt = ids[1:]
             with torch.enable_grad():
                 torch.nn.functional.cross_entropy(logits[:-1], tgt, reduction="sum").backward()
-        base.reset()
-        base.cache.k = [k.detach() for k in base.cache.k]
-        base.cache.v = [v.detach() for v in base.cache.v]
+        fresh_cache()
         for h in hs:
             h.remove()
         for il in (0, 5, 15, 29):
