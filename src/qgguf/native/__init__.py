@@ -154,13 +154,7 @@ def table_bits(n: int = 1, B: int = 8) -> int:
     AVX2, NEON, scalar) or 0 (B=16: no tables, dequantize-and-dot).  QGGUF_NATIVE_TABLE_BITS=16 (or 8) in the
     environment makes the AVX-512 path use 16-bit (8-bit) tables for every n; other values are ignored.
     Relative error of y: ~7e-3 with 8-bit tables, ~5e-5 with 16-bit, ~1e-6 with float ones."""
-    lib = _require()
-    if B != 8:
-        return 0
-    if isa() != "avx512":
-        return 32
-    forced = int(lib.qg_table_bits())
-    return forced if forced else (8 if n == 1 else 16)
+    return int(_require().qg_aq_table_bits(int(B), max(1, int(n))))   # the C core's own choice (traits_n)
 
 
 _ENV_ISA_ERROR: str | None = None

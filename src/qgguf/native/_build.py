@@ -62,6 +62,7 @@ int qg_decode_attn(float *qk, const float *v, const float *cosv, const float *si
                    int nthreads);
 int qg_matmul_lut_max(void);
 int qg_table_bits(void);
+int qg_aq_table_bits(int B, int64_t N);
 const char *qg_last_error(void);
 """
 

@@ -173,7 +173,7 @@ static void gemm_tile_avx2(const float *X, int64_t N, int64_t C, const float *Wt
 
 const qg_type_traits qg_traits_avx2[QG_TYPE_COUNT] = {
     [QG_TYPE_AQ] = {"aq", dequantize_rows_avx2, qg_aq_prep_size, prepare_avx2, vec_rows_avx2,
-                    gemm_tile_avx2},
+                    gemm_tile_avx2, .table_bits = 32},
     [QG_TYPE_VQ] = {"vq", qg_vq_dequantize_rows_avx2, qg_vq_prep_size, qg_vq_prepare_avx2,
                     qg_vq_vec_rows_avx2, gemm_tile_avx2}, /* qg_vq_avx2.c */
 };

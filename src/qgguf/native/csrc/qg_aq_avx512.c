@@ -464,7 +464,8 @@ static void gemm_tile_avx512(const float *X, int64_t N, int64_t C, const float *
 
 const qg_type_traits qg_traits_avx512[QG_TYPE_COUNT] = {
     [QG_TYPE_AQ] = {"aq", dequantize_rows_avx512, prep_size_avx512, prepare_vbmi,
-                    vec_rows_avx512, gemm_tile_avx512, prep_size_vbmi8, prepare_vbmi8, vec_rows1_avx512},
+                    vec_rows_avx512, gemm_tile_avx512, prep_size_vbmi8, prepare_vbmi8, vec_rows1_avx512,
+                    .table_bits = 16, .table_bits1 = 8},
     [QG_TYPE_VQ] = {"vq", qg_vq_dequantize_rows_avx512, qg_vq_prep_size_avx512, qg_vq_prepare_avx512,
                     qg_vq_vec_rows_avx512, gemm_tile_avx512}, /* qg_vq_avx512.c */
 };

@@ -100,7 +100,7 @@ static void vec_rows_neon(const qg_tensor *t, const float *x, const float *lut, 
 
 const qg_type_traits qg_traits_neon[QG_TYPE_COUNT] = {
     [QG_TYPE_AQ] = {"aq", dequantize_rows_neon, qg_aq_prep_size, prepare_neon, vec_rows_neon,
-                    qg_gemm_tile_scalar},
+                    qg_gemm_tile_scalar, .table_bits = 32},
     [QG_TYPE_VQ] = {"vq", qg_vq_dequantize_rows_neon, qg_vq_prep_size, qg_vq_prepare_scalar,
                     qg_vq_vec_rows_neon, qg_gemm_tile_scalar}, /* qg_vq_neon.c */
 };

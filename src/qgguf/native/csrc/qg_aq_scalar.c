@@ -101,7 +101,7 @@ void qg_gemm_tile_scalar(const float *X, int64_t N, int64_t C, const float *Wt, 
 
 const qg_type_traits qg_traits_scalar[QG_TYPE_COUNT] = {
     [QG_TYPE_AQ] = {"aq", qg_aq_dequantize_rows_scalar, qg_aq_prep_size, qg_aq_prepare_scalar,
-                    qg_aq_vec_rows_scalar, qg_gemm_tile_scalar},
+                    qg_aq_vec_rows_scalar, qg_gemm_tile_scalar, .table_bits = 32},
     [QG_TYPE_VQ] = {"vq", qg_vq_dequantize_rows_scalar, qg_vq_prep_size, qg_vq_prepare_scalar,
                     qg_vq_vec_rows_scalar, qg_gemm_tile_scalar}, /* qg_vq_scalar.c */
 };

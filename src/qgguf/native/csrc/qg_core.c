@@ -412,8 +412,14 @@ static qg_type_traits traits_n(const qg_type_traits *tr, int64_t N) {
         r.prep_size = tr->prep_size1;
         r.prepare = tr->prepare1;
         r.vec_rows = tr->vec_rows1;
+        r.table_bits = tr->table_bits1;
     }
     return r;
+}
+int qg_aq_table_bits(int B, int64_t N) {
+    const qg_type_traits *tr = traits_for(QG_TYPE_AQ, qg_get_isa());
+    if (B != 8 || !tr) return 0;     /* B=16: dequantize-and-dot, no tables */
+    return traits_n(tr, N < 1 ? 1 : N).table_bits;
 }
 
 static int matvec_n(const qg_tensor *t, const qg_type_traits *tr0, const float *X, int64_t N,

@@ -73,6 +73,10 @@ typedef struct qg_type_traits {
     void (*prepare1)(const qg_tensor *t, const float *x, float *prep, int64_t j0, int64_t j1);
     void (*vec_rows1)(const qg_tensor *t, const float *x, const float *prep, float *y,
                       int64_t r0, int64_t r1);
+    /* bits of a lookup-table entry that vec_rows (table_bits) and vec_rows1 (table_bits1) read for AQ B=8
+       (32: float tables; 0: no tables); qg_aq_table_bits() reports the one a product runs */
+    int table_bits;
+    int table_bits1;
 } qg_type_traits;
 
 /* per-ISA tables, NULL entries where a type has no kernel on that ISA */
@@ -188,6 +192,8 @@ int qg_decode_attn(float *qk, const float *v, const float *cosv, const float *si
                    int nthreads);
 int qg_matmul_lut_max(void);
 int qg_table_bits(void);       /* QGGUF_NATIVE_TABLE_BITS: 8 or 16 if set (every N), else 0 (automatic) */
+int qg_aq_table_bits(int B, int64_t N); /* bits of the table entries a product of N tokens with an AQ tensor of
+                                           B-bit codes reads on the current path (32: float; 0: no tables) */
 const char *qg_last_error(void);
 
 #endif
