@@ -538,12 +538,13 @@ def test_end_to_end_stage_never_trains_on_its_held_out_sequences(tmp_path, monke
 
 
 @needs_data
-@pytest.mark.parametrize("head", ["stored", "float"])
+@pytest.mark.parametrize("head", ["stored", "float", "codes"])
 def test_end_to_end_stage_tunes_the_model_as_stored(tmp_path, head):
     """The end-to-end stage's student is the file: the token embedding and output matrix as stored (quantized
     before the stage and written as they are) and the output norm it tuned. So the stage's own calibration KLD is
     the written file's KLD on those sequences; with ``e2e_head=float`` (AQLM's float embedding and head) it is
-    not, when they are quantized coarsely."""
+    not, when they are quantized coarsely. ``codes``: as stored, with a code step after every optimizer step
+    (``e2e_codes``): the codes the kept state had are the file's."""
     import torch.nn.functional as F
     from qgguf.quantize import finetune
     from qgguf.runtime.linear import load_llama
@@ -558,8 +559,10 @@ def test_end_to_end_stage_tunes_the_model_as_stored(tmp_path, head):
     finetune.finetune_model = spy
     out = tmp_path / "h.gguf"
     try:
+        pv = dict(e2e_codes=0.05, e2e_code_every=1, e2e_code_lr=0.05) if head == "codes" else {}
         rep = _convert(out, nsamples=8, token_embedding_type="Q4_0", output_tensor_type="Q4_0",
-                       opts=dict(max_rounds=1, ft_epochs=1, e2e_epochs=2, e2e_nsamples=8, e2e_head=head, e2e_val=4))
+                       opts=dict(max_rounds=1, ft_epochs=1, e2e_epochs=2, e2e_nsamples=8, e2e_val=4, **pv,
+                                 e2e_head="stored" if head == "codes" else head))
     finally:
         finetune.finetune_model = real
     (ids, res), = seen
@@ -573,7 +576,11 @@ def test_end_to_end_stage_tunes_the_model_as_stored(tmp_path, head):
         kl += float((lf.exp() * (lf - lq)).sum())
     kl /= ids.numel()
     stored, source = q.output_norm.detach().float().numpy(), f.output_norm.detach().float().numpy()
-    if head == "stored":
+    if head == "codes":
+        # every kept state after the start has the first step's new codes
+        assert len(res.codes_changed) == 2 * 2 and res.codes_changed[0] > 0 and max(res.codes_changed) <= 0.05
+        assert rep.e2e["codes_changed"] == res.codes_changed and res.train_loss is not None
+    if head in ("stored", "codes"):
         assert kl == pytest.approx(res.loss, rel=2e-3)
         assert not np.array_equal(stored, source)        # the output norm was tuned
     else:
@@ -793,3 +800,61 @@ def test_stage_learning_rate_schedule(monkeypatch, sched):
     assert finetune.finetune_options({"e2e_sched": sched}).e2e_sched == sched
     with pytest.raises(OptionError):
         finetune.finetune_options({"e2e_sched": "linear"})
+
+
+def test_reencode_l2_moves_towards_its_target_within_its_share():
+    """PV-Tuning's code step (``aq_core.reencode_l2``): no group gets farther from the target, at most the given
+    share of groups change, and those are the ones that gained most; the others keep their codes exactly."""
+    g = torch.Generator().manual_seed(3)
+    R, J, M, K, gs = 48, 12, 3, 64, 8
+    cb = torch.randn(M, K, gs, generator=g) * torch.tensor([1.0, 0.5, 0.25])[:, None, None]
+    s = torch.rand(R, generator=g) + 0.5
+    codes = torch.randint(0, K, (R, J, M), generator=g)
+    W = C.dequantize(codes, cb, s)
+    T = W + 0.3 * torch.randn(R, J * gs, generator=g)
+
+    def dist(c):
+        return ((T - C.dequantize(c, cb, s)) ** 2).reshape(R, J, gs).sum(-1)
+    full, mask = C.reencode_l2(T, cb, s, codes, 1.0)
+    d0, d1 = dist(codes), dist(full)
+    assert bool((d1 <= d0 + 1e-5).all()) and float(d1.sum()) < 0.7 * float(d0.sum())
+    assert torch.equal(mask, (full != codes).any(-1)) and float(mask.float().mean()) > 0.5
+    part, pmask = C.reencode_l2(T, cb, s, codes, 0.1)
+    assert int(pmask.sum()) == int(0.1 * R * J)
+    assert torch.equal(part[~pmask], codes[~pmask]) and torch.equal(part[pmask], full[pmask])
+    gain = d0 - d1
+    assert float(gain[pmask].min()) >= float(gain[mask & ~pmask].max())
+    same, smask = C.reencode_l2(W, cb, s, codes, 1.0)          # at the target already: nothing moves
+    assert not bool(smask.any()) and torch.equal(same, codes)
+
+
+def test_end_to_end_code_step_follows_the_gradient_and_is_undone_with_its_state():
+    """The end-to-end stage's code step (``e2e_codes``): the weight gradient it collects is dL/dW of the loss
+    the step trained on; a code step lowers a loss that is linear in W; codes are replaced, never changed in
+    place, so a snapshot taken before the step restores the codes too."""
+    from qgguf.quantize import finetune
+    g = torch.Generator().manual_seed(5)
+    cfg = C.parse_config("aq-2x8-g8")
+    R, J, M, K = 16, 4, 2, 256
+    st = finetune.AQState(cfg, torch.randint(0, K, (R, J, M), generator=g), torch.randn(M, K, 8, generator=g),
+                          torch.rand(R, generator=g) + 0.5)
+    codes0 = st.codes.clone()
+    tun = finetune.Tunables({"a": st})
+    assert tun.track_codes() == ["a"]
+    A = torch.randn(R, J * 8, generator=g)
+    loss = (tun.weight("a", True) * A).sum()
+    loss.backward()
+    assert torch.allclose(tun.probe["a"].grad, A)
+    snap = tun.snapshot()
+    tun.accumulate()
+    assert tun.probe["a"].grad is None
+    with torch.no_grad():
+        before = float((tun.weight("a", False) * A).sum())
+        changed, total = tun.code_step(lr=0.5, max_fraction=0.25)
+        after = float((tun.weight("a", False) * A).sum())
+    assert 0 < changed <= total // 4 and after < before
+    assert torch.equal(st.codes, codes0) and not torch.equal(tun.states["a"].codes, codes0)
+    tun.restore(snap)
+    assert torch.equal(tun.states["a"].codes, codes0)
+    with pytest.raises(OptionError):
+        finetune.finetune_options({"e2e_codes": 1.5})

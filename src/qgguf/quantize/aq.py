@@ -72,6 +72,14 @@ docs/BENCHMARKS.md, session 18):
     e2e_sched=constant  the end-to-end stage's learning rate: constant, or ``cosine`` (a half cosine from e2e_lr to
                     0 over the stage's steps; SmolLM2 at 0.8x llama.cpp Q2_K's size: held-out KLD 0.1409 -> 0.1389,
                     WikiText-2 0.1667 -> 0.1664; twice the rate or half the batch were worse: session 19)
+    e2e_codes=0     PV-Tuning's code step (Malinovskii et al. 2024, the linearised V step) in the end-to-end stage:
+                    every e2e_code_every=8 optimizer steps each AQ linear's codes are re-encoded towards its weight
+                    moved against its RMS-normalised gradient (e2e_code_lr=0.01 of the weight's RMS per unit),
+                    at most this share of its groups changing (:func:`qgguf.quantize.aq_core.reencode_l2`); the
+                    codes of the kept state are written. 0: codes frozen (AQLM's stage). Off by default: on
+                    SmolLM2 at 0.8x llama.cpp Q2_K's size, 0.01 changed about 1 % of the groups' codes and made the
+                    held-out KLD 0.1409 -> 0.1433 and WikiText-2's 0.1667 -> 0.1698, the stage 29 % slower and
+                    the peak RSS 1.4 GB higher (docs/BENCHMARKS.md, session 20)
     other=imatrix   method of linears with a standard type
     std_scales=no   ``yes``: both fine-tuning stages also tune the float16 block scales (``d``, and ``m``/``dmin``
                     where the type has them) of the block linears in standard types, their codes and integer
@@ -408,6 +416,8 @@ class AQ(BlockMethod):
                 "history": list(res.history or []), "seconds": time.perf_counter() - t0,
                 "tokens": res.trained_tokens, "held_out": res.held_out,
                 "train_kld": res.train_loss}
+        if res.codes_changed:
+            info["codes_changed"] = list(res.codes_changed)
         run.checkpoint.mark("e2e", info)
         ctx.extra["e2e"] = info
         if ctx.progress:

@@ -359,6 +359,54 @@ def _beam_rows(W, H, cb, s, codes, beam, jorder, morders, pre):
     return cd[best, rows]
 
 
+def reencode_l2(target: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, codes: torch.Tensor,
+                max_fraction: float = 1.0, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+    """PV-Tuning's linearised code step (Malinovskii et al., "PV-Tuning: Beyond Straight-Through Estimation
+    for Extreme LLM Compression", the V step with an identity metric): new codes that bring ``What`` closer to
+    ``target`` (R, C) in plain squared distance, codebooks and scales fixed. Groups are independent under the
+    identity metric; each group's codes are replaced one codebook at a time (in order) by the entry nearest to
+    the group's residual plus that codebook's own vector (one pass of greedy coordinate descent, so a group's
+    distance never increases). Only the ``max_fraction`` of all groups (R * C/g) whose distance fell the most
+    take their new codes (PV-Tuning's bound on the codes changed per step); the others keep theirs. Returns the
+    new codes (R, J, M) and a (R, J) bool mask of the groups that changed."""
+    R, J, M = codes.shape
+    K, g = codebooks.shape[1], codebooks.shape[2]
+    cb = codebooks.float()
+    cbn = (cb * cb).sum(-1)                                   # (M, K)
+    cbT = cb.transpose(1, 2).contiguous()                     # (M, g, K)
+    s = scales.float().reshape(R, 1, 1)
+    t = (target.float().reshape(R, J, g) / torch.where(s == 0, torch.ones_like(s), s)).reshape(R * J, g)
+    s2 = (s * s).expand(R, J, 1).reshape(R * J)
+    flat = codes.reshape(R * J, M)
+    new = flat.clone()
+    gain = torch.zeros(R * J)
+    for a in range(0, R * J, chunk):
+        b = min(R * J, a + chunk)
+        c = new[a:b]
+        acc = sum(cb[m][c[:, m]] for m in range(M))           # (n, g) the group's code sum
+        res = t[a:b] - acc
+        d0 = (res * res).sum(-1)
+        for m in range(M):
+            own = cb[m][c[:, m]]
+            x = res + own                                      # what codebook m should reproduce
+            score = torch.addmm(cbn[m], x, cbT[m], beta=1, alpha=-2)       # ||x - u||^2 - ||x||^2
+            best, idx = score.min(1)
+            cur = score.gather(1, c[:, m:m + 1])[:, 0]
+            idx = torch.where(best < cur, idx, c[:, m])
+            res = x - cb[m][idx]
+            c[:, m] = idx
+        gain[a:b] = (d0 - (res * res).sum(-1)) * s2[a:b]
+    changed = (new != flat).any(-1) & (gain > 0)
+    n_max = int(max_fraction * R * J)
+    if int(changed.sum()) > n_max:
+        keep = torch.zeros_like(changed)
+        if n_max > 0:
+            keep[torch.topk(torch.where(changed, gain, torch.full_like(gain, -1.0)), n_max).indices] = True
+        changed &= keep
+    out = torch.where(changed[:, None], new, flat)
+    return out.reshape(R, J, M), changed.reshape(R, J)
+
+
 # ------------------------------------------------------------------------------------------------
 # Adam on codebooks and scales
 
@@ -519,5 +567,5 @@ def fields_dequantize(fields: dict) -> np.ndarray:
 
 
 __all__ = ["AQConfig", "parse_config", "CONFIGS", "CONFIG_NAMES", "dequantize", "relative_error", "prepare_gram",
-           "kmeans", "residual_kmeans_init", "beam_search", "adam_refine", "AQOptions", "AQResult",
+           "kmeans", "residual_kmeans_init", "beam_search", "reencode_l2", "adam_refine", "AQOptions", "AQResult",
            "quantize_matrix", "to_fields", "from_fields", "fields_dequantize", "row_losses"]

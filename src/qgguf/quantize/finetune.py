@@ -19,6 +19,13 @@ Two stages, both Adam on the same relative parametrisation (:class:`Tunables`):
   make up for their error too; the pipeline quantizes them before the stage) and the output RMSNorm weight is
   tuned with the blocks' (``e2e_out_norm``). ``e2e_head=float`` gives the student the float ones.
 
+Optionally (``e2e_codes``) the end-to-end stage also moves AQ codes, PV-Tuning's discrete step (Malinovskii et
+al., "PV-Tuning: Beyond Straight-Through Estimation for Extreme LLM Compression", the linearised V step): each AQ
+weight's gradient ``dL/dW`` is collected through a zero tensor added to the weight (:meth:`Tunables.track_codes`),
+normalised by its running RMS and summed (:meth:`Tunables.accumulate`); every ``e2e_code_every`` steps the codes
+are re-encoded towards the weight moved against that sum, a bounded share of groups changing
+(:meth:`Tunables.code_step`). Codes are replaced, not changed in place, so the state kept is a snapshot of them too.
+
 Parameters are relative (codebooks in units of their RMS, scales and norms as factors of their start), so one
 learning rate suits every layer. What is tuned is what is stored: values stored as float16 are rounded to float16
 in the forward pass (straight-through gradient). The block stage checks its loss over its calibration set after
@@ -73,6 +80,11 @@ class FinetuneOptions:
                                  # epoch, picks the state kept (0: the training sequences' KLD after each epoch)
     e2e_checks: int = 4          # checks of the held-out KLD per epoch
     e2e_sched: str = "constant"  # the stage's learning rate over its steps: constant, or cosine (to 0 at the end)
+    e2e_codes: float = 0.0       # PV-Tuning's discrete step in the end-to-end stage: at most this share of each AQ
+                                 # linear's groups take new codes per code step (0: codes frozen, AQLM's stage)
+    e2e_code_lr: float = 0.01    # the code step's move of each weight, in units of the linear's RMS per step of
+                                 # RMS-normalised gradient (Tunables.code_step)
+    e2e_code_every: int = 8      # optimizer steps between code steps
     e2e_head: str = "stored"     # the student's token embedding and output matrix: as stored, as stored with their
                                  # float16 block scales tuned (tuned), or float
     e2e_out_norm: bool = True    # tune the output RMSNorm weight in the end-to-end stage
@@ -92,9 +104,11 @@ def finetune_options(options: dict) -> FinetuneOptions:
         raise OptionError(f"option e2e_sched={ft.e2e_sched!r}: expected constant or cosine")
     if ft.e2e_head not in ("stored", "tuned", "float"):
         raise OptionError(f"option e2e_head={ft.e2e_head!r}: expected stored, tuned or float")
+    if not 0.0 <= ft.e2e_codes <= 1.0:
+        raise OptionError(f"option e2e_codes={ft.e2e_codes:g}: expected a share of groups from 0 to 1")
     for k in ("ft_epochs", "ft_batch", "ft_nsamples", "e2e_epochs", "e2e_batch", "e2e_nsamples", "e2e_val",
-              "e2e_checks"):
-        pos = k.endswith(("batch", "checks"))
+              "e2e_checks", "e2e_code_every"):
+        pos = k.endswith(("batch", "checks", "every"))
         if getattr(ft, k) < (1 if pos else 0):
             raise OptionError(f"option {k}={getattr(ft, k)}: expected a {'positive' if pos else 'non-negative'} integer")
     return ft
@@ -108,6 +122,8 @@ def describe(ft: FinetuneOptions) -> str:
               + ("" if ft.e2e_norms else " no norms") + (f" nsamples={ft.e2e_nsamples}" if ft.e2e_nsamples else "")
               + (f" held-out={ft.e2e_val} checks={ft.e2e_checks}" if ft.e2e_val else "")
               + (f" {ft.e2e_sched} schedule" if ft.e2e_sched != "constant" else "")
+              + (f" codes {ft.e2e_codes:g}/step lr={ft.e2e_code_lr:g} every {ft.e2e_code_every}" if ft.e2e_codes
+                 else "")
               + (" float head" if ft.e2e_head == "float" else " tuned head" if ft.e2e_head == "tuned" else "")
               + ("" if ft.e2e_out_norm else " no output norm"))
     if ft.std_scales:
@@ -253,6 +269,8 @@ class Tunables:
             pn = torch.ones_like(n0).requires_grad_(True)
             self.norms[k] = (n0.detach().clone(), pn)
             self.params.append(pn)
+        self.probe: dict[Hashable, torch.Tensor] = {}   # key -> zero leaf added to the weight: its .grad is dL/dW
+        self.moves: dict[Hashable, tuple] = {}          # key -> (sum of normalised gradients, EMA of g^2, steps)
 
     @staticmethod
     def _values(ps: dict, grad: bool) -> dict:
@@ -266,6 +284,8 @@ class Tunables:
 
     def weight(self, key, grad: bool) -> torch.Tensor:
         w = self.states[key].weight(self._values(self.lin[key], grad))
+        if grad and key in self.probe:
+            w = w + self.probe[key]
         if key in self.exact:
             idx, vals = self.exact[key]
             w = w.reshape(-1).index_put((idx,), vals).reshape(w.shape)
@@ -281,13 +301,64 @@ class Tunables:
         out.update({k: self.norm(k) for k in self.norms if k in keys})
         return out
 
-    def snapshot(self) -> list[torch.Tensor]:
-        return [p.detach().clone() for p in self.params]
+    def snapshot(self) -> tuple[list[torch.Tensor], dict]:
+        """The continuous parameters (copies) and the states (codes are replaced, never changed in place)."""
+        return [p.detach().clone() for p in self.params], dict(self.states)
 
     @torch.no_grad()
-    def restore(self, snap: list[torch.Tensor]) -> None:
-        for p, v in zip(self.params, snap):
+    def restore(self, snap: tuple[list[torch.Tensor], dict]) -> None:
+        for p, v in zip(self.params, snap[0]):
             p.copy_(v)
+        self.states.update(snap[1])
+
+    # -- PV-Tuning's code step (AQ states only) --------------------------------------------------
+
+    def track_codes(self) -> list:
+        """Start collecting ``dL/dW`` of every AQ linear (a zero tensor added to its weight in the forward pass);
+        returns their keys."""
+        keys = [k for k, st in self.states.items() if isinstance(st, AQState)]
+        for k in keys:
+            R, J, M = self.states[k].codes.shape
+            # one stored zero, broadcast: only its gradient takes the weight's memory
+            self.probe[k] = torch.zeros(()).expand(R, J * self.states[k].codebooks.shape[-1]).requires_grad_(True)
+        return keys
+
+    @torch.no_grad()
+    def accumulate(self, beta2: float = 0.95, eps: float = 1e-12) -> None:
+        """After a backward pass: add each tracked weight's gradient, normalised by the running RMS of its
+        gradients (RMSprop's statistics, bias-corrected), to its pending move; clear the gradient."""
+        for k, p in self.probe.items():
+            g = p.grad
+            if g is None:
+                continue
+            acc, v, t = self.moves.get(k) or (torch.zeros_like(g), torch.zeros_like(g), 0)
+            t += 1
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            acc.addcdiv_(g, (v / (1 - beta2 ** t)).sqrt_().add_(eps))
+            self.moves[k] = (acc, v, t)
+            p.grad = None
+
+    @torch.no_grad()
+    def code_step(self, lr: float, max_fraction: float) -> tuple[int, int]:
+        """PV-Tuning's V step on every tracked AQ linear: the target is the current weight moved against its
+        pending normalised gradient by ``lr`` times the weight's RMS per unit; codes re-encoded towards it
+        (:func:`qgguf.quantize.aq_core.reencode_l2`, at most ``max_fraction`` of the groups change). Groups that
+        changed drop their pending move, the others keep it. Returns (groups changed, groups)."""
+        from .aq_core import reencode_l2
+        changed = total = 0
+        for k, (acc, v, t) in self.moves.items():
+            st = self.states[k]
+            vals = self._values(self.lin[k], False)
+            w = st.weight(vals)
+            rms = float(w.pow(2).mean().sqrt()) or 1.0
+            codes, mask = reencode_l2(w - lr * rms * acc, vals["codebooks"], vals["scales"], st.codes, max_fraction)
+            g = st.codebooks.shape[-1]
+            acc.masked_fill_(mask.repeat_interleave(g, 1), 0.0)
+            if bool(mask.any()):
+                self.states[k] = AQState(st.cfg, codes, st.codebooks, st.scales)
+            changed += int(mask.sum())
+            total += mask.numel()
+        return changed, total
 
     @torch.no_grad()
     def result(self) -> tuple[dict, dict]:
@@ -308,15 +379,18 @@ class FinetuneResult:
     train_loss: float | None = None   # mean of the last epoch's batch losses (each taken before its step)
     held_out: int = 0      # how many sequences (the last ones) the checked loss scored and no step trained on
     trained_tokens: int = 0   # tokens of the sequences trained on
+    codes_changed: list = None   # per code step (e2e_codes): the share of the AQ groups that took new codes
 
 
 def _train(tun: Tunables, states: dict, full_loss, batch_loss, n: int, bs: int, epochs: int, lr: float, tol: float,
-           seed: int, bar=None, label: str = "loss", checks: int = 1, sched: str = "constant") -> FinetuneResult:
+           seed: int, bar=None, label: str = "loss", checks: int = 1, sched: str = "constant",
+           after_step=None) -> FinetuneResult:
     """Adam over ``n`` samples in shuffled batches of ``bs`` for up to ``epochs`` epochs; ``full_loss()`` at
     ``checks`` evenly spaced points of each epoch (its end included), the best state kept (the start included);
     stops early when an epoch improves the loss by less than ``tol``. ``full_loss`` may score other samples than
     the trained ones (the end-to-end stage's held-out sequences). ``sched``: the learning rate stays ``lr``
-    (constant) or follows a half cosine from ``lr`` at the first step to 0 after the last of ``epochs``."""
+    (constant) or follows a half cosine from ``lr`` at the first step to 0 after the last of ``epochs``.
+    ``after_step(step)``: called after every optimizer step (1, 2, ...), before any check (the code step)."""
     start = full_loss()
     best = (start, tun.snapshot(), 0)
     history = []
@@ -342,6 +416,8 @@ def _train(tun: Tunables, states: dict, full_loss, batch_loss, n: int, bs: int, 
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                 opt.step()
+                if after_step is not None:
+                    after_step(step)
                 tot += float(loss.detach()) * len(order[b0:b0 + bs])
                 if b in at:
                     cur = full_loss()
@@ -532,15 +608,27 @@ def finetune_model(parts: ModelParts, tun: Tunables, ids: torch.Tensor, teacher:
         return _kl_chunks(parts, h.reshape(-1, h.shape[-1]), teacher[idx].reshape(-1, h.shape[-1]),
                           out_norm(), out_w) / (len(idx) * ntok)
 
+    after_step, shares = None, []
+    if ft.e2e_codes > 0 and tun.track_codes():     # PV-Tuning: code steps between the continuous ones
+        def after_step(step: int) -> None:
+            tun.accumulate()
+            if step % ft.e2e_code_every == 0:
+                changed, total = tun.code_step(ft.e2e_code_lr, ft.e2e_codes)
+                shares.append(changed / max(1, total))
+
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=max(1, ft.e2e_epochs) * (ft.e2e_checks if n_val else 1), desc="end-to-end finetune",
                    unit="check", leave=False)
-    res = _train(tun, tun.states, full_loss, batch_loss, n_train, ft.e2e_batch, ft.e2e_epochs, ft.e2e_lr,
+    states0 = dict(tun.states)
+    res = _train(tun, states0, full_loss, batch_loss, n_train, ft.e2e_batch, ft.e2e_epochs, ft.e2e_lr,
                  ft.e2e_tol, seed, bar, "held-out KLD" if n_val else "KLD", ft.e2e_checks if n_val else 1,
-                 ft.e2e_sched)
+                 ft.e2e_sched, after_step)
+    tun.probe.clear()
+    tun.moves.clear()
     res.held_out, res.trained_tokens = n_val, int(ids[:n_train].numel())
+    res.codes_changed = shares or None
     return res
 
 
@@ -550,6 +638,9 @@ def stage_line(info: dict) -> str:
     s = f"{what} {info['start_kld']:.4g} -> {info['kld']:.4g} (best at epoch {info['best_epoch']:.3g}"
     if info.get("held_out") and info.get("train_kld") is not None:
         s += f"; training batches {info['train_kld']:.4g}"
+    if info.get("codes_changed"):
+        ch = info["codes_changed"]
+        s += f"; {len(ch)} code steps changed {100 * sum(ch):.3g} % of the AQ groups' codes"
     return s + f", {info['seconds']:.0f} s)"
 
 
