@@ -562,7 +562,9 @@ def test_end_to_end_stage_tunes_the_model_as_stored(tmp_path, head):
     finetune.finetune_model = spy
     out = tmp_path / "h.gguf"
     try:
-        pv = dict(e2e_codes=0.05, e2e_code_every=1, e2e_code_lr=0.05) if head == "codes" else {}
+        # (mild code steps: bolder ones, 0.05 of the groups at lr 0.05, leave a model whose KLD moves by 1e-3
+        # with the float16 rounding of its outliers' stored differences)
+        pv = dict(e2e_codes=0.01, e2e_code_every=1, e2e_code_lr=0.02) if head == "codes" else {}
         rep = _convert(out, nsamples=8, token_embedding_type="Q4_0", output_tensor_type="Q4_0",
                        opts=dict(max_rounds=1, ft_epochs=1, e2e_epochs=2, e2e_nsamples=8, e2e_val=4, **pv,
                                  e2e_head="stored" if head == "codes" else head))
@@ -581,7 +583,7 @@ def test_end_to_end_stage_tunes_the_model_as_stored(tmp_path, head):
     stored, source = q.output_norm.detach().float().numpy(), f.output_norm.detach().float().numpy()
     if head == "codes":
         # every kept state after the start has the first step's new codes
-        assert len(res.codes_changed) == 2 * 2 and res.codes_changed[0] > 0 and max(res.codes_changed) <= 0.05
+        assert len(res.codes_changed) == 2 * 2 and res.codes_changed[0] > 0 and max(res.codes_changed) <= 0.01
         assert rep.e2e["codes_changed"] == res.codes_changed and res.train_loss is not None
     if head in ("stored", "codes"):
         assert kl == pytest.approx(res.loss, rel=2e-3)
