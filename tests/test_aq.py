@@ -216,10 +216,8 @@ def test_method_options():
         AQ(bogus=1)
     with pytest.raises(OptionError, match="e2e_batch"):
         AQ(e2e_batch=0)
-    assert "e2e=1 epochs lr=0.0005" in AQ().describe() and "nsamples=256" in AQ().describe() and "e2e" not in AQ(e2e="no").describe()
-    assert AQ(e2e_lr="2e-3").ft.e2e_lr == 2e-3      # the method's default rate, overridable
-    from qgguf.quantize.vq import VQ
-    assert VQ().ft.e2e_lr == 1e-3                    # VQ keeps the rate its figures were measured with
+    assert "e2e=1 epochs lr=0.001" in AQ().describe() and "nsamples=256" in AQ().describe() and "e2e" not in AQ(e2e="no").describe()
+    assert AQ(e2e_lr="5e-4").ft.e2e_lr == 5e-4
 
 
 # ------------------------------------------------------------------------------------------------ end to end

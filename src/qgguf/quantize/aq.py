@@ -56,10 +56,11 @@ docs/BENCHMARKS.md, session 18):
                     w^2 H_cc, the "super weights" and the inputs with massive activations), exact in the file,
                     counted in --bits (48 bits each); 0 turns it off (same probe, damp=1: 0.802 without them)
     finetune=yes    ft_epochs=3  ft_lr=0.0005  ft_batch=4  ft_tol=0.001  ft_target=fp|xq   (block stage)
-    e2e=yes         e2e_epochs=1  e2e_lr=0.0005  e2e_batch=4  e2e_tol=0.001  e2e_norms=yes   (end-to-end stage, step 3;
-                    e2e_lr: VQ's default is 0.001. SmolLM2 at 0.8x llama.cpp Q2_K's size, held-out KLD at the
-                    stage's end / WikiText-2: lr 0.002 kept its start, 0.1821; 0.001 0.1409 / 0.1667; 0.0005
-                    0.1364 / 0.1637: docs/BENCHMARKS.md, sessions 19-20)
+    e2e=yes         e2e_epochs=1  e2e_lr=0.001  e2e_batch=4  e2e_tol=0.001  e2e_norms=yes   (end-to-end stage, step 3;
+                    e2e_lr, SmolLM2, held-out KLD at the stage's end / WikiText-2: at 0.8x llama.cpp Q2_K's size
+                    0.002 kept its start, 0.1821; 0.001 0.1409 / 0.1667; 0.0005 0.1364 / 0.1637; 0.00025 0.1373 /
+                    0.1652; but --bits 3 (a coarser file): 0.001 0.3100 / 0.3576, 0.0005 0.3166 / 0.3647, so the
+                    default stays 0.001: docs/BENCHMARKS.md, sessions 18-20)
     e2e_nsamples=256  sequences of the end-to-end stage (at least the block pass's): the block pass's and more
                     from the same calibration source, only run through the float model (their teacher). On the
                     block pass's 32 x 256 tokens the stage overfits (SmolLM2 ffn_down: calibration KLD -36 %,
@@ -138,10 +139,6 @@ METHOD_DEFAULTS = dict(beam=1, max_rounds=4, tol=0.01, adam_steps=20, adam_later
 #: calibration sequences (of 256 tokens) of the block pass by default: the layer fits' Gram matrices use them all,
 #: the block stage its first ``ft_nsamples`` (module docstring; VQ's default is untested beyond 32)
 DEFAULT_NSAMPLES = {"aq": 128, "vq": 32}
-#: the end-to-end stage's Adam rate (``-O e2e_lr``) per method: AQ's measured on SmolLM2 at 0.8x llama.cpp Q2_K's
-#: size (1e-3 -> 5e-4: held-out KLD 0.1409 -> 0.1364, WikiText-2 0.1667 -> 0.1637; docs/BENCHMARKS.md, session
-#: 20); VQ keeps the rate its figures were measured with
-DEFAULT_E2E_LR = {"aq": 5e-4, "vq": 1e-3}
 #: share of each AQ tensor's weights kept as sparse float16 outliers by default (module docstring)
 DEFAULT_OUTLIERS = 0.002
 
@@ -215,7 +212,7 @@ class AQ(BlockMethod):
         left in standard types (``other``), and the calibration size."""
         self.calib = calib
         self.options = options
-        self.ft = finetune_options({"e2e_lr": DEFAULT_E2E_LR[family], **options})
+        self.ft = finetune_options(options)
         self.other = str(options.get("other", "imatrix")).lower()
         if self.other not in ("imatrix", "rtn", "gptq", "quantease"):
             raise OptionError(f"{family} option other={self.other!r}: expected imatrix, rtn, gptq or quantease")

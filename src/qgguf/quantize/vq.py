@@ -18,8 +18,7 @@ Options (``-O KEY=VALUE``)::
     actorder=yes norm=yes damp=0.01 blocksize=128   act-order / column normalisation / GPTQ damping, lazy batch
     kmeans_iters=12 kmeans_points=32768 refit=no    k-means; refit: one more centroid update on the final
                                                     assignments (kept only if the layer error improves)
-    finetune=yes ft_epochs=3 ft_lr=0.0005 ft_batch=4 ft_tol=0.001 ft_target=fp|xq   (as AQ; the end-to-end
-                    stage's e2e_lr defaults to 0.001 here, 0.0005 in AQ)
+    finetune=yes ft_epochs=3 ft_lr=0.0005 ft_batch=4 ft_tol=0.001 ft_target=fp|xq   (as AQ)
     other=imatrix linear_threads=1 nsamples=32 seqlen=256
 
 The configuration (``--vq-config``, ``--type vq-...``, or ``--bits B``: :func:`choose_config`, every byte
