@@ -640,7 +640,7 @@ def stage_line(info: dict) -> str:
         s += f"; training batches {info['train_kld']:.4g}"
     if info.get("codes_changed"):
         ch = info["codes_changed"]
-        s += f"; {len(ch)} code steps changed {100 * sum(ch):.3g} % of the AQ groups' codes"
+        s += f"; {len(ch)} code steps, their new codes {100 * sum(ch):.3g} % of the AQ groups (summed over steps)"
     return s + f", {info['seconds']:.0f} s)"
 
 
