@@ -504,10 +504,12 @@ def test_stories_outliers_are_exact(tmp_path):
 
 
 @needs_data
-def test_end_to_end_stage_never_trains_on_its_held_out_sequences(tmp_path, monkeypatch):
+@pytest.mark.parametrize("trial", ["", "0.5"])
+def test_end_to_end_stage_never_trains_on_its_held_out_sequences(tmp_path, monkeypatch, trial):
     """The end-to-end stage's last ``e2e_val`` sequences (drawn after the ones it trains on) are only scored:
     no teacher state of theirs reaches a training step, and the state kept is the one of least KLD on them,
-    checked ``e2e_checks`` times per epoch (the start included)."""
+    checked ``e2e_checks`` times per epoch (the start included). With a rate trial (``e2e_lr_try``, AQ's
+    default) the other rate's steps over the first check interval are training steps too, on the same batches."""
     from qgguf.quantize import finetune
     real_kl, real_ft = finetune._kl_chunks, finetune.finetune_model
     trained, seen = [], []
@@ -524,7 +526,8 @@ def test_end_to_end_stage_never_trains_on_its_held_out_sequences(tmp_path, monke
     monkeypatch.setattr(finetune, "_kl_chunks", kl_spy)
     monkeypatch.setattr(finetune, "finetune_model", ft_spy)
     rep = _convert(tmp_path / "v.gguf", nsamples=8,
-                   opts=dict(max_rounds=1, ft_epochs=1, e2e_epochs=2, e2e_nsamples=10, e2e_val=3, e2e_checks=3))
+                   opts=dict(max_rounds=1, ft_epochs=1, e2e_epochs=2, e2e_nsamples=10, e2e_val=3, e2e_checks=3,
+                             e2e_lr_try=trial))
     (ids, teacher, res), = seen
     assert len(ids) == 13 and rep.e2e["held_out"] == 3 and rep.e2e["tokens"] == 10 * ids.shape[1]
     assert len(res.history) == 2 * 3 and res.loss == min([res.start_loss] + res.history)
@@ -532,7 +535,12 @@ def test_end_to_end_stage_never_trains_on_its_held_out_sequences(tmp_path, monke
     rows = torch.cat([t.reshape(-1, t.shape[-1]) for t in trained])
     # (states after a shared prefix are equal, such as the BOS token's: the held-out ones from position 8 on)
     held, kept = teacher[-3:, 8:].reshape(-1, teacher.shape[-1]), teacher[:10].reshape(-1, teacher.shape[-1])
-    assert len(rows) == 2 * kept.shape[0]                      # every training sequence, once per epoch
+    # every training sequence once per epoch; the trial's other rate: the first of the 3 batches of 4 once more
+    assert len(rows) == 2 * kept.shape[0] + (4 * ids.shape[1] if trial else 0)
+    if trial:
+        assert [r for r, _ in rep.e2e["rate_trials"]] == [1e-3, 5e-4] and rep.e2e["lr"] in (1e-3, 5e-4)
+    else:
+        assert "rate_trials" not in rep.e2e
     exact = "donot_use_mm_for_euclid_dist"
     assert torch.cdist(held, rows, compute_mode=exact).min() > 0                   # no held-out state among them
     assert torch.cdist(kept, rows, compute_mode=exact).min(1).values.max() == 0    # every training state among them
@@ -803,6 +811,56 @@ def test_stage_learning_rate_schedule(monkeypatch, sched):
     assert finetune.finetune_options({"e2e_sched": sched}).e2e_sched == sched
     with pytest.raises(OptionError):
         finetune.finetune_options({"e2e_sched": "linear"})
+
+
+@pytest.mark.parametrize("sched", ["constant", "cosine"])
+def test_stage_rate_trial_goes_on_as_the_chosen_rate_alone(sched):
+    """The end-to-end stage's rate trial (``e2e_lr_try``): each rate runs from the start over the same batches up
+    to the first check; the one that scored least there goes on, and the whole run (checks, state kept) is the
+    run of that rate alone. Near the optimum the smaller rate wins, far from it the larger (both cases here)."""
+    from qgguf.quantize import finetune
+    tgt = torch.linspace(-0.2, 0.2, 16)[:, None] + torch.tensor([0.0, 0.5])
+
+    def run(p0, lr, try_rates=()):
+        p = torch.nn.Parameter(torch.tensor(p0))
+
+        class Tun:
+            params = [p]
+            snapshot = staticmethod(lambda: p.detach().clone())
+            restore = staticmethod(lambda s: p.data.copy_(s))
+            result = staticmethod(lambda: ({}, {}))
+        res = finetune._train(Tun(), {}, lambda: float(((p.detach() - tgt.mean(0)) ** 2).sum()),
+                              lambda idx: ((p - tgt[idx]) ** 2).sum(-1).mean(), n=16, bs=2, epochs=1, lr=lr, tol=0,
+                              seed=0, checks=4, sched=sched, try_rates=try_rates)
+        return res, p.detach().clone()
+
+    chosen = []
+    for p0 in ([1.0, 1.5], [0.05, 0.55]):
+        res, p = run(p0, 0.2, [0.1, 0.2])
+        alone = {lr: run(p0, lr) for lr in (0.2, 0.1)}
+        assert [r for r, _ in res.rate_trials] == [0.2, 0.1]          # lr first; a repeated rate is not run twice
+        assert [v for _, v in res.rate_trials] == [alone[0.2][0].history[0], alone[0.1][0].history[0]]
+        want = min(alone, key=lambda lr: alone[lr][0].history[0])
+        assert res.lr == want and res.history == alone[want][0].history and torch.equal(p, alone[want][1])
+        assert res.loss == alone[want][0].loss and res.best_epoch == alone[want][0].best_epoch
+        chosen.append(want)
+    assert chosen == [0.2, 0.1]
+    res, _ = run([1.0, 1.5], 0.2)
+    assert res.rate_trials is None and res.lr == 0.2
+    line = finetune.stage_line({"held_out": 32, "start_kld": 0.15, "kld": 0.14, "best_epoch": 1.0, "seconds": 9.0,
+                                "lr": 5e-4, "rate_trials": [[1e-3, 0.146], [5e-4, 0.1424]]})
+    assert "rate 0.0005 chosen at its first check (0.001: 0.146, 0.0005: 0.1424)" in line
+    # the option: factors of e2e_lr; AQ tries half the rate by default, VQ nothing, code steps turn AQ's default off
+    assert finetune.lr_try_factors(finetune.finetune_options({"e2e_lr_try": "0.5, 2,1,0.5"})) == [0.5, 2.0]
+    assert finetune.lr_try_factors(finetune.finetune_options({})) == []
+    for bad in ("x", "0", "-1", "nan"):
+        with pytest.raises(OptionError, match="e2e_lr_try"):
+            finetune.finetune_options({"e2e_lr_try": bad})
+    with pytest.raises(OptionError, match="e2e_codes"):
+        finetune.finetune_options({"e2e_lr_try": "0.5", "e2e_codes": 0.01})
+    from qgguf.quantize.vq import VQ
+    assert AQ().ft.e2e_lr_try == "0.5" and AQ(e2e_lr_try="").ft.e2e_lr_try == ""
+    assert AQ(e2e_codes=0.01).ft.e2e_lr_try == "" and VQ().ft.e2e_lr_try == ""
 
 
 def test_reencode_l2_moves_towards_its_target_within_its_share():

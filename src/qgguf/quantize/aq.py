@@ -76,6 +76,12 @@ docs/BENCHMARKS.md, session 18):
     e2e_sched=constant  the end-to-end stage's learning rate: constant, or ``cosine`` (a half cosine from e2e_lr to
                     0 over the stage's steps; SmolLM2 at 0.8x llama.cpp Q2_K's size: held-out KLD 0.1409 -> 0.1389,
                     WikiText-2 0.1667 -> 0.1664; twice the rate or half the batch were worse: session 19)
+    e2e_lr_try=0.5  the rate trial: these factors of e2e_lr (comma-separated) are also run, each from the start, over
+                    the stage's first held-out check interval (a quarter epoch, 16 steps); the rate whose check
+                    scored least runs the rest of the stage as if alone. The best rate depends on how far the blocks
+                    start from the float model (0.0005 better at 0.8x llama.cpp Q2_K's size, 0.001 at --bits 3; in
+                    both, the quarter-epoch check already ranked them so); costs one check interval per factor.
+                    Empty: e2e_lr only (VQ's default; off with e2e_codes)
     e2e_codes=0     PV-Tuning's code step (Malinovskii et al. 2024, the linearised V step) in the end-to-end stage:
                     every e2e_code_every=8 optimizer steps each AQ linear's codes are re-encoded towards its weight
                     moved against its RMS-normalised gradient (e2e_code_lr=0.01 of the weight's RMS per unit),
@@ -139,6 +145,9 @@ METHOD_DEFAULTS = dict(beam=1, max_rounds=4, tol=0.01, adam_steps=20, adam_later
 #: calibration sequences (of 256 tokens) of the block pass by default: the layer fits' Gram matrices use them all,
 #: the block stage its first ``ft_nsamples`` (module docstring; VQ's default is untested beyond 32)
 DEFAULT_NSAMPLES = {"aq": 128, "vq": 32}
+#: factors of e2e_lr the end-to-end stage also tries over its first held-out check interval by default (module
+#: docstring: on SmolLM2 half the rate was better at 0.8x llama.cpp Q2_K's size, worse at --bits 3; VQ's untried)
+DEFAULT_E2E_LR_TRY = {"aq": "0.5", "vq": ""}
 #: share of each AQ tensor's weights kept as sparse float16 outliers by default (module docstring)
 DEFAULT_OUTLIERS = 0.002
 
@@ -213,6 +222,8 @@ class AQ(BlockMethod):
         self.calib = calib
         self.options = options
         self.ft = finetune_options(options)
+        if "e2e_lr_try" not in options and not self.ft.e2e_codes:
+            self.ft.e2e_lr_try = DEFAULT_E2E_LR_TRY[family]
         self.other = str(options.get("other", "imatrix")).lower()
         if self.other not in ("imatrix", "rtn", "gptq", "quantease"):
             raise OptionError(f"{family} option other={self.other!r}: expected imatrix, rtn, gptq or quantease")
@@ -422,6 +433,8 @@ class AQ(BlockMethod):
                 "train_kld": res.train_loss}
         if res.codes_changed:
             info["codes_changed"] = list(res.codes_changed)
+        if res.rate_trials:
+            info["lr"], info["rate_trials"] = res.lr, [list(t) for t in res.rate_trials]
         run.checkpoint.mark("e2e", info)
         ctx.extra["e2e"] = info
         if ctx.progress:

@@ -80,6 +80,9 @@ class FinetuneOptions:
                                  # epoch, picks the state kept (0: the training sequences' KLD after each epoch)
     e2e_checks: int = 4          # checks of the held-out KLD per epoch
     e2e_sched: str = "constant"  # the stage's learning rate over its steps: constant, or cosine (to 0 at the end)
+    e2e_lr_try: str = ""         # factors of e2e_lr (comma-separated) also tried, each from the start, over the
+                                 # stage's first held-out check interval; the rate of least held-out KLD there runs
+                                 # the rest of the stage (needs e2e_val; empty: e2e_lr only; AQ's default: 0.5)
     e2e_codes: float = 0.0       # PV-Tuning's discrete step in the end-to-end stage: at most this share of each AQ
                                  # linear's groups take new codes per code step (0: codes frozen, AQLM's stage)
     e2e_code_lr: float = 0.01    # the code step's move of each weight, in units of the linear's RMS per step of
@@ -106,12 +109,34 @@ def finetune_options(options: dict) -> FinetuneOptions:
         raise OptionError(f"option e2e_head={ft.e2e_head!r}: expected stored, tuned or float")
     if not 0.0 <= ft.e2e_codes <= 1.0:
         raise OptionError(f"option e2e_codes={ft.e2e_codes:g}: expected a share of groups from 0 to 1")
+    factors = lr_try_factors(ft)
+    if factors and ft.e2e_codes > 0:
+        raise OptionError("options e2e_lr_try and e2e_codes: a rate trial with code steps is not supported "
+                          "(set e2e_lr_try= to turn the trial off)")
     for k in ("ft_epochs", "ft_batch", "ft_nsamples", "e2e_epochs", "e2e_batch", "e2e_nsamples", "e2e_val",
               "e2e_checks", "e2e_code_every"):
         pos = k.endswith(("batch", "checks", "every"))
         if getattr(ft, k) < (1 if pos else 0):
             raise OptionError(f"option {k}={getattr(ft, k)}: expected a {'positive' if pos else 'non-negative'} integer")
     return ft
+
+
+def lr_try_factors(ft: FinetuneOptions) -> list[float]:
+    """The factors of ``ft.e2e_lr`` that the end-to-end stage tries besides 1 (``e2e_lr_try``), in order."""
+    out = []
+    for part in str(ft.e2e_lr_try or "").replace(" ", "").split(","):
+        if not part or part.lower() == "none":
+            continue
+        try:
+            f = float(part)
+        except ValueError:
+            raise OptionError(f"option e2e_lr_try={ft.e2e_lr_try!r}: expected factors of e2e_lr separated by "
+                              f"commas, e.g. 0.5") from None
+        if not (f > 0 and math.isfinite(f)):
+            raise OptionError(f"option e2e_lr_try={ft.e2e_lr_try!r}: {part} is not a positive factor")
+        if f != 1.0 and f not in out:
+            out.append(f)
+    return out
 
 
 def describe(ft: FinetuneOptions) -> str:
@@ -122,6 +147,8 @@ def describe(ft: FinetuneOptions) -> str:
               + ("" if ft.e2e_norms else " no norms") + (f" nsamples={ft.e2e_nsamples}" if ft.e2e_nsamples else "")
               + (f" held-out={ft.e2e_val} checks={ft.e2e_checks}" if ft.e2e_val else "")
               + (f" {ft.e2e_sched} schedule" if ft.e2e_sched != "constant" else "")
+              + (f" also tried x{','.join(f'{f:g}' for f in lr_try_factors(ft))}"
+                 if ft.e2e_val and lr_try_factors(ft) else "")
               + (f" codes {ft.e2e_codes:g}/step lr={ft.e2e_code_lr:g} every {ft.e2e_code_every}" if ft.e2e_codes
                  else "")
               + (" float head" if ft.e2e_head == "float" else " tuned head" if ft.e2e_head == "tuned" else "")
@@ -380,53 +407,95 @@ class FinetuneResult:
     held_out: int = 0      # how many sequences (the last ones) the checked loss scored and no step trained on
     trained_tokens: int = 0   # tokens of the sequences trained on
     codes_changed: list = None   # per code step (e2e_codes): the share of the AQ groups that took new codes
+    lr: float | None = None      # the learning rate that ran the stage (after a rate trial: the one chosen)
+    rate_trials: list = None     # a rate trial's [(rate, checked loss at its first check)], in the order tried
 
 
 def _train(tun: Tunables, states: dict, full_loss, batch_loss, n: int, bs: int, epochs: int, lr: float, tol: float,
            seed: int, bar=None, label: str = "loss", checks: int = 1, sched: str = "constant",
-           after_step=None) -> FinetuneResult:
+           after_step=None, try_rates=()) -> FinetuneResult:
     """Adam over ``n`` samples in shuffled batches of ``bs`` for up to ``epochs`` epochs; ``full_loss()`` at
     ``checks`` evenly spaced points of each epoch (its end included), the best state kept (the start included);
     stops early when an epoch improves the loss by less than ``tol``. ``full_loss`` may score other samples than
     the trained ones (the end-to-end stage's held-out sequences). ``sched``: the learning rate stays ``lr``
     (constant) or follows a half cosine from ``lr`` at the first step to 0 after the last of ``epochs``.
-    ``after_step(step)``: called after every optimizer step (1, 2, ...), before any check (the code step)."""
+    ``after_step(step)``: called after every optimizer step (1, 2, ...), before any check (the code step).
+    ``try_rates``: other rates, each run from the start over the same batches up to the first check (as is
+    ``lr``); the rate whose first check scored least (``lr`` on a tie) goes on from its own state and Adam
+    moments, as if it had run alone; the others' steps are dropped."""
     start = full_loss()
     best = (start, tun.snapshot(), 0)
     history = []
-    opt = torch.optim.Adam(tun.params, lr=lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(int(seed) + 17)
     bs = max(1, min(int(bs), n))
     nb = -(-n // bs)
     checks = max(1, min(int(checks), nb))
     at = {round(nb * (j + 1) / checks) for j in range(checks)}     # batch counts after which full_loss runs
-    steps, step = max(1, int(epochs)) * nb, 0
+    steps = max(1, int(epochs)) * nb
+    rates = [float(lr)] + [r for r in dict.fromkeys(float(r) for r in try_rates) if r != float(lr)]
+    trials = None
     prev, train = start, None
+
+    def new_opt(rate: float):
+        return torch.optim.Adam(tun.params, lr=rate, betas=(0.9, 0.95))
+
+    def one_step(opt, rate: float, step: int, idx) -> float:
+        if sched == "cosine":
+            for grp in opt.param_groups:
+                grp["lr"] = rate * 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
+        with torch.enable_grad():
+            loss = batch_loss(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        opt.step()
+        if after_step is not None:
+            after_step(step)
+        return float(loss.detach()) * len(idx)
+
+    def checked(cur: float, when: float) -> None:
+        nonlocal best
+        history.append(cur)
+        if cur < best[0]:
+            best = (cur, tun.snapshot(), when)
+        if bar is not None:
+            bar.set_postfix_str(f"{label} {start:.4g} -> {cur:.4g}", refresh=False)
+            bar.update(1)
+
+    opt, step = None, 0
     try:
         for ep in range(1, max(0, int(epochs)) + 1):
             order = torch.randperm(n, generator=gen)
-            tot, cur = 0.0, prev
-            for b, b0 in enumerate(range(0, n, bs), 1):
-                if sched == "cosine":
-                    for grp in opt.param_groups:
-                        grp["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            tot, cur, done = 0.0, prev, 0
+            if ep == 1 and len(rates) > 1:    # the rate trial: each rate over the batches up to the first check
+                first = min(at)
+                start_snap = tun.snapshot()
+                outcomes = []
+                for rate in rates:
+                    tun.restore(start_snap)
+                    o = new_opt(rate)
+                    t = sum(one_step(o, rate, b, order[(b - 1) * bs:b * bs]) for b in range(1, first + 1))
+                    loss_r = full_loss()
+                    outcomes.append((loss_r, rate, o, t, tun.snapshot()))
+                    if bar is not None:
+                        bar.set_postfix_str(f"rate {rate:g}: {label} {start:.4g} -> {loss_r:.4g}", refresh=False)
+                        bar.update(1)
+                trials = [(rate, loss_r) for loss_r, rate, *_ in outcomes]
+                cur, lr, opt, tot, snap = min(outcomes, key=lambda o: o[0])
+                del outcomes, start_snap
+                tun.restore(snap)
+                history.append(cur)
+                if cur < best[0]:
+                    best = (cur, snap, first / nb)
+                step = done = first
+            if opt is None:
+                opt = new_opt(lr)
+            for b in range(done + 1, nb + 1):
                 step += 1
-                with torch.enable_grad():
-                    loss = batch_loss(order[b0:b0 + bs])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                opt.step()
-                if after_step is not None:
-                    after_step(step)
-                tot += float(loss.detach()) * len(order[b0:b0 + bs])
+                idx = order[(b - 1) * bs:b * bs]
+                tot += one_step(opt, lr, step, idx)
                 if b in at:
                     cur = full_loss()
-                    history.append(cur)
-                    if cur < best[0]:
-                        best = (cur, tun.snapshot(), ep - 1 + b / nb)
-                    if bar is not None:
-                        bar.set_postfix_str(f"{label} {start:.4g} -> {cur:.4g}", refresh=False)
-                        bar.update(1)
+                    checked(cur, ep - 1 + b / nb)
             train = tot / n
             if prev - cur < tol * prev:
                 break
@@ -436,9 +505,12 @@ def _train(tun: Tunables, states: dict, full_loss, batch_loss, n: int, bs: int, 
             bar.close()
     tun.restore(best[1])
     if not best[2]:   # the start was best: keep the given states and the original norms
-        return FinetuneResult(dict(states), {}, start, best[0], 0, history, train)
-    out_state, out_norms = tun.result()
-    return FinetuneResult(out_state, out_norms, start, best[0], best[2], history, train)
+        res = FinetuneResult(dict(states), {}, start, best[0], 0, history, train)
+    else:
+        out_state, out_norms = tun.result()
+        res = FinetuneResult(out_state, out_norms, start, best[0], best[2], history, train)
+    res.lr, res.rate_trials = float(lr), trials
+    return res
 
 
 # ------------------------------------------------------------------------------------------------
@@ -616,15 +688,17 @@ def finetune_model(parts: ModelParts, tun: Tunables, ids: torch.Tensor, teacher:
                 changed, total = tun.code_step(ft.e2e_code_lr, ft.e2e_codes)
                 shares.append(changed / max(1, total))
 
+    # the rate trial needs held-out sequences (its pick must not be scored on the batches it trained on)
+    try_rates = [ft.e2e_lr * f for f in lr_try_factors(ft)] if n_val and ft.e2e_epochs > 0 else []
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=max(1, ft.e2e_epochs) * (ft.e2e_checks if n_val else 1), desc="end-to-end finetune",
-                   unit="check", leave=False)
+        bar = tqdm(total=max(1, ft.e2e_epochs) * (ft.e2e_checks if n_val else 1) + len(try_rates),
+                   desc="end-to-end finetune", unit="check", leave=False)
     states0 = dict(tun.states)
     res = _train(tun, states0, full_loss, batch_loss, n_train, ft.e2e_batch, ft.e2e_epochs, ft.e2e_lr,
                  ft.e2e_tol, seed, bar, "held-out KLD" if n_val else "KLD", ft.e2e_checks if n_val else 1,
-                 ft.e2e_sched, after_step)
+                 ft.e2e_sched, after_step, try_rates)
     tun.probe.clear()
     tun.moves.clear()
     res.held_out, res.trained_tokens = n_val, int(ids[:n_train].numel())
@@ -638,6 +712,9 @@ def stage_line(info: dict) -> str:
     s = f"{what} {info['start_kld']:.4g} -> {info['kld']:.4g} (best at epoch {info['best_epoch']:.3g}"
     if info.get("held_out") and info.get("train_kld") is not None:
         s += f"; training batches {info['train_kld']:.4g}"
+    if info.get("rate_trials"):
+        s += (f"; rate {info['lr']:g} chosen at its first check ("
+              + ", ".join(f"{r:g}: {v:.4g}" for r, v in info["rate_trials"]) + ")")
     if info.get("codes_changed"):
         ch = info["codes_changed"]
         s += f"; {len(ch)} code steps, their new codes {100 * sum(ch):.3g} % of the AQ groups (summed over steps)"
@@ -652,6 +729,6 @@ def held_out(ft: FinetuneOptions, n: int) -> int:
     return v if 0 < v < n else 0
 
 
-__all__ = ["FinetuneOptions", "finetune_options", "AQState", "GridState", "Tunables", "FinetuneResult", "finetune_block",
+__all__ = ["FinetuneOptions", "finetune_options", "lr_try_factors", "AQState", "GridState", "Tunables", "FinetuneResult", "finetune_block",
            "ModelParts", "finetune_model", "held_out", "stage_line", "FT_KEYS", "NORM_KEYS", "OUT_NORM",
            "TOK_EMBD", "OUTPUT"]
