@@ -211,6 +211,36 @@ def test_aq_only_candidates_still_get_a_measured_propagation_factor(tmp_path):
     assert (tmp_path / "mix.gguf").stat().st_size <= target
 
 
+def test_mix_types_takes_any_valid_aq_configuration(tmp_path):
+    """``--mix-types`` may name an AQ configuration beyond the offered ones (``aq-6x8-g16``: 3 bits in groups of 16,
+    session 22): it is measured and offered like them (exact bytes); an invalid one is refused by name, before any
+    work."""
+    src = _mid_model(tmp_path)
+    pin = [r"^(token_embd|output|blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up)))\.weight$=Q8_0"]
+    with pytest.raises(OptionError, match="aq-9x8-g8"):
+        qgguf.convert(src, tmp_path / "x.gguf", target_size=10**6, tensor_types=pin, type="Q8_0", pure=True,
+                      sensitivity=dict(SENS, types=["aq-2x8-g8", "aq-9x8-g8"]), **CAL)
+    assert not (tmp_path / "x.gguf").exists()
+    sens = dict(SENS, types=["aq-2x8-g8", "aq-6x8-g16"], alpha_stride=1, aq_search="full")
+    q8 = qgguf.convert(src, tmp_path / "q8.gguf", type="Q8_0", pure=True, progress=False)
+    qgguf.convert(src, tmp_path / "mix.gguf", target_size=q8.file_bytes - 40_000, tensor_types=pin, type="Q8_0",
+                  pure=True, save_recipe=tmp_path / "r.json", sensitivity=sens, **CAL)
+    r = json.loads((tmp_path / "r.json").read_text())
+    free = {n: v for n, v in r["sensitivity"].items() if not n.startswith("_")}
+    assert sorted(free) == ["blk.0.ffn_down.weight", "blk.1.ffn_down.weight"]
+    for n, v in free.items():
+        c = v["candidates"]
+        assert sorted(c) == ["aq-2x8-g8", "aq-6x8-g16"], c
+        assert c["aq-6x8-g16"][0] == file_bytes(n, (256, 512), gguf_types.get("aq-6x8-g16"), 0.002)
+        assert c["aq-6x8-g16"][1] < c["aq-2x8-g8"][1]   # 3 bits per weight fit better than 2
+    written = _types(tmp_path / "mix.gguf")
+    assert {n: written[n] for n in free} == {n: r["types"][n] for n in free}
+    assert "aq-6x8-g16" in set(written.values())   # at this budget the 3-bit configuration is chosen (and written)
+    from qgguf.runtime.evaluate import evaluate
+    res = evaluate(tmp_path / "mix.gguf", WIKI, ctx=64, chunks=2, base=src, progress=False)
+    assert np.isfinite(res["kld"]) and 0 <= res["kld"] < 0.5
+
+
 def test_bits_plan_tensor_spends_the_bits_budget_per_tensor(tmp_path):
     """``--bits B --bits-plan tensor``: the allocator gets the file that ``--bits B`` makes with its block linears at
     exactly B bits per weight (every byte counted) and fills it per tensor from measured KL divergences; the

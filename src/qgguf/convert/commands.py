@@ -92,7 +92,8 @@ def add_parsers(sub) -> None:
     x.add_argument("--sens-from", metavar="RECIPE.json",
                    help="reuse the sensitivities saved in a recipe (another budget without a new measurement)")
     x.add_argument("--mix-types", metavar="T1,T2,...",
-                   help="candidate types (a subset of the --compat list), e.g. Q8_0,Q6_K,Q5_0,Q4_K,Q4_0")
+                   help="candidate types (a subset of the --compat list), e.g. Q8_0,Q6_K,Q5_0,Q4_K,Q4_0; with "
+                        "--method aq also any valid AQ configuration aq-MxB-gG (e.g. aq-6x8-g16)")
     x.add_argument("--proxy-check", type=int, default=0, metavar="N",
                    help="also measure N single-tensor KL divergences with other types and report the rank "
                         "correlation of the prediction with them")

@@ -196,6 +196,14 @@ def plan_mixed(source, out: Path, *, type: str, method: str, pure: bool = False,
     if so.get("types"):   # the user's candidate list (--mix-types)
         from ..quantize.aq import available_configs
         aq_known = tuple(c.name for c in available_configs()) if aq_pool else ()
+        if aq_pool:   # any other valid aq-MxB-gG named (e.g. aq-6x8-g16): measured like the offered ones
+            from ..quantize.aq_core import parse_config
+            for t in so["types"]:
+                if str(t).strip().lower().startswith("aq-"):
+                    name = parse_config(str(t).strip().lower()).name
+                    gguf_types.get(name)   # registers its type
+                    if name not in aq_known:
+                        aq_known += (name,)
         known = {normalize_type(t): t for t in STANDARD_CANDIDATES + aq_known}
         wanted = [normalize_type(t, "--mix-types type") for t in so["types"]]
         bad = [t for t in wanted if t not in known]
