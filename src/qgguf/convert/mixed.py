@@ -198,9 +198,9 @@ def plan_mixed(source, out: Path, *, type: str, method: str, pure: bool = False,
         aq_known = tuple(c.name for c in available_configs()) if aq_pool else ()
         if aq_pool:   # any other valid aq-MxB-gG named (e.g. aq-6x8-g16): measured like the offered ones
             from ..quantize.aq_core import parse_config
-            for t in so["types"]:
-                if str(t).strip().lower().startswith("aq-"):
-                    name = parse_config(str(t).strip().lower()).name
+            for t in (str(t).strip().lower() for t in so["types"]):
+                if t.startswith("aq-"):
+                    name = parse_config(t).name
                     gguf_types.get(name)   # registers its type
                     if name not in aq_known:
                         aq_known += (name,)
