@@ -187,6 +187,10 @@ def test_runner_logits_equal_dequantized(tiny_files, t):
     from qgguf.runtime.linear import AQLinear, load_llama
     m = load_llama(tiny_files[t], threads=1)
     assert isinstance(m.layers[0].wq, AQLinear) and isinstance(m.output, AQLinear) is False
+    from qgguf import native
+    if native.available():   # every group size the kernels take (4, 8, 16) runs compressed through them
+        aq = [lin for lin in m.layers[0].modules() if isinstance(lin, AQLinear)]
+        assert len(aq) >= 4 and all(lin.native is not None for lin in aq)
     ref = _dequantized_reference(tiny_files[t])
     toks = [1, 40, 200, 7, 99, 300, 12, 5]
     lp = m.logits(toks)            # prompt: matmul

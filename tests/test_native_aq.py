@@ -14,7 +14,7 @@ from _shared import aq_tol
 from qgguf import native
 from qgguf.errors import QggufError
 
-CONFIGS = [(1, 16, 8), (2, 8, 8), (1, 8, 8), (4, 8, 8), (2, 8, 16), (6, 8, 16)]  # (M, B, g)
+CONFIGS = [(1, 16, 8), (2, 8, 8), (1, 8, 8), (4, 8, 8), (2, 8, 16), (6, 8, 16), (1, 8, 4), (2, 8, 4)]  # (M, B, g)
 SHAPES = [(100, 80), (576, 256), (1536 + 8, 1008)]                 # (R, C): odd R, C % 64 != 0
 
 

@@ -74,7 +74,7 @@ BAD_TENSORS = {
     "scales NaN": dict(scales=np.where(np.arange(R) == 3, np.nan, S).astype(np.float32)),
     "M 0": dict(M=0), "M 65": dict(M=65), "M float": dict(M=2.0), "M str": dict(M="2"),
     "B 4": dict(B=4), "B 12": dict(B=12), "B 16 with uint8 codes": dict(B=16), "B bool": dict(B=True),
-    "g 0": dict(g=0), "g 4": dict(g=4), "g 32": dict(g=32),
+    "g 0": dict(g=0), "g 4 with codebooks of 8": dict(g=4), "g 32": dict(g=32),
     "C not multiple of g": dict(C=60),
     "C 0": dict(C=0), "R 0": dict(R=0), "R negative": dict(R=-72),
     "R too large": dict(R=1 << 41), "R*C overflow": dict(R=1 << 40, C=1 << 40),
@@ -179,7 +179,7 @@ def test_c_entry_points_check_their_arguments():
     assert lib.qg_matvec(t._t, ffi.NULL, po, 1) == -1
     assert lib.qg_matmul(t._t, px, -1, po, 1) == -1
     assert lib.qg_matvec(ffi.NULL, px, po, 1) == -1
-    for field, value in (("B", 12), ("g", 0), ("g", 4), ("g", 32), ("C", 60), ("R", 0), ("M", 0), ("cbT", ffi.NULL),
+    for field, value in (("B", 12), ("g", 0), ("g", 12), ("g", 32), ("C", 60), ("R", 0), ("M", 0), ("cbT", ffi.NULL),
                          ("codes", ffi.NULL), ("scales", ffi.NULL), ("type", 99)):
         t2 = ffi.new("qg_tensor *", t._t[0])
         setattr(t2, field, value)

@@ -241,8 +241,8 @@ class AQTensor:
         if B not in (8, 16):
             raise QggufError(f"B (bits per code) must be 8 or 16, got {B}")
         g = _int("g", g, 1, 64)
-        if g not in (8, 16):
-            raise QggufError(f"group size g must be 8 or 16, got {g}")
+        if g not in (4, 8, 16):
+            raise QggufError(f"group size g must be 4, 8 or 16, got {g}")
         R = _int("R", R, 1, 1 << 40)
         C = _int("C", C, 1, 1 << 40)
         if C % g:

@@ -127,4 +127,5 @@ if __name__ == "__main__":
         sys.exit(0)
     # in-place development build: writes _qgguf_native*.so next to this file
     os.chdir(os.path.dirname(os.path.dirname(HERE)))  # src/
-    ffibuilder.compile(tmpdir=".", verbose=True)
+    # a new builder: the module-level one's paths are relative to the directory this was started in
+    make_ffibuilder().compile(tmpdir=".", verbose=True)

@@ -21,6 +21,15 @@ static void dequantize_rows_avx2(const qg_tensor *t, int64_t r0, int64_t r1, flo
             for (int64_t j = 0; j < J; j++) {
                 float *o = out + (r - r0) * C + j * g;
                 const int64_t ci = j * M * R + r;
+                if (g == 4) { /* one 128-bit lane per group */
+                    __m128 acc = _mm_loadu_ps(t->codebooks + (b8 ? c8[ci] : c16[ci]) * 4);
+                    for (int64_t m = 1; m < M; m++) {
+                        const int64_t k = b8 ? c8[ci + m * R] : c16[ci + m * R];
+                        acc = _mm_add_ps(acc, _mm_loadu_ps(t->codebooks + (m * K + k) * 4));
+                    }
+                    _mm_storeu_ps(o, _mm_mul_ps(acc, _mm_set1_ps(t->scales[r])));
+                    continue;
+                }
                 const __m256 s = _mm256_set1_ps(t->scales[r]);
                 for (int64_t h = 0; h < g; h += 8) {
                     __m256 acc = _mm256_loadu_ps(t->codebooks + (b8 ? c8[ci] : c16[ci]) * g + h);
@@ -111,6 +120,7 @@ AI float hsum256(__m256 v) {
 static void vec_rows_k16_avx2(const qg_tensor *t, const float *x, float *y, int64_t r0, int64_t r1) {
     const int64_t R = t->R, M = t->M, g = t->g, J = t->C / g;
     const int64_t K = (int64_t)1 << t->B;
+    if (g % 8) { qg_aq_vec_rows_scalar(t, x, NULL, y, r0, r1); return; } /* Mx16 with g = 4 */
     const uint16_t *codes = (const uint16_t *)t->codes;
     const int64_t e8 = r0 + (r1 - r0) / 8 * 8;
     for (int64_t rb = r0; rb < e8; rb += 8) {

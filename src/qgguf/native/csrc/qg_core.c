@@ -254,7 +254,7 @@ static const qg_type_traits *check(const qg_tensor *t) {
         if (t->B != 8 && t->B != 16) return fail("AQ: B must be 8 or 16"), NULL;
         if (t->g < 1 || t->M < 1 || t->R < 1 || t->C < 1 || t->C % t->g)
             return fail("AQ: bad shape"), NULL;
-        if (t->g != 8 && t->g != 16) return fail("AQ: g must be 8 or 16"), NULL;
+        if (t->g != 4 && t->g != 8 && t->g != 16) return fail("AQ: g must be 4, 8 or 16"), NULL;
         if (t->B == 8 && !t->cbT) return fail("AQ: B=8 needs the transposed codebooks"), NULL;
     } else if (t->type == QG_TYPE_VQ) {
         const qg_vq_side *sd = (const qg_vq_side *)t->aux1;

@@ -26,7 +26,7 @@ typedef struct qg_tensor {
     int32_t type;       /* QG_TYPE_* */
     int32_t M;          /* number of codebooks */
     int32_t B;          /* bits per code: 8 or 16 */
-    int32_t g;          /* group size (values per codebook entry) */
+    int32_t g;          /* group size (values per codebook entry): 4, 8 or 16 */
     int64_t R;          /* output rows */
     int64_t C;          /* input columns */
     const void *codes;  /* [C/g][M][R] uint8 or uint16 */
