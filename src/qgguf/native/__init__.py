@@ -225,6 +225,10 @@ def _fptr(a: np.ndarray):
     return _ffi.cast("float *", _ffi.from_buffer(a, require_writable=False))
 
 
+#: the AQ group sizes the kernels take (the format allows 32 too: such weights stay on the torch path)
+AQ_GROUP_SIZES = (4, 8, 16)
+
+
 class AQTensor:
     """An AQ (additive multi-codebook) weight of R output rows and C input columns.
 
@@ -241,7 +245,7 @@ class AQTensor:
         if B not in (8, 16):
             raise QggufError(f"B (bits per code) must be 8 or 16, got {B}")
         g = _int("g", g, 1, 64)
-        if g not in (4, 8, 16):
+        if g not in AQ_GROUP_SIZES:
             raise QggufError(f"group size g must be 4, 8 or 16, got {g}")
         R = _int("R", R, 1, 1 << 40)
         C = _int("C", C, 1, 1 << 40)

@@ -239,7 +239,7 @@ class AQLinear(LinearBase):
         self.qt = qt
         codes, cb, sc = comp[AQ_CODES], comp[AQ_CODEBOOKS], comp[AQ_SCALES]
         if native_ok is None:
-            native_ok = native.available() and qt.g in (4, 8, 16)
+            native_ok = native.available() and qt.g in native.AQ_GROUP_SIZES
         self.native = None
         if native_ok:
             self.native = native.AQTensor(np.ascontiguousarray(codes).reshape(-1), cb, sc, M=qt.M, B=qt.B, g=qt.g,
